@@ -22,7 +22,8 @@ def exit_on_user_error(main):
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            for line in str(e).splitlines() or [""]:
+                print(f"error: {line}", file=sys.stderr, flush=True)
             sys.exit(2)
 
     return wrapper

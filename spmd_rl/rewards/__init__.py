@@ -1,0 +1,16 @@
+"""Rewards by ``data_source``: built-in rule scorers, custom function loading, batch scoring."""
+
+from __future__ import annotations
+
+from spmd_rl.rewards.custom import load_custom_reward_function
+from spmd_rl.rewards.default import SCORERS, UnknownDataSourceError, compute_score
+from spmd_rl.rewards.scorer import RewardScorer, ScoreResult
+
+__all__ = [
+    "SCORERS",
+    "RewardScorer",
+    "ScoreResult",
+    "UnknownDataSourceError",
+    "compute_score",
+    "load_custom_reward_function",
+]

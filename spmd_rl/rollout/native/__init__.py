@@ -1,0 +1,5 @@
+"""The native generation engine over the native decoder."""
+
+from spmd_rl.rollout.native.engine import NativeEngine
+
+__all__ = ["NativeEngine"]

@@ -1,0 +1,302 @@
+"""The typed config tree of an RL run: one dataclass per YAML section.
+
+Each field's docstring-comment is its documentation. Sections get only their own object
+(``build_engine(cfg.rollout, ...)``), never the whole tree. Rules that involve one section live
+in its ``__post_init__``; rules across sections in :class:`Config`'s; rules that need the world
+size in :func:`check_world_size`. Every message names the key that fixes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from spmd_rl.config_loader import ConfigError, load_config, parse_cli, rule_errors, save_config
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """HF folder (config.json + safetensors) of the policy; for SFT with random_init, the
+    config.json alone."""
+    tokenizer_path: str = ""
+    """Tokenizer folder; empty = model.path."""
+    random_init: bool = False
+    """Ignore weights in model.path and initialise randomly from its config.json (SFT from scratch)."""
+    implementation: Literal["auto", "native", "generic"] = "auto"
+    """auto = the native decoder for Llama/Qwen2/Qwen3/Mistral, transformers' model otherwise."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Parameter dtype for training math; auto = bf16 mixed precision on GPU, fp32 on CPU."""
+    trust_remote_code: bool = False
+    """Allow custom model/tokenizer code from model.path (off by default)."""
+
+    def __post_init__(self):
+        if not self.tokenizer_path:
+            self.tokenizer_path = self.path
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """Parquet files in verl's schema (data_source, prompt, ability, reward_model, extra_info)."""
+    val_files: list[str] = field(default_factory=list)
+    """Validation parquet files (same schema); empty = no validation."""
+    prompt_key: str = "prompt"
+    """Column with the chat messages of the prompt."""
+    max_prompt_length: int = 512
+    """Prompts longer than this (in tokens, after the chat template) are filtered out."""
+    max_response_length: int = 512
+    """Maximum generated tokens per response."""
+    train_batch_size: int = 8
+    """Prompts per step over all ranks (each gets rollout.n responses)."""
+    filter_overlong_prompts: bool = True
+    """Drop (and count) prompts over max_prompt_length; False = fail on the first one."""
+    shuffle: bool = True
+    """Shuffle prompts each epoch (seeded by data.seed)."""
+    seed: int = 0
+    """Seed of the prompt order."""
+
+    def __post_init__(self):
+        rule_errors([
+            (self.train_batch_size > 0, "train_batch_size", "must be > 0"),
+            (self.max_prompt_length > 0, "max_prompt_length", "must be > 0"),
+            (self.max_response_length > 0, "max_response_length", "must be > 0"),
+        ])
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["native", "hf", "vllm", "sglang"] = "native"
+    """Generation engine; native is the in-process default (CPU and GPU)."""
+    n: int = 4
+    """Responses sampled per prompt (the GRPO group size)."""
+    temperature: float = 1.0
+    """Sampling temperature; the trainer scores logprobs at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 = off)."""
+    top_k: int = -1
+    """Top-k sampling (-1 = off)."""
+    max_num_seqs: int = 64
+    """Sequences decoded together per engine batch."""
+    val_n: int = 1
+    """Samples per prompt at validation."""
+    val_temperature: float = 0.0
+    """Validation temperature (0 = greedy)."""
+
+    def __post_init__(self):
+        rule_errors([
+            (self.n >= 1, "n", "must be >= 1"),
+            (self.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (self.top_k == -1 or self.top_k > 0, "top_k", "must be -1 (off) or > 0"),
+            (self.max_num_seqs > 0, "max_num_seqs", "must be > 0"),
+            (self.val_n >= 1, "val_n", "must be >= 1"),
+        ])
+
+
+@dataclass
+class AlgorithmConfig:
+    adv_estimator: str = "grpo"
+    """Advantage estimator (see spmd_rl.algorithms.advantages.ADVANTAGE_ESTIMATORS)."""
+    norm_adv_by_std_in_grpo: bool = True
+    """Divide GRPO advantages by the group std (False = Dr.GRPO)."""
+    gamma: float = 1.0
+    """Discount factor (GAE / REINFORCE++)."""
+    lam: float = 1.0
+    """GAE lambda."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Linear warmup steps (optimizer steps)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """Schedule after warmup."""
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of lr."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (<= 0 = no clipping, norm still logged)."""
+
+    def __post_init__(self):
+        rule_errors([
+            (self.lr > 0, "lr", "must be > 0"),
+            (len(self.betas) == 2, "betas", "must be two numbers, e.g. [0.9, 0.999]"),
+            (self.warmup_steps >= 0, "warmup_steps", "must be >= 0"),
+            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]"),
+        ])
+
+
+@dataclass
+class ActorConfig:
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and LR schedule of the policy."""
+    ppo_mini_batch_size: int = 8
+    """Prompts per optimizer step over all ranks (data.train_batch_size / this = steps per rollout)."""
+    ppo_micro_batch_size_per_gpu: int = 8
+    """Sequences per forward/backward on one rank (gradient accumulation inside a mini-batch)."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+    policy_loss: str = "vanilla"
+    """Policy loss (see spmd_rl.algorithms.losses.POLICY_LOSSES)."""
+    clip_ratio_low: float = 0.2
+    """PPO lower clip epsilon."""
+    clip_ratio_high: float = 0.2
+    """PPO upper clip epsilon (DAPO clip-higher when > clip_ratio_low)."""
+    clip_ratio_c: float = 3.0
+    """Dual-clip constant for negative advantages (Ye et al. 2020)."""
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    """How token losses are reduced to a scalar."""
+
+    def __post_init__(self):
+        rule_errors([
+            (self.ppo_mini_batch_size > 0, "ppo_mini_batch_size", "must be > 0"),
+            (self.ppo_micro_batch_size_per_gpu > 0, "ppo_micro_batch_size_per_gpu", "must be > 0"),
+            (self.ppo_epochs >= 1, "ppo_epochs", "must be >= 1"),
+            (self.clip_ratio_low >= 0 and self.clip_ratio_high >= 0, "clip_ratio_low", "clip ratios must be >= 0"),
+            (self.clip_ratio_c > 1, "clip_ratio_c", "must be > 1 (dual-clip lower bound)"),
+        ])
+
+
+@dataclass
+class CriticConfig:
+    enable: bool = False
+    """Train a value model (needed by algorithm.adv_estimator=gae); not available in this version."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+    """Optimizer of the critic."""
+
+
+@dataclass
+class CustomRewardConfig:
+    path: str = ""
+    """Python file holding a verl-style compute_score(data_source, solution_str, ground_truth, extra_info)."""
+    name: str = "compute_score"
+    """Function name inside that file."""
+
+
+@dataclass
+class RewardConfig:
+    custom_function: CustomRewardConfig = field(default_factory=CustomRewardConfig)
+    """A user reward function replacing the built-in dispatch by data_source."""
+
+
+@dataclass
+class TrainerConfig:
+    total_epochs: int = 1
+    """Epochs over data.train_files (used when total_steps is 0)."""
+    total_steps: int = 0
+    """Training steps; 0 = total_epochs x steps per epoch."""
+    run_dir: str = "runs/default"
+    """Where metrics.jsonl, the resolved config and checkpoints go."""
+    save_freq: int = 0
+    """Checkpoint every this many steps (0 = only at the end when save_at_end)."""
+    save_at_end: bool = True
+    """Write a checkpoint after the last step."""
+    save_hf_at_end: bool = True
+    """Also write an HF folder (config.json + safetensors + tokenizer) of the final policy."""
+    resume: str = "auto"
+    """auto = continue from run_dir's latest checkpoint if any; never; or a checkpoint path."""
+    test_freq: int = 0
+    """Validate every this many steps (0 = never during training)."""
+    val_before_train: bool = False
+    """Validate once before the first step."""
+    val_at_end: bool = True
+    """Validate after the last step (when data.val_files is set)."""
+    seed: int = 0
+    """Seed of model init and sampling."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = CUDA when available, else CPU."""
+
+    def __post_init__(self):
+        rule_errors([
+            (self.total_epochs >= 1, "total_epochs", "must be >= 1"),
+            (self.total_steps >= 0, "total_steps", "must be >= 0 (0 = derive from total_epochs)"),
+            (self.save_freq >= 0, "save_freq", "must be >= 0"),
+            (self.test_freq >= 0, "test_freq", "must be >= 0"),
+        ])
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    """Replicated data-parallel degree (HSDP outer dimension)."""
+    dp_shard: int = -1
+    """FSDP sharding degree; -1 = whatever is left of the world size."""
+    sp: int = 1
+    """Ulysses sequence-parallel degree."""
+    tp: int = 1
+    """Tensor-parallel degree."""
+    pp: int = 1
+    """Pipeline-parallel degree (Megatron backend)."""
+
+
+@dataclass
+class LoggingConfig:
+    backends: list[str] = field(default_factory=lambda: ["console", "jsonl"])
+    """Metric sinks; jsonl (run_dir/metrics.jsonl) is always on."""
+    progress_bar: bool = True
+    """A tqdm bar on rank 0."""
+
+    def __post_init__(self):
+        valid = ("console", "jsonl")
+        bad = [b for b in self.backends if b not in valid]
+        rule_errors([(not bad, "backends", f"{bad} not available in this version (choose from {list(valid)})")])
+
+
+@dataclass
+class Config:
+    """An RL run (``python -m spmd_rl.train``)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        data, actor = self.data, self.actor
+        rule_errors([
+            (bool(self.model.path), "model.path", "is required: an HF model folder (config.json + safetensors)"),
+            (bool(data.train_files), "data.train_files", "is required: a list of parquet files"),
+            (data.train_batch_size % actor.ppo_mini_batch_size == 0, "actor.ppo_mini_batch_size",
+             f"{actor.ppo_mini_batch_size} must divide data.train_batch_size={data.train_batch_size}"),
+            (actor.ppo_mini_batch_size <= data.train_batch_size, "actor.ppo_mini_batch_size",
+             f"{actor.ppo_mini_batch_size} exceeds data.train_batch_size={data.train_batch_size}"),
+            (self.algorithm.adv_estimator not in ("grpo", "rloo") or self.rollout.n >= 2, "rollout.n",
+             f"algorithm.adv_estimator={self.algorithm.adv_estimator} compares the n responses of a prompt: set rollout.n >= 2"),
+            (not self.critic.enable, "critic.enable", "the critic is not available in this version: set critic.enable=false"),
+        ])
+
+
+def check_world_size(cfg: Config, dp_size: int) -> None:
+    """Rules that need the data-parallel size; one line per broken rule."""
+    data, actor, n = cfg.data, cfg.actor, cfg.rollout.n
+    rule_errors([
+        (data.train_batch_size % dp_size == 0, "data.train_batch_size",
+         f"{data.train_batch_size} must be divisible by the data-parallel size {dp_size} (WORLD_SIZE / tp / sp / pp)"),
+        (actor.ppo_mini_batch_size % dp_size == 0, "actor.ppo_mini_batch_size",
+         f"{actor.ppo_mini_batch_size} must be divisible by the data-parallel size {dp_size}"),
+        ((actor.ppo_mini_batch_size * n // dp_size) % actor.ppo_micro_batch_size_per_gpu == 0,
+         "actor.ppo_micro_batch_size_per_gpu",
+         f"{actor.ppo_micro_batch_size_per_gpu} must divide the per-rank mini-batch "
+         f"actor.ppo_mini_batch_size x rollout.n / dp = {actor.ppo_mini_batch_size * n // dp_size} sequences"),
+    ])
+
+
+__all__ = [
+    "ActorConfig", "AlgorithmConfig", "Config", "ConfigError", "CriticConfig", "CustomRewardConfig",
+    "DataConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RewardConfig",
+    "RolloutConfig", "TrainerConfig", "check_world_size", "load_config", "parse_cli", "save_config",
+]

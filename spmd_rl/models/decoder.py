@@ -1,0 +1,258 @@
+"""The native Llama-family decoder (Llama 3, Mistral, Qwen2/2.5, Qwen3).
+
+Parameter names are HF's (``model.layers.0.self_attn.q_proj.weight`` ...), so HF state dicts
+load with no renaming. One definition serves four call patterns of ``Transformer.forward``:
+
+1. packed training: ``input_ids [1, N]``, ``position_ids [1, N]`` restarting at 0 per sequence,
+   ``cu_seqlens [S+1]``; each token attends causally within its own sequence, no padding.
+2. batch: ``input_ids [B, T]``, ``position_ids [B, T]``; plain causal attention per row.
+3. prefill: mode 1 plus ``kv_cache`` and ``cache_rows [S]``: sequence ``s`` also writes its
+   keys/values into cache row ``cache_rows[s]`` at slots = its positions (starting at 0).
+4. decode: ``input_ids [B, 1]``, ``position_ids [B, 1]``, ``kv_cache``, ``cache_rows [B]``: the
+   new token is written at slot ``position_ids[b]`` and attends to slots ``0..position_ids[b]``.
+
+Numerics follow HF: RoPE cos/sin and RMSNorm are computed in fp32 and cast back to the
+activation dtype, so fp32 logits match transformers to ~1e-6.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from spmd_rl.kernels.attention import causal_attention, decode_attention, packed_causal_attention
+from spmd_rl.models.args import ModelArgs
+from spmd_rl.models.kv_cache import KVCache
+from spmd_rl.models.rope import apply_rope, compute_cos_sin, compute_inv_freq
+
+
+@dataclass
+class AttentionInputs:
+    """How the tokens of one forward call see each other and the KV cache (built once per call)."""
+
+    cu_seqlens: torch.Tensor | None = None  # [S+1] packed sequence offsets (modes 1 and 3)
+    kv_cache: KVCache | None = None  # written in modes 3 and 4
+    write_rows: torch.Tensor | None = None  # [N] cache row of every token
+    write_slots: torch.Tensor | None = None  # [N] cache slot of every token
+    decode_lengths: torch.Tensor | None = None  # [B] valid slots per row after the write (mode 4)
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight``, normalised in fp32 and cast back before the weight, as HF does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding:
+    """cos/sin tables computed from position ids; holds no parameters or buffers.
+
+    Keeping the inverse frequencies out of the module state means a model built on the meta
+    device and materialised with ``to_empty`` needs no buffer re-initialisation.
+    """
+
+    def __init__(self, args: ModelArgs) -> None:
+        self.inv_freq, self.attention_factor = compute_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling)
+        self._per_device: dict[torch.device, torch.Tensor] = {}
+
+    def __call__(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` each ``[..., T, D]`` in ``dtype``."""
+        device = position_ids.device
+        if device not in self._per_device:
+            self._per_device[device] = self.inv_freq.to(device)
+        cos, sin = compute_cos_sin(position_ids, self._per_device[device], self.attention_factor)
+        return cos.to(dtype), sin.to(dtype)
+
+
+class Attention(nn.Module):
+    """GQA self-attention with optional q/k/v bias (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
+
+    def __init__(self, args: ModelArgs, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx, self.head_dim = layer_idx, args.head_dim
+        self.window = args.sliding_window
+        hq, hkv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        self.q_proj = nn.Linear(args.hidden_size, hq, bias=args.attention_bias)
+        self.k_proj = nn.Linear(args.hidden_size, hkv, bias=args.attention_bias)
+        self.v_proj = nn.Linear(args.hidden_size, hkv, bias=args.attention_bias)
+        self.o_proj = nn.Linear(hq, args.hidden_size, bias=args.o_proj_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        """``x [B, T, H]`` -> ``[B, T, H]``."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # [B, T, Hq, D]
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # [B, T, Hkv, D]
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = self._attend(q, k, v, inputs)  # [B, T, Hq, D]
+        return self.o_proj(out.reshape(B, T, -1))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        cache = inputs.kv_cache
+        if cache is not None:
+            cache.write(self.layer_idx, inputs.write_rows, inputs.write_slots, k.flatten(0, 1), v.flatten(0, 1))
+        if inputs.decode_lengths is not None:
+            rows = inputs.write_rows
+            k_rows = cache.k[self.layer_idx][rows].to(q.dtype)  # [B, Hkv, S, D]
+            v_rows = cache.v[self.layer_idx][rows].to(q.dtype)
+            out = decode_attention(q[:, 0], k_rows, v_rows, inputs.decode_lengths, window=self.window)
+            return out.unsqueeze(1)
+        if inputs.cu_seqlens is not None:
+            return packed_causal_attention(q[0], k[0], v[0], inputs.cu_seqlens, window=self.window).unsqueeze(0)
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, D]
+        return causal_attention(qt, kt, vt, window=self.window).transpose(1, 2)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))`` then ``+ mlp(norm(.))``. The unit FSDP2 shards."""
+
+    def __init__(self, args: ModelArgs, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(args, layer_idx)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, inputs)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """Container named ``model`` in HF checkpoints: embeddings, layers, final norm."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM; ``forward`` returns final-norm hidden states, logits are separate."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = DecoderStack(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(args)
+        self.tie_weights()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, T] (or [1, N] packed)
+        position_ids: torch.Tensor,  # same shape as input_ids
+        *,
+        cu_seqlens: torch.Tensor | None = None,  # [S+1] int32
+        kv_cache: KVCache | None = None,
+        cache_rows: torch.Tensor | None = None,  # [S] prefill, [B] decode
+    ) -> torch.Tensor:
+        """Final-norm hidden states ``[B, T, H]``; see the module docstring for the four modes."""
+        inputs = build_attention_inputs(input_ids, position_ids, cu_seqlens, kv_cache, cache_rows)
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(position_ids, h.dtype)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, inputs)
+        return self.model.norm(h)
+
+    def lm_head_weight(self) -> torch.Tensor:
+        """The ``[V, H]`` output projection (the embedding matrix when tied)."""
+        return self.model.embed_tokens.weight if self.args.tie_word_embeddings else self.lm_head.weight
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden [..., H] @ W.T -> [..., V]`` (no temperature, no softcap)."""
+        return hidden @ self.lm_head_weight().t()
+
+    def tie_weights(self) -> None:
+        """Make ``lm_head.weight`` the embedding Parameter again (``to_empty`` can untie them)."""
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None, std: float = 0.02) -> None:
+        """Random init in place: N(0, std) matrices, zero biases, unit norms.
+
+        Works after ``to_empty`` from the meta device. With a ``seed`` every parameter gets values
+        drawn from its own generator (seeded by the seed and its name) on the CPU, so the result
+        is the same on any device and under any sharding.
+        """
+        self.tie_weights()
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            elif seed is None:
+                param.normal_(0.0, std)
+            else:
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+                _copy_full_into(param, values)
+
+
+def build_attention_inputs(
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    kv_cache: KVCache | None,
+    cache_rows: torch.Tensor | None,
+) -> AttentionInputs:
+    """Check the mode arguments and precompute where each token's k/v goes in the cache."""
+    if position_ids.shape != input_ids.shape:
+        raise ValueError(f"position_ids {tuple(position_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
+    if cu_seqlens is not None and input_ids.shape[0] != 1:
+        raise ValueError(f"packed input must be [1, N], got {tuple(input_ids.shape)}")
+    if (kv_cache is None) != (cache_rows is None):
+        raise ValueError("kv_cache and cache_rows must be given together")
+    if kv_cache is None:
+        return AttentionInputs(cu_seqlens=cu_seqlens)
+    if cu_seqlens is not None:  # prefill: token i of sequence s goes to row cache_rows[s], slot = position
+        counts = cu_seqlens[1:] - cu_seqlens[:-1]
+        rows_of_token = torch.repeat_interleave(cache_rows, counts.to(cache_rows.device), output_size=input_ids.shape[1])
+        return AttentionInputs(cu_seqlens, kv_cache, rows_of_token, position_ids[0])
+    if input_ids.shape[1] != 1:
+        raise ValueError(f"decode takes one token per row ([B, 1]), got {tuple(input_ids.shape)}")
+    slots = position_ids[:, 0]
+    return AttentionInputs(None, kv_cache, cache_rows, slots, decode_lengths=slots + 1)
+
+
+def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full-shape CPU tensor into ``param``, which may be a sharded DTensor."""
+    if hasattr(param, "device_mesh"):
+        # Every rank holds the same full tensor, so each can slice its own shard locally.
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(full)

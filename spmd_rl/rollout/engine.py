@@ -1,0 +1,96 @@
+"""The one protocol every generation engine implements, and the factory that picks one.
+
+An engine lives inside each training process (no server, no RPC): the trainer hands it prompts
+as token ids, gets :class:`Completion` objects back, pushes fresh weights into it after each
+update, and puts it to sleep while training so the KV cache does not hold GPU memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from spmd_rl.errors import UserError
+from spmd_rl.rollout.types import Completion, SamplingParams
+
+ENGINE_NAMES = ("native", "hf", "vllm", "sglang")
+_NOT_YET_AVAILABLE = ("vllm", "sglang")
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """A generation engine embedded in the training process.
+
+    The contract is engine-agnostic on purpose (a paged continuous-batching engine, an HF model
+    or a vLLM/SGLang in-process adapter must all fit): it is expressed in token ids and
+    parameter names only, and makes no promise about batching, caching or scheduling.
+    """
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        seeds: list[int] | None = None,
+    ) -> list[list[Completion]]:
+        """Sample ``params.n`` responses for each prompt, all on this rank (no collectives).
+
+        Args:
+            prompts: token ids of each prompt, unpadded (``[num_prompts][prompt_len]``).
+            params: sampling parameters shared by all prompts.
+            seeds: optional seed per prompt. Without it prompt i uses ``params.seed + i``, or a
+                seed drawn from torch's global RNG when ``params.seed`` is None. Sample j of
+                prompt i is seeded from ``(seed_i, j)``; with the same seeds and weights an engine
+                returns the same tokens whatever the other prompts in the call.
+
+        Returns:
+            ``result[i][j]`` is sample j of prompt i (``len(result) == len(prompts)``,
+            ``len(result[i]) == params.n``). Each :class:`Completion` holds the response tokens
+            (the stop token included when one ended it), the logprob of each token under
+            ``log_softmax(logits / T)`` before top-k/top-p (T = 1 for greedy) and a
+            ``finish_reason`` of ``"stop"`` or ``"length"``.
+        """
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load full (unsharded) tensors into the engine's model, matched by HF parameter name.
+
+        ``named_tensors`` may be a one-shot generator (tensors gathered one at a time); the
+        engine copies what it needs and keeps no reference to the caller's tensors. A name the
+        model does not have raises ``ValueError``.
+        """
+        ...
+
+    def sleep(self) -> None:
+        """Release generation memory (KV cache, scratch buffers) so training can use it.
+
+        Weights are kept; a later :meth:`wake_up` (or ``generate``) makes the engine usable again.
+        """
+        ...
+
+    def wake_up(self) -> None:
+        """Re-acquire what :meth:`sleep` released, before the next ``generate``."""
+        ...
+
+
+def build_engine(name: str, model: Any, **kwargs: Any) -> RolloutEngine:
+    """Build the engine called ``name`` over ``model`` (the engine's own model instance).
+
+    ``"native"`` takes a native ``Transformer`` (:class:`~spmd_rl.rollout.native.engine.NativeEngine`);
+    ``"hf"`` takes any transformers causal LM (:class:`~spmd_rl.rollout.hf.HFEngine`). ``kwargs``
+    go to the engine's constructor.
+    """
+    if name == "native":
+        from spmd_rl.rollout.native.engine import NativeEngine
+
+        return NativeEngine(model, **kwargs)
+    if name == "hf":
+        from spmd_rl.rollout.hf import HFEngine
+
+        return HFEngine(model, **kwargs)
+    if name in _NOT_YET_AVAILABLE:
+        raise UserError(
+            f"rollout engine {name!r} is not available in this version yet; use 'native' or 'hf'"
+        )
+    raise UserError(f"unknown rollout engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")

@@ -1,0 +1,96 @@
+"""Sharded checkpoints with DCP: written to a temp folder, renamed when complete, ``latest`` last.
+
+Layout of ``<run_dir>/checkpoints``::
+
+    step_000010/            model + optimizer shards (DCP) and trainer_state.pt (rank 0)
+    latest                  text file naming the newest complete step folder
+
+A crash while saving leaves only a ``*.tmp`` folder behind; ``latest`` still names the previous
+complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from spmd_rl.errors import UserError
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+class Checkpointer:
+    """Saves and restores model, optimizer and a small trainer-state dict (scheduler, sampler, step)."""
+
+    def __init__(self, run_dir: str | Path, rank: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.rank = rank
+
+    def save(self, step: int, model: torch.nn.Module, optimizer, trainer_state: dict) -> Path:
+        final = self.root / step_dir_name(step)
+        tmp = self.root / (step_dir_name(step) + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        if self.rank == 0:
+            torch.save(trainer_state, tmp / "trainer_state.pt")
+            _fsync_tree(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _write_atomic(self.root / "latest", final.name)
+        dist.barrier()
+        return final
+
+    def latest(self) -> Path | None:
+        marker = self.root / "latest"
+        if not marker.is_file():
+            return None
+        path = self.root / marker.read_text().strip()
+        return path if path.is_dir() else None
+
+    def resolve(self, resume: str) -> Path | None:
+        """``auto`` = latest if any, ``never`` = None, anything else = that checkpoint path."""
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = Path(resume)
+        if not (path / "trainer_state.pt").is_file():
+            raise UserError(f"trainer.resume={resume} is not a checkpoint folder (no trainer_state.pt): "
+                            "use auto, never, or a checkpoints/step_XXXXXX folder")
+        return path
+
+    def load(self, path: Path, model: torch.nn.Module, optimizer) -> dict:
+        """Restore model and optimizer in place; return the trainer state."""
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        return torch.load(path / "trainer_state.pt", weights_only=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
