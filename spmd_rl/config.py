@@ -280,6 +280,60 @@ class Config:
         ])
 
 
+@dataclass
+class SFTDataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """Parquet files with a prompt column (chat messages or text) and a response column."""
+    prompt_key: str = "prompt"
+    """Prompt column."""
+    response_key: str = "response"
+    """Response column (the loss is computed on these tokens and the EOS only)."""
+    max_length: int = 1024
+    """Longer prompt+response examples are dropped (and counted)."""
+    train_batch_size: int = 64
+    """Examples per optimizer step over all ranks."""
+    micro_batch_size_per_gpu: int = 16
+    """Examples per forward/backward on one rank."""
+    shuffle: bool = True
+    """Shuffle each epoch."""
+    seed: int = 0
+    """Seed of the example order."""
+
+
+@dataclass
+class SFTTrainerConfig:
+    total_epochs: int = 1
+    """Epochs over the data (used when total_steps is 0)."""
+    total_steps: int = 0
+    """Optimizer steps; 0 = total_epochs x steps per epoch."""
+    output_dir: str = "runs/sft"
+    """Run folder: metrics.jsonl, config.yaml, and the HF-format model in <output_dir>/model."""
+    log_freq: int = 10
+    """Log metrics every this many steps."""
+    seed: int = 0
+    """Seed of model init."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = CUDA when available, else CPU."""
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning (``python -m spmd_rl.sft``): next-token loss on the response."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
+    trainer: SFTTrainerConfig = field(default_factory=SFTTrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        rule_errors([
+            (bool(self.model.path), "model.path", "is required: an HF folder (config.json, plus weights unless model.random_init=true)"),
+            (bool(self.data.train_files), "data.train_files", "is required: a list of parquet files"),
+        ])
+
+
 def check_world_size(cfg: Config, dp_size: int) -> None:
     """Rules that need the data-parallel size; one line per broken rule."""
     data, actor, n = cfg.data, cfg.actor, cfg.rollout.n
@@ -298,5 +352,5 @@ def check_world_size(cfg: Config, dp_size: int) -> None:
 __all__ = [
     "ActorConfig", "AlgorithmConfig", "Config", "ConfigError", "CriticConfig", "CustomRewardConfig",
     "DataConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RewardConfig",
-    "RolloutConfig", "TrainerConfig", "check_world_size", "load_config", "parse_cli", "save_config",
+    "RolloutConfig", "SFTConfig", "TrainerConfig", "check_world_size", "load_config", "parse_cli", "save_config",
 ]

@@ -61,10 +61,11 @@ def group_mean_std(scores: torch.Tensor, group_index: torch.Tensor) -> tuple[tor
     num_groups = int(inverse.max()) + 1 if inverse.numel() else 0
     # float64 sums: the result is then as exact as torch.mean/torch.std per group
     x = scores.double()
-    count = torch.zeros(num_groups, dtype=torch.float64, device=x.device).index_add_(0, inverse, torch.ones_like(x))
-    total = torch.zeros_like(count).index_add_(0, inverse, x)
+    zeros = torch.zeros(num_groups, dtype=torch.float64, device=x.device)
+    count = zeros.index_add(0, inverse, torch.ones_like(x))  # [G]
+    total = zeros.index_add(0, inverse, x)  # [G]
     mean = total / count  # [G]
-    sq_dev = torch.zeros_like(count).index_add_(0, inverse, (x - mean[inverse]) ** 2)
+    sq_dev = zeros.index_add(0, inverse, (x - mean[inverse]) ** 2)  # [G]
     std = (sq_dev / (count - 1).clamp(min=1)).sqrt()  # [G] Bessel-corrected
     singleton = count == 1
     mean = torch.where(singleton, torch.zeros_like(mean), mean)

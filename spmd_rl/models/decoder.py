@@ -63,6 +63,7 @@ class RotaryEmbedding:
     """
 
     def __init__(self, args: ModelArgs) -> None:
+        # Computed on the CPU even under `with torch.device("meta")`.
         self.inv_freq, self.attention_factor = compute_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling)
         self._per_device: dict[torch.device, torch.Tensor] = {}
 

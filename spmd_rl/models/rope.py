@@ -17,7 +17,7 @@ def compute_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple
     ``scaling`` is a normalised HF rope dict (see ``args.normalize_rope_scaling``) or None.
     ``attention_factor`` multiplies cos and sin (only yarn uses it).
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
     rope_type = scaling["rope_type"] if scaling else "default"
     if rope_type == "default":
         return inv_freq, 1.0
@@ -69,9 +69,9 @@ def _yarn_inv_freq(head_dim: int, theta: float, scaling: dict) -> tuple[torch.Te
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolation_weight = 1 - ramp
-    pos_freqs = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_weight) + (1.0 / pos_freqs) * extrapolation_weight
     return inv_freq, float(attention_factor)
 

@@ -9,7 +9,6 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from spmd_rl.config import Config
 from spmd_rl.data.rl_dataset import PromptSample, RLDataset
@@ -17,7 +16,6 @@ from spmd_rl.data.sampler import PromptSampler
 from spmd_rl.data.tokenizer import load_tokenizer
 from spmd_rl.distributed.parallelize import apply_fsdp
 from spmd_rl.models import build_model
-from spmd_rl.models.hf_io import save_pretrained
 from spmd_rl.observability.logger import MetricsLogger
 from spmd_rl.rewards import compute_score
 from spmd_rl.rewards.custom import load_custom_reward_function
@@ -25,6 +23,7 @@ from spmd_rl.rewards.scorer import RewardScorer
 from spmd_rl.rollout.engine import RolloutEngine, build_engine
 from spmd_rl.trainer.batch import RolloutBatch
 from spmd_rl.trainer.checkpoint import Checkpointer
+from spmd_rl.trainer.hf_export import export_model
 from spmd_rl.trainer.optim import build_lr_scheduler, build_optimizer
 from spmd_rl.trainer.policy import PolicyModel
 
@@ -77,14 +76,7 @@ class RunComponents:
         }
 
     def export_hf(self, out_dir: Path) -> None:
-        """Write the policy as an HF folder (config.json, safetensors, tokenizer) from rank 0."""
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(self.policy.decoder, options=options)
-        if self.rank == 0:
-            save_pretrained(state, self.policy.decoder.args, out_dir)
-            self.tokenizer.save_pretrained(str(out_dir))
-            self.log(f"wrote HF checkpoint to {out_dir}")
-        dist.barrier()
+        export_model(self.policy.decoder, self.tokenizer, out_dir, self.rank)
 
 
 def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunComponents:

@@ -142,6 +142,7 @@ def _whiten_worker(rank: int, init_file: str, x: torch.Tensor, mask: torch.Tenso
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_masked_whiten_over_dp_group_equals_full_batch():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(8, 5, generator=gen, dtype=torch.float64)
@@ -241,7 +242,9 @@ def test_vanilla_loss_and_metrics_match_reference(mode, clip_low, clip_high):
     n = sum(map(sum, m))
     clipfrac = sum(token[i][j][1] for i in range(B) for j in range(T) if m[i][j]) / n
     lower = sum(token[i][j][2] for i in range(B) for j in range(T) if m[i][j]) / n
-    kl = sum(min(max(old[i, j].item() - logprobs[i, j].item(), -20), 20) for i in range(B) for j in range(T) if m[i][j])
+    kl = sum(
+        min(max(old[i, j].item() - logprobs[i, j].item(), -20), 20) for i in range(B) for j in range(T) if m[i][j]
+    )
     assert lower > 0 and clipfrac > 0  # both branches exercised
     assert set(metrics) == {"pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"}
     assert all(v.dim() == 0 and not v.requires_grad for v in metrics.values())

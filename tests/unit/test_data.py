@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -90,12 +91,18 @@ def test_load_tokenizer_errors(tmp_path, char_tok_dir):
         load_tokenizer(str(tmp_path / "nope"))
     bare = tmp_path / "bare"
     shutil.copytree(char_tok_dir, bare)
-    (bare / "chat_template.jinja").unlink()
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)  # older transformers keep the template here instead
+    config.pop("pad_token")
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
     msg = f"tokenizer at {bare} has no chat_template: set data.chat_template or use an instruct tokenizer"
     with pytest.raises(UserError) as e:
         load_tokenizer(str(bare))
     assert str(e.value) == msg
-    assert load_tokenizer(str(bare), require_chat_template=False).chat_template is None
+    loose = load_tokenizer(str(bare), require_chat_template=False)
+    assert loose.chat_template is None
+    assert (loose.pad_token, loose.pad_token_id) == ("<|end|>", loose.eos_token_id)  # pad falls back to eos
     fixed = load_tokenizer(str(bare), chat_template="{{ messages[0]['content'] }}")
     assert fixed.apply_chat_template([{"role": "user", "content": "7"}], tokenize=False) == "7"
 
@@ -162,27 +169,34 @@ def test_rl_dataset_filters_overlong(tmp_path, char_tok, capsys):
 
 
 def test_rl_dataset_user_errors(tmp_path, char_tok):
+    messages = []
+
+    def error_of(*args, **kwargs) -> str:
+        with pytest.raises(UserError) as e:
+            RLDataset(*args, **kwargs)
+        messages.append(str(e.value))
+        return str(e.value)
+
     missing = tmp_path / "missing.parquet"
-    with pytest.raises(UserError, match=rf"^data file {missing} does not exist: check the path"):
-        RLDataset(str(missing), char_tok)
+    assert error_of(str(missing), char_tok).startswith(f"data file {missing} does not exist: check the path")
     empty = write_verl(tmp_path / "empty.parquet", [])
-    with pytest.raises(UserError) as e:
-        RLDataset(empty, char_tok)
-    assert str(e.value) == f"data file {empty} has 0 rows: regenerate it or drop it from the file list"
+    assert error_of(empty, char_tok) == f"data file {empty} has 0 rows: regenerate it or drop it from the file list"
     bad = tmp_path / "bad.parquet"
     write_rows([{"question": "1+1=", "data_source": "x"}], bad)
-    with pytest.raises(UserError) as e:
-        RLDataset(str(bad), char_tok)
-    assert str(e.value).startswith(
+    assert error_of(str(bad), char_tok).startswith(
         f"data file {bad} lacks required column(s) prompt, reward_model; found columns: question, data_source"
     )
+    not_parquet = tmp_path / "notes.parquet"
+    not_parquet.write_text("hello")
+    assert error_of(str(not_parquet), char_tok).startswith(f"data file {not_parquet} is not a readable parquet file")
     no_template = load_tokenizer(char_tok.name_or_path)
     no_template.chat_template = None
     good = write_verl(tmp_path / "good.parquet", [verl_row("1+1=", "2", 0)])
-    with pytest.raises(UserError, match=r"has no chat_template: set data.chat_template"):
-        RLDataset(good, no_template)
-    for err in (str(e.value),):
-        assert "\n" not in err  # one line
+    assert error_of(good, no_template) == (
+        f"tokenizer at {char_tok.name_or_path} has no chat_template: "
+        "set data.chat_template or use an instruct tokenizer"
+    )
+    assert all("\n" not in m for m in messages)  # every message is one line
 
 
 # ---------------------------------------------------------------- SFT dataset
@@ -191,11 +205,12 @@ def test_rl_dataset_user_errors(tmp_path, char_tok):
 def test_sft_loss_mask_covers_response_and_eos(tmp_path, char_tok, capsys):
     rows = [
         {"prompt": [{"role": "user", "content": "12+5="}], "response": "17"},
-        {"prompt": "3+4=", "response": "7"},  # a plain string prompt is one user message
         {"prompt": [{"role": "user", "content": "999+999="}], "response": "1998"},
     ]
-    path = write_rows(rows, tmp_path / "sft.parquet")
-    ds = SFTDataset(str(path), char_tok, max_length=12)
+    path = str(write_rows(rows, tmp_path / "sft.parquet"))
+    # A file whose prompt column is a plain string: each prompt is one user message.
+    plain = str(write_rows([{"prompt": "3+4=", "response": "7"}], tmp_path / "plain.parquet"))
+    ds = SFTDataset([path, plain], char_tok, max_length=12)
     assert len(ds) == 2 and ds.num_filtered == 1
     assert "filtered 1 of 3 SFT examples longer than data.max_length=12" in capsys.readouterr().out
     ex = ds[0]
@@ -208,7 +223,7 @@ def test_sft_loss_mask_covers_response_and_eos(tmp_path, char_tok, capsys):
     with pytest.raises(UserError, match=r"lacks required column\(s\) response; found columns: prompt, answer"):
         SFTDataset(str(write_rows([{"prompt": "1", "answer": "2"}], tmp_path / "b.parquet")), char_tok)
     with pytest.raises(UserError, match=r"^all 3 SFT examples are longer than data.max_length=4 "):
-        SFTDataset(str(path), char_tok, max_length=4)
+        SFTDataset([path, plain], char_tok, max_length=4)
 
 
 # ---------------------------------------------------------------- sampler

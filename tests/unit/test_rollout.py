@@ -222,6 +222,22 @@ def test_update_weights_and_sleep(model):
         engine.update_weights([("model.norm.weight", torch.zeros(3))])
 
 
+def test_update_weights_tied_embeddings():
+    args = tiny_args().replace(tie_word_embeddings=True)
+    source = build_model(None, args=args, seed=1).float()
+    engine = NativeEngine(build_model(None, args=args, seed=0).float())
+    # An HF-style state carries lm_head.weight too: it is the embedding, so it is accepted.
+    engine.update_weights(source.state_dict().items())
+    params = SamplingParams(temperature=0.0, max_new_tokens=6)
+    target = NativeEngine(copy.deepcopy(source)).generate(PROMPTS, params)
+    assert tokens_of(engine.generate(PROMPTS, params)) == tokens_of(target)
+
+
+def test_progress_bar_counts_sequences(model, capsys):
+    make_engine(model, show_progress=True, max_num_seqs=3).generate(PROMPTS, SamplingParams(n=2, max_new_tokens=3))
+    assert "8/8" in capsys.readouterr().err
+
+
 def test_rejects_bad_prompts(model):
     engine = make_engine(model)
     with pytest.raises(UserError, match="prompt 1 is empty; every prompt needs at least one token"):
@@ -232,7 +248,7 @@ def test_rejects_bad_prompts(model):
 
 
 def test_apply_top_k_top_p():
-    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3], [0.1, 0.1, 0.8]]))
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3], [0.1, 0.15, 0.75]]))
     inf = float("-inf")
     out = apply_top_k_top_p(logits, top_k=2, top_p=1.0)
     assert torch.equal(out.isinf(), torch.tensor([[True, False, False], [True, False, False]]))

@@ -1,0 +1,91 @@
+"""Any transformers ``AutoModelForCausalLM`` behind the native decoder's forward contract.
+
+For architectures the native decoder does not cover. It supports packed training (mode 1)
+and plain batches (mode 2) and returns final-norm hidden states; it has no KV-cache path
+(generation for these models goes through the HF rollout engine).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+from spmd_rl.errors import UserError
+
+# Config attributes that post-process logits after the lm head; compute_logits would miss them.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+class GenericCausalLM(nn.Module):
+    """Wraps an HF causal LM; parameters keep HF names under ``hf_model.``."""
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        self.hf_model = hf_model
+        config = hf_model.config
+        for attr in _LOGIT_TRANSFORMS:
+            value = getattr(config, attr, None)
+            if value not in (None, 1.0):
+                raise UserError(f"{config.model_type} applies {attr}={value} to its logits, which spmd-rl does not support")
+        head = hf_model.get_output_embeddings()
+        if head is None or getattr(head, "bias", None) is not None:
+            raise UserError(f"{config.model_type} has no bias-free lm head, which spmd-rl needs")
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+    ) -> GenericCausalLM:
+        """Load an HF folder with ``AutoModelForCausalLM`` (CPU; move it with ``.to``)."""
+        from transformers import AutoModelForCausalLM
+
+        hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+        return cls(hf_model)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, T] or [1, N] packed
+        position_ids: torch.Tensor,  # same shape
+        *,
+        cu_seqlens: torch.Tensor | None = None,  # [S+1]
+        kv_cache: object | None = None,
+        cache_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states ``[B, T, H]`` (``[1, N, H]`` when packed)."""
+        if kv_cache is not None or cache_rows is not None:
+            raise NotImplementedError("GenericCausalLM has no KV-cache path; generate with the hf rollout engine")
+        if cu_seqlens is None:
+            return self._hidden(input_ids, position_ids, None)
+        return self._packed_hidden(input_ids[0], position_ids[0], cu_seqlens)
+
+    def _hidden(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        out = self.hf_model.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
+        return out.last_hidden_state
+
+    def _packed_hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """Unpack to a right-padded ``[S, L]`` batch, run it, and pack the hidden states again.
+
+        Right padding keeps every real token's causal context unchanged, so this is exact for any
+        model that honours ``attention_mask``, whatever its attention implementation.
+        """
+        cu = cu_seqlens.to(input_ids.device).long()
+        lengths = cu[1:] - cu[:-1]  # [S]
+        num_seqs, max_len, n = lengths.numel(), int(lengths.max()), input_ids.numel()
+        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=cu.device), lengths, output_size=n)
+        flat = seq_of_token * max_len + torch.arange(n, device=cu.device) - cu[seq_of_token]  # [N] padded index
+        ids = input_ids.new_zeros(num_seqs * max_len).index_copy_(0, flat, input_ids)
+        pos = position_ids.new_zeros(num_seqs * max_len).index_copy_(0, flat, position_ids)
+        mask = torch.arange(max_len, device=cu.device)[None, :] < lengths[:, None]  # [S, L]
+        hidden = self._hidden(ids.view(num_seqs, max_len), pos.view(num_seqs, max_len), mask.long())
+        return hidden.reshape(num_seqs * max_len, -1)[flat].unsqueeze(0)
+
+    def lm_head_weight(self) -> torch.Tensor:
+        """The ``[V, H]`` output projection."""
+        return self.hf_model.get_output_embeddings().weight
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden [..., H] @ W.T -> [..., V]``."""
+        return hidden @ self.lm_head_weight().t()
