@@ -3,8 +3,8 @@
 These are the plain torch references: the CPU path of the native decoder and the oracle for
 the Triton versions (packed varlen attention, paged decode attention) that come later beside
 them. Grouped-query attention (GQA) maps query head ``h`` to kv head ``h // (Hq // Hkv)``, as
-HF's ``repeat_kv`` does. An optional ``window`` restricts each query to the last ``window``
-keys including itself (Mistral's sliding window).
+HF's ``repeat_kv`` and SDPA's ``enable_gqa`` do. An optional ``window`` restricts each query to
+the last ``window`` keys including itself (Mistral's sliding window).
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ def causal_attention(
     window: int | None = None,
 ) -> torch.Tensor:
     """Plain causal self-attention over full rows -> ``[B, Hq, T, D]``."""
-    k, v = repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1])
     T = q.shape[2]
+    # enable_gqa shares each kv head across its query group without materialising copies.
     if window is None or window >= T:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     pos = torch.arange(T, device=q.device)
     distance = pos[:, None] - pos[None, :]  # query minus key position
     mask = (distance >= 0) & (distance < window)  # [T, T] True = attend
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
 def decode_attention(
@@ -72,10 +72,7 @@ def decode_attention(
         valid &= slots[None, :] >= (lengths[:, None] - window)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v_cache.dtype)
-    return torch.matmul(probs, v_cache).view(B, Hq, D)
+    # Zero the unused slots too: a 0 weight times stale NaN/inf memory would still be NaN.
+    v_valid = torch.where(valid[:, None, :, None], v_cache, 0.0)
+    return torch.matmul(probs, v_valid).view(B, Hq, D)
 
-
-def repeat_kv_heads(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
-    """``[B, Hkv, T, D] -> [B, Hq, T, D]``: kv head ``j`` serves query heads ``j*G .. j*G+G-1``."""
-    groups = num_q_heads // x.shape[1]
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)

@@ -162,10 +162,9 @@ def _check_unsupported_options(cfg: dict, model_type: str) -> None:
     if cfg.get("mlp_bias"):
         raise UserError("mlp_bias=true is not supported by the native decoder; use GenericCausalLM")
     if model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
-        raise UserError(f"{model_type} with use_sliding_window=true is not supported by the native decoder; use GenericCausalLM")
-    factor = cfg.get("partial_rotary_factor", 1.0)
-    if factor not in (None, 1.0):
-        raise UserError(f"partial_rotary_factor={factor} is not supported by the native decoder; use GenericCausalLM")
+        raise UserError(
+            f"{model_type} with use_sliding_window=true is not supported by the native decoder; use GenericCausalLM"
+        )
 
 
 def _read_rope(cfg: dict) -> tuple[float, dict | None]:
@@ -173,20 +172,20 @@ def _read_rope(cfg: dict) -> tuple[float, dict | None]:
     params = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     theta = params.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta")
     theta = float(theta or cfg.get("rope_theta") or 10000.0)
-    factor = params.get("partial_rotary_factor", 1.0)
-    if factor != 1.0:
+    factor = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if factor not in (None, 1.0):
         raise UserError(f"partial_rotary_factor={factor} is not supported by the native decoder; use GenericCausalLM")
     scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type", "partial_rotary_factor")}
     scaling["rope_type"] = params.get("rope_type", params.get("type", "default"))
-    if scaling["rope_type"] == "default":
-        return theta, None
-    return theta, normalize_rope_scaling(scaling, int(cfg.get("max_position_embeddings", 4096)))
+    # ModelArgs.__post_init__ validates the scaling and fills its defaults.
+    return theta, None if scaling["rope_type"] == "default" else scaling
 
 
 def normalize_rope_scaling(scaling: dict, max_position_embeddings: int) -> dict | None:
     """Check the rope type and fill the defaults HF fills, so the RoPE math needs no config."""
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))  # 4.x files say "type"
     scaling = {k: v for k, v in scaling.items() if k not in ("rope_theta", "type")}
-    rope_type = scaling.setdefault("rope_type", "default")
+    scaling["rope_type"] = rope_type
     if rope_type == "default":
         return None
     if rope_type not in SUPPORTED_ROPE_TYPES:

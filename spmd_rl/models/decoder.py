@@ -240,8 +240,8 @@ def build_attention_inputs(
     if kv_cache is None:
         return AttentionInputs(cu_seqlens=cu_seqlens)
     if cu_seqlens is not None:  # prefill: token i of sequence s goes to row cache_rows[s], slot = position
-        counts = cu_seqlens[1:] - cu_seqlens[:-1]
-        rows_of_token = torch.repeat_interleave(cache_rows, counts.to(cache_rows.device), output_size=input_ids.shape[1])
+        counts = (cu_seqlens[1:] - cu_seqlens[:-1]).to(cache_rows.device)  # [S] tokens per sequence
+        rows_of_token = torch.repeat_interleave(cache_rows, counts, output_size=input_ids.shape[1])
         return AttentionInputs(cu_seqlens, kv_cache, rows_of_token, position_ids[0])
     if input_ids.shape[1] != 1:
         raise ValueError(f"decode takes one token per row ([B, 1]), got {tuple(input_ids.shape)}")

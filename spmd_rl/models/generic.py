@@ -28,7 +28,9 @@ class GenericCausalLM(nn.Module):
         for attr in _LOGIT_TRANSFORMS:
             value = getattr(config, attr, None)
             if value not in (None, 1.0):
-                raise UserError(f"{config.model_type} applies {attr}={value} to its logits, which spmd-rl does not support")
+                raise UserError(
+                    f"{config.model_type} applies {attr}={value} to its logits, which spmd-rl does not support"
+                )
         head = hf_model.get_output_embeddings()
         if head is None or getattr(head, "bias", None) is not None:
             raise UserError(f"{config.model_type} has no bias-free lm head, which spmd-rl needs")
@@ -65,7 +67,12 @@ class GenericCausalLM(nn.Module):
         out = self.hf_model.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
         return out.last_hidden_state
 
-    def _packed_hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    def _packed_hidden(
+        self,
+        input_ids: torch.Tensor,  # [N]
+        position_ids: torch.Tensor,  # [N]
+        cu_seqlens: torch.Tensor,  # [S+1]
+    ) -> torch.Tensor:
         """Unpack to a right-padded ``[S, L]`` batch, run it, and pack the hidden states again.
 
         Right padding keeps every real token's causal context unchanged, so this is exact for any

@@ -28,7 +28,8 @@ def read_hf_config(path: str | os.PathLike) -> dict:
     """The parsed ``config.json`` of an HF model folder."""
     folder = Path(path)
     if not folder.is_dir():
-        raise UserError(f"model folder {folder} does not exist; pass a local HF model folder (config.json + *.safetensors)")
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise UserError(f"model folder {folder} {problem}; pass a local HF model folder (config.json + *.safetensors)")
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         raise UserError(f"{config_file} not found; a model folder must hold an HF config.json")
@@ -54,7 +55,9 @@ def _weight_files(folder: Path) -> list[Path]:
         files = [folder / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise UserError(f"{index} lists shards that are missing: {', '.join(missing)}; copy the complete model folder")
+            raise UserError(
+                f"{index} lists shards that are missing: {', '.join(missing)}; copy the complete model folder"
+            )
         return files
     if (folder / WEIGHTS_NAME).is_file():
         return [folder / WEIGHTS_NAME]

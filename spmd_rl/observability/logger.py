@@ -42,7 +42,9 @@ def format_console_line(step: int, metrics: dict[str, float]) -> str:
     for key in CONSOLE_KEYS:
         if key in metrics:
             parts.append(f"{key.split('/', 1)[-1] if key.startswith('actor/') else key}={metrics[key]:.4g}")
-    parts.extend(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith("val-core/") and k != "val-core/acc")
+    # SFT's train/* and per-data-source validation metrics are few: show them all.
+    parts.extend(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
+                 if k.startswith(("train/", "val-core/")) and k not in CONSOLE_KEYS)
     return " | ".join(parts)
 
 

@@ -74,12 +74,26 @@ class RolloutEngine(Protocol):
         ...
 
 
+def validate_prompts(prompts: list[list[int]], max_seq_len: int | None) -> None:
+    """UserError for a prompt no engine can answer: empty, or leaving no room for one response
+    token under ``max_seq_len`` (prompt + response budget; None = unbounded)."""
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise UserError(f"prompt {i} is empty; every prompt needs at least one token")
+        if max_seq_len is not None and len(prompt) >= max_seq_len:
+            raise UserError(
+                f"prompt {i} has {len(prompt)} tokens, no room left under rollout max_seq_len="
+                f"{max_seq_len}; raise max_seq_len or filter long prompts"
+            )
+
+
 def build_engine(name: str, model: Any, **kwargs: Any) -> RolloutEngine:
     """Build the engine called ``name`` over ``model`` (the engine's own model instance).
 
     ``"native"`` takes a native ``Transformer`` (:class:`~spmd_rl.rollout.native.engine.NativeEngine`);
-    ``"hf"`` takes any transformers causal LM (:class:`~spmd_rl.rollout.hf.HFEngine`). ``kwargs``
-    go to the engine's constructor.
+    ``"hf"`` takes any transformers causal LM or a ``GenericCausalLM`` (:class:`~spmd_rl.rollout.hf.HFEngine`).
+    ``kwargs`` go to the engine's constructor; both accept ``max_num_seqs``, ``max_seq_len``,
+    ``device``, ``dtype`` and ``show_progress``.
     """
     if name == "native":
         from spmd_rl.rollout.native.engine import NativeEngine

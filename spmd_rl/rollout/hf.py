@@ -7,14 +7,20 @@ forward pass over prompt + responses to recompute the logprobs exactly as the tr
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import torch
+from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from spmd_rl.kernels.logprob import logprobs_from_logits
+from spmd_rl.rollout.engine import validate_prompts
 from spmd_rl.rollout.sampling import resolve_prompt_seeds
 from spmd_rl.rollout.types import Completion, SamplingParams
+
+# Prefix of the HF model's parameter names inside spmd_rl.models.GenericCausalLM.
+_WRAPPER_PREFIX = "hf_model."
 
 
 class HFEngine:
@@ -23,11 +29,32 @@ class HFEngine:
     Seeding: ``torch.manual_seed(seed_i)`` before prompt i's ``generate`` (inside a forked RNG
     state, so the caller's global RNG is untouched); the n samples of a prompt share that stream,
     so unlike the native engine sample j is not reproducible alone, only the prompt's group is.
+
+    Args:
+        model: a transformers causal LM, or spmd_rl's ``GenericCausalLM`` wrapping one.
+        max_num_seqs: accepted for a uniform factory; one prompt's n samples run together.
+        max_seq_len: prompt + response budget (None = only ``max_new_tokens`` bounds it).
+        device, dtype: where and in which precision to run; default: the model's.
+        show_progress: show a tqdm bar of finished prompts.
     """
 
-    def __init__(self, model: torch.nn.Module, *, device: torch.device | str | None = None):
-        self.model = model.eval()
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        max_num_seqs: int = 64,
+        max_seq_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        show_progress: bool = False,
+    ) -> None:
+        # Accept the trainer's GenericCausalLM wrapper too: generate with the HF model inside.
+        model = getattr(model, "hf_model", model)
+        first = next(model.parameters())
+        self.device = torch.device(device) if device is not None else first.device
+        self.model = model.to(device=self.device, dtype=dtype or first.dtype).eval()
+        self.max_num_seqs, self.max_seq_len = max_num_seqs, max_seq_len
+        self.show_progress = show_progress
         # A checkpoint's generation_config.json (top_k=20, repetition_penalty=1.05, eos ids, ...)
         # would otherwise fill in every option SamplingParams leaves unset and silently change
         # the sampled distribution away from the one the logprobs describe.
@@ -41,11 +68,16 @@ class HFEngine:
         seeds: list[int] | None = None,
     ) -> list[list[Completion]]:
         """See :meth:`RolloutEngine.generate`."""
+        validate_prompts(prompts, self.max_seq_len)
         prompt_seeds = resolve_prompt_seeds(len(prompts), params, seeds)
-        return [self._generate_one(p, params, s) for p, s in zip(prompts, prompt_seeds)]
+        bar = tqdm(zip(prompts, prompt_seeds), total=len(prompts), desc="rollout", unit="prompt",
+                   disable=not self.show_progress)
+        return [self._generate_one(p, params, s) for p, s in bar]
 
     def _generate_one(self, prompt: list[int], params: SamplingParams, seed: int) -> list[Completion]:
         """The n completions of one prompt."""
+        if self.max_seq_len is not None and len(prompt) + params.max_new_tokens > self.max_seq_len:
+            params = dataclasses.replace(params, max_new_tokens=self.max_seq_len - len(prompt))
         input_ids = torch.tensor([prompt], dtype=torch.long, device=self.device)  # [1, L]
         rng_devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices):
@@ -75,9 +107,13 @@ class HFEngine:
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load tensors by name with ``load_state_dict(strict=False)``; a name the model lacks
-        raises ``ValueError`` (a partial update, e.g. only trained parameters, is allowed)."""
-        result = self.model.load_state_dict(dict(named_tensors), strict=False)
+        """Load tensors by HF name with ``load_state_dict(strict=False)``; a name the model lacks
+        raises ``ValueError`` (a partial update, e.g. only trained parameters, is allowed).
+
+        Names may carry GenericCausalLM's ``hf_model.`` prefix (a policy of that type syncs as is).
+        """
+        state = {name.removeprefix(_WRAPPER_PREFIX): tensor for name, tensor in named_tensors}
+        result = self.model.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             raise ValueError(f"update_weights: the model has no parameter named {result.unexpected_keys[0]!r}")
 

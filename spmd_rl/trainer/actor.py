@@ -71,7 +71,7 @@ def _mini_batch_step(policy, loss_fn, mini: RolloutBatch, cfg: ActorConfig, temp
                      device) -> dict[str, float]:
     """Accumulate gradients of one mini-batch; return its (rank-local) metrics."""
     global_tokens = all_reduce_sum(mini.response_mask.sum().item(), dp_group)
-    global_seqs = all_reduce_sum(len(mini), dp_group)
+    global_seqs = all_reduce_sum(int((mini.response_mask.sum(-1) > 0).sum()), dp_group)  # as aggregate_loss counts
     metrics: dict[str, float] = defaultdict(float)
     micro_size = cfg.ppo_micro_batch_size_per_gpu
     num_micro = (len(mini) + micro_size - 1) // micro_size

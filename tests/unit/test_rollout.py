@@ -74,7 +74,9 @@ def greedy_reference(model, prompt: list[int], steps: int) -> list[int]:
 
 
 @torch.no_grad()
-def trainer_logprobs(model, prompts: list[list[int]], responses: list[list[int]], temperature: float) -> list[torch.Tensor]:
+def trainer_logprobs(
+    model, prompts: list[list[int]], responses: list[list[int]], temperature: float
+) -> list[torch.Tensor]:
     """Logprobs of the responses as the trainer computes them: one packed forward, then the
     lm-head logprob kernel on the positions that predict each response token."""
     seqs = [p + r for p, r in zip(prompts, responses)]
@@ -406,3 +408,34 @@ def test_hf_update_weights(hf_model):
     with pytest.raises(ValueError, match="update_weights: the model has no parameter named 'bogus'"):
         engine.update_weights([("bogus", torch.zeros(1))])
     assert isinstance(build_engine("hf", copy.deepcopy(hf_model)), HFEngine)
+    with pytest.raises(UserError) as err:
+        build_engine("native", hf_model)
+    assert str(err.value) == (
+        "rollout engine 'native' needs the native decoder, got LlamaForCausalLM; use rollout engine 'hf' for this model"
+    )
+
+
+def test_hf_max_seq_len_and_factory_kwargs(hf_model, capsys):
+    engine = build_engine("hf", copy.deepcopy(hf_model), max_num_seqs=4, max_seq_len=9, device="cpu",
+                          dtype=torch.float32, show_progress=True)
+    results = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=20))
+    assert [len(p) + len(c.token_ids) for p, (c,) in zip(PROMPTS, results)] == [9] * len(PROMPTS)
+    assert all(c.finish_reason == "length" for (c,) in results)
+    assert "4/4" in capsys.readouterr().err
+    with pytest.raises(UserError, match="prompt 1 has 7 tokens, no room left under rollout max_seq_len=7"):
+        HFEngine(copy.deepcopy(hf_model), max_seq_len=7).generate(PROMPTS, SamplingParams())
+
+
+def test_hf_engine_syncs_from_generic_policy(hf_model):
+    from transformers import LlamaForCausalLM
+
+    from spmd_rl.models import GenericCausalLM
+
+    torch.manual_seed(2)
+    policy = GenericCausalLM(LlamaForCausalLM(hf_model.config).float())  # names under "hf_model."
+    params = SamplingParams(temperature=0.0, max_new_tokens=6)
+    target = HFEngine(copy.deepcopy(policy)).generate(PROMPTS, params)  # the wrapper is accepted
+    engine = HFEngine(copy.deepcopy(hf_model))
+    sync_weights(policy, engine)
+    assert tokens_of(engine.generate(PROMPTS, params)) == tokens_of(target)
+    assert tokens_of(target) != tokens_of(HFEngine(copy.deepcopy(hf_model)).generate(PROMPTS, params))

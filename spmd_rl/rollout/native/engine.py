@@ -15,7 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 from spmd_rl.errors import UserError
+from spmd_rl.models.decoder import Transformer
 from spmd_rl.models.kv_cache import KVCache
+from spmd_rl.rollout.engine import validate_prompts
 from spmd_rl.rollout.sampling import (
     make_generators,
     resolve_prompt_seeds,
@@ -66,8 +68,15 @@ class NativeEngine:
         dtype: torch.dtype | None = None,
         show_progress: bool = False,
     ) -> None:
+        if not isinstance(model, Transformer):
+            raise UserError(
+                f"rollout engine 'native' needs the native decoder, got {type(model).__name__}; "
+                "use rollout engine 'hf' for this model"
+            )
         if max_num_seqs < 1 or max_seq_len < 2:
-            raise UserError(f"rollout needs max_num_seqs >= 1 and max_seq_len >= 2, got {max_num_seqs} and {max_seq_len}")
+            raise UserError(
+                f"rollout needs max_num_seqs >= 1 and max_seq_len >= 2, got {max_num_seqs} and {max_seq_len}"
+            )
         first = next(model.parameters())
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = dtype if dtype is not None else first.dtype
@@ -86,7 +95,7 @@ class NativeEngine:
         seeds: list[int] | None = None,
     ) -> list[list[Completion]]:
         """See :meth:`RolloutEngine.generate`."""
-        self._check_prompts(prompts)
+        validate_prompts(prompts, self.max_seq_len)
         prompt_seeds = resolve_prompt_seeds(len(prompts), params, seeds)
         requests = [
             _Request(i, j, list(prompt), sample_seed(prompt_seeds[i], j))
@@ -106,8 +115,8 @@ class NativeEngine:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy tensors into the model's parameters in place, by name.
 
-        Raises ``ValueError`` for an unknown name or a shape mismatch. ``lm_head.weight`` of a
-        model with tied embeddings is skipped: the tie makes it the embedding itself.
+        Raises ``ValueError`` for an unknown name or a shape mismatch. With tied embeddings
+        ``lm_head.weight`` is the embedding itself: it is accepted (or skipped) either way.
         """
         params = dict(self.model.named_parameters(remove_duplicate=False))
         tied = bool(getattr(self.model.args, "tie_word_embeddings", False))
@@ -139,17 +148,6 @@ class NativeEngine:
 
     # ---------------------------------------------------------------- generation
 
-    def _check_prompts(self, prompts: list[list[int]]) -> None:
-        """UserError for prompts the cache cannot hold (a response needs at least one slot)."""
-        for i, prompt in enumerate(prompts):
-            if len(prompt) == 0:
-                raise UserError(f"prompt {i} is empty; every prompt needs at least one token")
-            if len(prompt) >= self.max_seq_len:
-                raise UserError(
-                    f"prompt {i} has {len(prompt)} tokens, no room left under rollout max_seq_len="
-                    f"{self.max_seq_len}; raise max_seq_len or filter long prompts"
-                )
-
     def _run_chunk(self, requests: list[_Request], params: SamplingParams, bar: tqdm) -> None:
         """Generate every request of a chunk to completion; request k uses cache row k."""
         generators = make_generators([r.seed for r in requests], self.device)
@@ -162,8 +160,9 @@ class NativeEngine:
             bar.update(sum(requests[r].finish_reason is not None for r in rows))
             rows = [r for r in rows if requests[r].finish_reason is None]
             if rows:
-                hidden = self._decode([requests[r].token_ids[-1] for r in rows],
-                                      [requests[r].length - 1 for r in rows], rows)
+                # Feed each running row its newest token, at position length - 1.
+                last = [requests[r].token_ids[-1] for r in rows]
+                hidden = self._decode(last, [requests[r].length - 1 for r in rows], rows)
 
     def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         """Packed forward over all prompts, filling cache rows 0..S-1. Returns the final-norm
