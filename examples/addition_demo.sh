@@ -11,7 +11,7 @@ OUT=runs/demo
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 python -m spmd_rl.data.prepare.addition --out $OUT/data --tokenizer-out $OUT/init \
-    --num-train 20000 --num-test 256 --min-digits 1 --max-digits 3 --seed 0
+    --num-train 20000 --num-test 256 --min-digits 1 --max-digits 2 --seed 0
 python examples/make_tiny_model.py --tokenizer $OUT/init --out $OUT/init
 
 torchrun --standalone --nproc-per-node "$NPROC" -m spmd_rl.sft --config configs/addition_sft.yaml "$@"
