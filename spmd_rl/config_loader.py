@@ -177,6 +177,12 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-6" (no dot) as a string; users write learning rates that way.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and (type(value) is not tp):
         problems.append(_type_problem(path, tp, value))
     return value

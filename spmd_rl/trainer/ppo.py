@@ -43,6 +43,9 @@ class PPOTrainer:
         last: dict[str, float] = {}
         if cfg.trainer.val_before_train and c.val_dataset is not None and self.step == 0:
             c.logger.log(0, self.validate())
+        if self.step >= c.total_steps:
+            c.log(f"already at step {self.step} of trainer.total_steps={c.total_steps}: nothing to train "
+                  "(raise trainer.total_steps or use trainer.resume=never)")
         bar = progress_bar(c.total_steps, self.step, "train", c.rank == 0 and cfg.logging.progress_bar)
         while self.step < c.total_steps:
             self.step += 1

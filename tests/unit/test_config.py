@@ -49,6 +49,12 @@ def test_int_widens_to_float_but_bool_is_not_int():
     assert problems(REQUIRED + ["rollout.n=true"]) == ["rollout.n: expected int, got bool (True)"]
 
 
+def test_exponent_without_dot_is_a_float():
+    cfg = load_config(Config, None, REQUIRED + ["actor.optim.lr=1e-6"])
+    assert cfg.actor.optim.lr == 1e-6
+    assert problems(REQUIRED + ["actor.optim.lr=fast"]) == ["actor.optim.lr: expected float, got str ('fast')"]
+
+
 def test_literal_choices_listed():
     (line,) = problems(REQUIRED + ["actor.loss_agg_mode=mean"])
     assert line.startswith("actor.loss_agg_mode: 'mean' is not one of 'token-mean'")
