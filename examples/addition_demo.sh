@@ -2,7 +2,7 @@
 # The learning demo, from nothing, on CPU with 2 ranks:
 #   1. build a character tokenizer and the addition data set (train / held-out test / SFT),
 #   2. SFT a small random-init model so it can start,
-#   3. GRPO it, validating greedy accuracy on the held-out test set before and after.
+#   3. GRPO it, validating accuracy on the held-out test set before, during and after.
 # Everything lands in runs/demo/. Takes about 10 minutes on a 2-core laptop.
 set -euo pipefail
 cd "$(dirname "$0")/.."

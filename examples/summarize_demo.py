@@ -11,7 +11,7 @@ def main(path: str) -> None:
     val = [(r["step"], r["val-core/acc"]) for r in rows if "val-core/acc" in r]
     if len(val) < 2:
         sys.exit(f"{path} holds fewer than two validations: run with trainer.val_before_train=true")
-    print("held-out greedy accuracy by step: " + ", ".join(f"{s}: {a:.3f}" for s, a in val))
+    print("held-out accuracy (val-core/acc) by step: " + ", ".join(f"{s}: {a:.3f}" for s, a in val))
     print(f"before RL {val[0][1]:.3f} -> after RL {val[-1][1]:.3f}")
 
 

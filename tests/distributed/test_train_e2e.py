@@ -68,7 +68,7 @@ def test_two_rank_run_writes_metrics_and_resumes(sft_model):
         assert all(name in r for r in rows), name
     assert rows[-1]["val-core/synthetic/addition/acc/mean@1"] >= 0  # val_at_end ran
     # The engine and the trainer score the same tokens with the same math (fp32, CPU).
-    assert max(r["rollout/logprob_diff_max"] for r in rows) < 5e-5
+    assert max(r["rollout/logprob_diff_max"] for r in rows) < 1e-4
     ckpt = root / "grpo/checkpoints"
     assert (ckpt / "latest").read_text() == "step_000002"
     assert "resumed" not in first.stdout
