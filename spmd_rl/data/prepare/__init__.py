@@ -1,0 +1,1 @@
+"""Scripts that write datasets in verl's parquet schema (``python -m spmd_rl.data.prepare.<name>``)."""
