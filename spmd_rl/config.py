@@ -43,6 +43,8 @@ class DataConfig:
     """Validation parquet files (same schema); empty = no validation."""
     prompt_key: str = "prompt"
     """Column with the chat messages of the prompt."""
+    chat_template: str = ""
+    """Jinja chat template (or a path to a .jinja file) for tokenizers that have none; empty = the tokenizer's."""
     max_prompt_length: int = 512
     """Prompts longer than this (in tokens, after the chat template) are filtered out."""
     max_response_length: int = 512
@@ -288,6 +290,8 @@ class SFTDataConfig:
     """Prompt column."""
     response_key: str = "response"
     """Response column (the loss is computed on these tokens and the EOS only)."""
+    chat_template: str = ""
+    """Jinja chat template (or a path to a .jinja file) for tokenizers that have none; empty = the tokenizer's."""
     max_length: int = 1024
     """Longer prompt+response examples are dropped (and counted)."""
     train_batch_size: int = 64

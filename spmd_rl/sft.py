@@ -48,7 +48,8 @@ def train_sft(cfg: SFTConfig, dims: ParallelDims, mesh, device: torch.device) ->
     rule_errors([(cfg.data.train_batch_size % (dp_size * cfg.data.micro_batch_size_per_gpu) == 0,
                   "data.train_batch_size", f"{cfg.data.train_batch_size} must be divisible by dp ({dp_size}) x "
                   f"data.micro_batch_size_per_gpu ({cfg.data.micro_batch_size_per_gpu})")])
-    tokenizer = load_tokenizer(cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code,
+                               chat_template=cfg.data.chat_template or None)
     dataset = SFTDataset(cfg.data.train_files, tokenizer, prompt_key=cfg.data.prompt_key,
                          response_key=cfg.data.response_key, max_length=cfg.data.max_length)
     sampler = PromptSampler(len(dataset), batch_size=cfg.data.train_batch_size, dp_rank=mesh["dp"].get_local_rank(),

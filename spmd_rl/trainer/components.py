@@ -83,7 +83,8 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
     rank = dist.get_rank()
     log = _rank0_print(rank)
     torch.manual_seed(cfg.trainer.seed)
-    tokenizer = load_tokenizer(cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code,
+                               chat_template=cfg.data.chat_template or None)
     data = cfg.data
     dataset = RLDataset(data.train_files, tokenizer, prompt_key=data.prompt_key,
                         max_prompt_length=data.max_prompt_length,
