@@ -16,7 +16,7 @@ from spmd_rl.data.sampler import PromptSampler
 from spmd_rl.data.sft_dataset import SFTDataset, SFTExample
 from spmd_rl.data.tokenizer import load_tokenizer
 from spmd_rl.distributed.collectives import all_reduce_sum, clip_grad_norm_
-from spmd_rl.distributed.init import destroy_distributed, init_distributed, resolve_device
+from spmd_rl.distributed.init import destroy_distributed, init_parallel, resolve_device
 from spmd_rl.distributed.parallel_dims import ParallelDims
 from spmd_rl.distributed.parallelize import apply_fsdp
 from spmd_rl.errors import exit_on_user_error
@@ -100,11 +100,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
     cfg = load_config(SFTConfig, path, overrides)
     device = resolve_device(cfg.trainer.device)
-    _, world_size = init_distributed(device)
     try:
-        p = cfg.parallel
-        dims = ParallelDims(p.dp_replicate, p.dp_shard, p.sp, p.tp, p.pp, world_size)
-        mesh = dims.build_mesh(device.type)
+        dims, mesh = init_parallel(cfg.parallel, device)
         torch.manual_seed(cfg.trainer.seed)
         return train_sft(cfg, dims, mesh, device)
     finally:

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 from spmd_rl.config import Config, check_world_size, load_config, parse_cli
-from spmd_rl.distributed.init import destroy_distributed, init_distributed, resolve_device
-from spmd_rl.distributed.parallel_dims import ParallelDims
+from spmd_rl.distributed.init import destroy_distributed, init_parallel, resolve_device
 from spmd_rl.errors import exit_on_user_error
 from spmd_rl.trainer.ppo import PPOTrainer
 
@@ -20,14 +17,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
     cfg = load_config(Config, path, overrides)
     device = resolve_device(cfg.trainer.device)
-    _, world_size = init_distributed(device)
     try:
-        p = cfg.parallel
-        dims = ParallelDims(p.dp_replicate, p.dp_shard, p.sp, p.tp, p.pp, world_size)
+        dims, mesh = init_parallel(cfg.parallel, device)
         check_world_size(cfg, dims.dp_size)
-        mesh = dims.build_mesh(device.type)
-        if device.type == "cpu":
-            torch.set_num_threads(max(1, torch.get_num_threads() // max(1, world_size)))
         return PPOTrainer.build(cfg, dims, mesh, device).fit()
     finally:
         destroy_distributed()

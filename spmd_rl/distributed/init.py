@@ -47,3 +47,17 @@ def init_distributed(device: torch.device, timeout_s: int = 1800) -> tuple[int, 
 def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def init_parallel(parallel_cfg, device: torch.device):
+    """Process group, validated degrees and the named mesh of an entry point: ``(dims, mesh)``.
+
+    On CPU the ranks of one machine share its cores, so each takes its share of the threads."""
+    from spmd_rl.distributed.parallel_dims import ParallelDims
+
+    _, world_size = init_distributed(device)
+    p = parallel_cfg
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.sp, p.tp, p.pp, world_size)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
+    return dims, dims.build_mesh(device.type)
