@@ -15,7 +15,7 @@ from spmd_rl.config import SFTConfig, load_config, parse_cli, rule_errors, save_
 from spmd_rl.data.sampler import PromptSampler
 from spmd_rl.data.sft_dataset import SFTDataset, SFTExample
 from spmd_rl.data.tokenizer import load_tokenizer
-from spmd_rl.distributed.collectives import all_reduce_sum, clip_grad_norm_
+from spmd_rl.distributed.collectives import all_reduce_sum
 from spmd_rl.distributed.init import destroy_distributed, init_parallel, resolve_device
 from spmd_rl.distributed.parallel_dims import ParallelDims
 from spmd_rl.distributed.parallelize import apply_fsdp
@@ -25,7 +25,7 @@ from spmd_rl.models.hf_io import read_hf_config
 from spmd_rl.observability.logger import MetricsLogger
 from spmd_rl.observability.progress import progress_bar
 from spmd_rl.trainer.hf_export import export_model
-from spmd_rl.trainer.optim import build_lr_scheduler, build_optimizer
+from spmd_rl.trainer.optim import build_lr_scheduler, build_optimizer, optimizer_step
 from spmd_rl.trainer.policy import PolicyModel, build_scoring_inputs
 
 
@@ -81,10 +81,7 @@ def train_sft(cfg: SFTConfig, dims: ParallelDims, mesh, device: torch.device) ->
             loss, _ = compute_sft_loss(policy, examples[start:start + micro], global_tokens, device)
             (loss * dp_size).backward()  # FSDP averages gradients over dp
             loss_sum += loss.item()
-        grad_norm = clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(policy, optimizer, scheduler, cfg.optim.grad_clip)
         bar.update()
         if step % cfg.trainer.log_freq == 0 or step == total_steps:
             loss_total = all_reduce_sum(loss_sum, mesh["dp"].get_group())

@@ -13,8 +13,9 @@ import torch
 
 from spmd_rl.algorithms.losses import get_policy_loss
 from spmd_rl.config import ActorConfig
-from spmd_rl.distributed.collectives import all_reduce_sum, clip_grad_norm_
+from spmd_rl.distributed.collectives import all_reduce_sum
 from spmd_rl.trainer.batch import RolloutBatch
+from spmd_rl.trainer.optim import optimizer_step
 from spmd_rl.trainer.policy import PolicyModel, build_scoring_inputs, pad_by_lengths
 
 
@@ -54,11 +55,7 @@ def update_policy(policy: PolicyModel, optimizer, scheduler, batch: RolloutBatch
         for start in range(0, len(batch), mini_batch_size):
             mini = batch.select(range(start, min(start + mini_batch_size, len(batch))))
             step_metrics = _mini_batch_step(policy, loss_fn, mini, cfg, temperature, dp_group, dp_size, device)
-            grad_norm = clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_metrics["actor/grad_norm"] = grad_norm
+            step_metrics["actor/grad_norm"] = optimizer_step(policy, optimizer, scheduler, cfg.optim.grad_clip)
             for k, v in step_metrics.items():
                 sums[k] += v
             num_steps += 1

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from spmd_rl.config import OptimConfig
+from spmd_rl.distributed.collectives import clip_grad_norm_
 
 
 def compute_lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
@@ -35,3 +36,12 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total
         return compute_lr_factor(step, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
                                  schedule=cfg.lr_schedule, min_lr_ratio=cfg.min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, grad_clip: float) -> float:
+    """Clip by the global gradient norm, step optimizer and schedule, clear gradients; return the norm."""
+    grad_norm = clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from spmd_rl.distributed.init import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, fn, args):
@@ -30,4 +25,4 @@ def _worker(rank: int, world_size: int, port: int, fn, args):
 
 def run_on_ranks(fn, world_size: int, *args) -> None:
     """Call ``fn(rank, world_size, *args)`` on each of ``world_size`` processes; re-raise failures."""
-    mp.spawn(_worker, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
+    mp.spawn(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
