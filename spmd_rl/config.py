@@ -13,6 +13,9 @@ from typing import Literal
 
 from spmd_rl.config_loader import ConfigError, load_config, parse_cli, rule_errors, save_config
 
+# Estimators that compare the responses of one prompt with each other.
+GROUP_ESTIMATORS = ("grpo", "rloo", "opo", "gpg", "grpo_passk", "reinforce_plus_plus_baseline")
+
 
 @dataclass
 class ModelConfig:
@@ -97,15 +100,64 @@ class RolloutConfig:
 
 
 @dataclass
+class KLControlConfig:
+    type: Literal["fixed", "adaptive"] = "fixed"
+    """fixed = constant coefficient; adaptive = Ziegler et al. 2019 controller toward target_kl."""
+    kl_coef: float = 0.001
+    """KL coefficient (the initial one when adaptive)."""
+    target_kl: float = 0.1
+    """Adaptive controller's target KL per token."""
+    horizon: int = 10000
+    """Adaptive controller's horizon in samples."""
+
+    def __post_init__(self):
+        rule_errors([
+            (self.kl_coef >= 0, "kl_coef", "must be >= 0"),
+            (self.horizon > 0, "horizon", "must be > 0"),
+            (self.target_kl > 0, "target_kl", "must be > 0"),
+        ])
+
+
+@dataclass
+class FilterGroupsConfig:
+    enable: bool = False
+    """DAPO dynamic sampling: drop groups whose n rewards are all equal (no learning signal) and
+    generate more batches until data.train_batch_size groups are kept."""
+    max_num_gen_batches: int = 10
+    """Stop generating after this many batches in one step and train on the kept groups (0 = no limit)."""
+
+
+@dataclass
 class AlgorithmConfig:
     adv_estimator: str = "grpo"
-    """Advantage estimator (see spmd_rl.algorithms.advantages.ADVANTAGE_ESTIMATORS)."""
+    """Advantage estimator (see spmd_rl.algorithms.advantages.ADVANTAGE_ESTIMATORS); gae needs critic.enable."""
     norm_adv_by_std_in_grpo: bool = True
     """Divide GRPO advantages by the group std (False = Dr.GRPO)."""
     gamma: float = 1.0
     """Discount factor (GAE / REINFORCE++)."""
     lam: float = 1.0
     """GAE lambda."""
+    use_kl_in_reward: bool = False
+    """Subtract kl_ctrl.kl_coef x KL(policy || reference) from the token rewards."""
+    kl_penalty: str = "kl"
+    """KL estimator for the in-reward penalty: kl/k1, abs, mse/k2, low_var_kl/k3 (+ suffix = k2 gradient)."""
+    kl_ctrl: KLControlConfig = field(default_factory=KLControlConfig)
+    """Coefficient of the in-reward KL penalty."""
+    filter_groups: FilterGroupsConfig = field(default_factory=FilterGroupsConfig)
+    """DAPO dynamic sampling."""
+
+    def __post_init__(self):
+        from spmd_rl.algorithms.advantages import ADVANTAGE_ESTIMATORS
+        from spmd_rl.algorithms.kl import KL_PENALTIES
+
+        rule_errors([
+            (self.adv_estimator in ADVANTAGE_ESTIMATORS, "adv_estimator",
+             f"unknown {self.adv_estimator!r}; choose from {sorted(ADVANTAGE_ESTIMATORS)}"),
+            (self.kl_penalty.rstrip("+") in KL_PENALTIES, "kl_penalty",
+             f"unknown {self.kl_penalty!r}; choose from {list(KL_PENALTIES)} (optionally with a + suffix)"),
+            (0 <= self.gamma <= 1, "gamma", "must be in [0, 1]"),
+            (0 <= self.lam <= 1, "lam", "must be in [0, 1]"),
+        ])
 
 
 @dataclass
@@ -137,17 +189,33 @@ class OptimConfig:
 
 
 @dataclass
+class PolicyLossOptions:
+    clip_cov_ratio: float = 0.0002
+    """clip_cov: fraction of tokens whose gradient is detached."""
+    clip_cov_lb: float = 1.0
+    """clip_cov: lower covariance bound of the candidates."""
+    clip_cov_ub: float = 5.0
+    """clip_cov: upper covariance bound of the candidates."""
+    kl_cov_ratio: float = 0.0002
+    """kl_cov: fraction of tokens that get the KL term."""
+    ppo_kl_coef: float = 1.0
+    """kl_cov: coefficient of that KL term."""
+
+
+@dataclass
 class ActorConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and LR schedule of the policy."""
     ppo_mini_batch_size: int = 8
     """Prompts per optimizer step over all ranks (data.train_batch_size / this = steps per rollout)."""
-    ppo_micro_batch_size_per_gpu: int = 8
+    micro_batch_size_per_device: int = 8
     """Sequences per forward/backward on one rank (gradient accumulation inside a mini-batch)."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
     policy_loss: str = "vanilla"
     """Policy loss (see spmd_rl.algorithms.losses.POLICY_LOSSES)."""
+    policy_loss_options: PolicyLossOptions = field(default_factory=PolicyLossOptions)
+    """Options of the clip_cov / kl_cov losses."""
     clip_ratio_low: float = 0.2
     """PPO lower clip epsilon."""
     clip_ratio_high: float = 0.2
@@ -155,24 +223,70 @@ class ActorConfig:
     clip_ratio_c: float = 3.0
     """Dual-clip constant for negative advantages (Ye et al. 2020)."""
     loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    """How token losses are reduced to a scalar."""
+    """How token losses are reduced to a scalar (seq-mean-token-sum-norm divides by data.max_response_length)."""
+    entropy_coeff: float = 0.0
+    """Entropy bonus: loss -= entropy_coeff x aggregated entropy."""
+    use_kl_loss: bool = False
+    """Add kl_loss_coef x KL(policy || reference) to the loss (GRPO-style; needs the reference model)."""
+    kl_loss_coef: float = 0.001
+    """Coefficient of the KL loss."""
+    kl_loss_type: str = "low_var_kl"
+    """KL estimator of the KL loss: kl/k1, abs, mse/k2, low_var_kl/k3 (+ suffix = k2 gradient)."""
 
     def __post_init__(self):
+        from spmd_rl.algorithms.kl import KL_PENALTIES
+        from spmd_rl.algorithms.losses import POLICY_LOSSES
+
         rule_errors([
             (self.ppo_mini_batch_size > 0, "ppo_mini_batch_size", "must be > 0"),
-            (self.ppo_micro_batch_size_per_gpu > 0, "ppo_micro_batch_size_per_gpu", "must be > 0"),
+            (self.micro_batch_size_per_device > 0, "micro_batch_size_per_device", "must be > 0"),
             (self.ppo_epochs >= 1, "ppo_epochs", "must be >= 1"),
+            (self.policy_loss in POLICY_LOSSES, "policy_loss",
+             f"unknown {self.policy_loss!r}; choose from {sorted(POLICY_LOSSES)}"),
             (self.clip_ratio_low >= 0 and self.clip_ratio_high >= 0, "clip_ratio_low", "clip ratios must be >= 0"),
             (self.clip_ratio_c > 1, "clip_ratio_c", "must be > 1 (dual-clip lower bound)"),
+            (self.kl_loss_type.rstrip("+") in KL_PENALTIES, "kl_loss_type",
+             f"unknown {self.kl_loss_type!r}; choose from {list(KL_PENALTIES)} (optionally with a + suffix)"),
+            (self.kl_loss_coef >= 0, "kl_loss_coef", "must be >= 0"),
         ])
+
+
+@dataclass
+class RefConfig:
+    path: str = ""
+    """Reference policy weights; empty = model.path (the initial policy). Loaded when
+    actor.use_kl_loss or algorithm.use_kl_in_reward is on."""
 
 
 @dataclass
 class CriticConfig:
     enable: bool = False
-    """Train a value model (needed by algorithm.adv_estimator=gae); not available in this version."""
+    """Train a value model (required by algorithm.adv_estimator=gae)."""
+    model_path: str = ""
+    """HF folder the value model's trunk is initialised from; empty = model.path. The scalar head starts at 0."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
     """Optimizer of the critic."""
+    warmup_steps: int = 0
+    """Train only the critic for this many steps before actor updates start."""
+    cliprange_value: float = 0.5
+    """Value clipping around the rollout-time values."""
+    ppo_epochs: int = 1
+    """Passes of the critic over each rollout batch."""
+    ppo_mini_batch_size: int = 0
+    """Prompts per critic optimizer step over all ranks; 0 = actor.ppo_mini_batch_size."""
+    micro_batch_size_per_device: int = 0
+    """Sequences per critic forward/backward on one rank; 0 = actor.micro_batch_size_per_device."""
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    """Aggregation of the value loss."""
+
+    def __post_init__(self):
+        rule_errors([
+            (self.warmup_steps >= 0, "warmup_steps", "must be >= 0"),
+            (self.cliprange_value > 0, "cliprange_value", "must be > 0"),
+            (self.ppo_epochs >= 1, "ppo_epochs", "must be >= 1"),
+            (self.ppo_mini_batch_size >= 0, "ppo_mini_batch_size", "must be >= 0 (0 = the actor's)"),
+            (self.micro_batch_size_per_device >= 0, "micro_batch_size_per_device", "must be >= 0 (0 = the actor's)"),
+        ])
 
 
 @dataclass
@@ -184,9 +298,27 @@ class CustomRewardConfig:
 
 
 @dataclass
+class OverlongBufferConfig:
+    enable: bool = False
+    """DAPO overlong reward shaping: responses longer than max_response_length - len lose reward linearly."""
+    len: int = 0
+    """Length of the soft-penalty zone at the end of data.max_response_length."""
+    penalty_factor: float = 1.0
+    """Penalty at max_response_length (reaching it costs this much reward)."""
+
+    def __post_init__(self):
+        rule_errors([
+            (not self.enable or self.len > 0, "len", "must be > 0 when reward.overlong_buffer.enable"),
+            (self.penalty_factor >= 0, "penalty_factor", "must be >= 0"),
+        ])
+
+
+@dataclass
 class RewardConfig:
     custom_function: CustomRewardConfig = field(default_factory=CustomRewardConfig)
     """A user reward function replacing the built-in dispatch by data_source."""
+    overlong_buffer: OverlongBufferConfig = field(default_factory=OverlongBufferConfig)
+    """DAPO overlong reward shaping."""
 
 
 @dataclass
@@ -262,13 +394,19 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    @property
+    def needs_reference(self) -> bool:
+        """A frozen reference policy is loaded only when some KL term uses it."""
+        return self.actor.use_kl_loss or self.algorithm.use_kl_in_reward
+
     def __post_init__(self):
-        data, actor = self.data, self.actor
+        data, actor, alg = self.data, self.actor, self.algorithm
         rule_errors([
             (bool(self.model.path), "model.path", "is required: an HF model folder (config.json + safetensors)"),
             (bool(data.train_files), "data.train_files", "is required: a list of parquet files"),
@@ -276,9 +414,18 @@ class Config:
              f"{actor.ppo_mini_batch_size} must divide data.train_batch_size={data.train_batch_size}"),
             (actor.ppo_mini_batch_size <= data.train_batch_size, "actor.ppo_mini_batch_size",
              f"{actor.ppo_mini_batch_size} exceeds data.train_batch_size={data.train_batch_size}"),
-            (self.algorithm.adv_estimator not in ("grpo", "rloo") or self.rollout.n >= 2, "rollout.n",
-             f"algorithm.adv_estimator={self.algorithm.adv_estimator} compares the n responses of a prompt: set rollout.n >= 2"),
-            (not self.critic.enable, "critic.enable", "the critic is not available in this version: set critic.enable=false"),
+            (alg.adv_estimator not in GROUP_ESTIMATORS or self.rollout.n >= 2, "rollout.n",
+             f"algorithm.adv_estimator={alg.adv_estimator} compares the n responses of a prompt: set rollout.n >= 2"),
+            (not alg.filter_groups.enable or self.rollout.n >= 2, "rollout.n",
+             "algorithm.filter_groups drops groups whose rewards are all equal: set rollout.n >= 2"),
+            (alg.adv_estimator != "gae" or self.critic.enable, "critic.enable",
+             "algorithm.adv_estimator=gae needs a value model: set critic.enable=true"),
+            (self.critic.enable or self.critic.warmup_steps == 0, "critic.warmup_steps",
+             "only applies with critic.enable=true"),
+            (self.reward.overlong_buffer.len < data.max_response_length, "reward.overlong_buffer.len",
+             f"{self.reward.overlong_buffer.len} must be < data.max_response_length={data.max_response_length}"),
+            (self.critic.ppo_mini_batch_size == 0 or data.train_batch_size % self.critic.ppo_mini_batch_size == 0,
+             "critic.ppo_mini_batch_size", f"{self.critic.ppo_mini_batch_size} must divide data.train_batch_size={data.train_batch_size}"),
         ])
 
 
@@ -346,11 +493,14 @@ def check_world_size(cfg: Config, dp_size: int) -> None:
          f"{data.train_batch_size} must be divisible by the data-parallel size {dp_size} (WORLD_SIZE / tp / sp / pp)"),
         (actor.ppo_mini_batch_size % dp_size == 0, "actor.ppo_mini_batch_size",
          f"{actor.ppo_mini_batch_size} must be divisible by the data-parallel size {dp_size}"),
+        (cfg.critic.ppo_mini_batch_size % dp_size == 0, "critic.ppo_mini_batch_size",
+         f"{cfg.critic.ppo_mini_batch_size} must be divisible by the data-parallel size {dp_size}"),
     ])
 
 
 __all__ = [
     "ActorConfig", "AlgorithmConfig", "Config", "ConfigError", "CriticConfig", "CustomRewardConfig",
+    "FilterGroupsConfig", "KLControlConfig", "OverlongBufferConfig", "PolicyLossOptions", "RefConfig",
     "DataConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RewardConfig",
     "RolloutConfig", "SFTConfig", "TrainerConfig", "check_world_size", "load_config", "parse_cli", "save_config",
 ]

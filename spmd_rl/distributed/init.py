@@ -40,7 +40,8 @@ def init_distributed(device: torch.device, timeout_s: int = 1800) -> tuple[int, 
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # On GPU, CPU tensors (metrics, counts, objects) still need a backend: gloo beside nccl.
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
 

@@ -2,19 +2,22 @@
 
 Loss normalisation is global: each micro-batch's loss is divided by the token (or sequence) count
 of the whole mini-batch over all dp ranks, and multiplied by the dp size because FSDP averages
-gradients over ranks. The summed gradient is then exactly the single-process one.
+gradients over ranks. The summed gradient is then exactly the single-process one, whatever the
+micro-batch size or the number of ranks.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import asdict
 
 import torch
 
-from spmd_rl.algorithms.losses import get_policy_loss
+from spmd_rl.algorithms.kl import kl_penalty
+from spmd_rl.algorithms.losses import aggregate_loss, get_policy_loss
 from spmd_rl.config import ActorConfig
-from spmd_rl.distributed.collectives import all_reduce_sum
 from spmd_rl.trainer.batch import RolloutBatch
+from spmd_rl.trainer.minibatch import global_counts, micro_batches, mini_batches
 from spmd_rl.trainer.optim import optimizer_step
 from spmd_rl.trainer.policy import PolicyModel, build_scoring_inputs, pad_by_lengths
 
@@ -34,57 +37,69 @@ def forward_logprobs(policy: PolicyModel, batch: RolloutBatch, temperature: floa
 @torch.no_grad()
 def compute_logprobs(policy: PolicyModel, batch: RolloutBatch, temperature: float, micro_batch_size: int,
                      device) -> torch.Tensor:
-    """``[B, T]`` logprobs of the current policy (the PPO "old" logprobs), in micro-batches."""
+    """``[B, T]`` logprobs of ``policy`` (the PPO "old" or the reference logprobs), in micro-batches."""
+    width = batch.response_mask.shape[1]
     chunks = []
-    for start in range(0, len(batch), micro_batch_size):
-        micro = batch.select(range(start, min(start + micro_batch_size, len(batch))))
+    for micro in micro_batches(batch, micro_batch_size):
         lp, _ = forward_logprobs(policy, micro, temperature, device)
-        chunks.append(torch.nn.functional.pad(lp.cpu(), (0, batch.response_mask.shape[1] - lp.shape[1])))
+        chunks.append(torch.nn.functional.pad(lp.cpu(), (0, width - lp.shape[1])))
     return torch.cat(chunks)
 
 
 def update_policy(policy: PolicyModel, optimizer, scheduler, batch: RolloutBatch, cfg: ActorConfig, *,
-                  temperature: float, mini_batch_size: int, dp_group, dp_size: int, device) -> dict[str, float]:
+                  temperature: float, mini_batch_size: int, scale_factor: int, dp_group, dp_size: int, device,
+                  generator: torch.Generator | None = None) -> dict[str, float]:
     """PPO epochs over mini-batches of ``mini_batch_size`` responses (this rank's share).
 
+    ``scale_factor`` is the constant of ``seq-mean-token-sum-norm`` (data.max_response_length),
+    fixed so that it does not depend on how long the responses of one micro-batch happen to be.
     Returns metrics averaged over optimizer steps (still per rank; the caller reduces over dp)."""
     loss_fn = get_policy_loss(cfg.policy_loss)
     sums: dict[str, float] = defaultdict(float)
     num_steps = 0
-    for _ in range(cfg.ppo_epochs):
-        for start in range(0, len(batch), mini_batch_size):
-            mini = batch.select(range(start, min(start + mini_batch_size, len(batch))))
-            step_metrics = _mini_batch_step(policy, loss_fn, mini, cfg, temperature, dp_group, dp_size, device)
-            step_metrics["actor/grad_norm"] = optimizer_step(policy, optimizer, scheduler, cfg.optim.grad_clip)
-            for k, v in step_metrics.items():
-                sums[k] += v
-            num_steps += 1
+    for mini in mini_batches(batch, mini_batch_size, cfg.ppo_epochs):
+        step_metrics = _mini_batch_step(policy, loss_fn, mini, cfg, temperature, scale_factor, dp_group, dp_size,
+                                        device, generator)
+        step_metrics["actor/grad_norm"] = optimizer_step(policy, optimizer, scheduler, cfg.optim.grad_clip)
+        for k, v in step_metrics.items():
+            sums[k] += v
+        num_steps += 1
     metrics = {k: v / num_steps for k, v in sums.items()}
     metrics["actor/lr"] = scheduler.get_last_lr()[0]
     return metrics
 
 
-def _mini_batch_step(policy, loss_fn, mini: RolloutBatch, cfg: ActorConfig, temperature, dp_group, dp_size,
-                     device) -> dict[str, float]:
-    """Accumulate gradients of one mini-batch; return its (rank-local) metrics."""
-    global_tokens = all_reduce_sum(mini.response_mask.sum().item(), dp_group)
-    global_seqs = all_reduce_sum(int((mini.response_mask.sum(-1) > 0).sum()), dp_group)  # as aggregate_loss counts
+def _mini_batch_step(policy, loss_fn, mini: RolloutBatch, cfg: ActorConfig, temperature, scale_factor, dp_group,
+                     dp_size, device, generator) -> dict[str, float]:
+    """Accumulate the gradients of one mini-batch; return its (rank-local) metrics.
+
+    Loss-valued metrics are summed over micro-batches and multiplied by dp_size: the caller's mean
+    over ranks then gives the loss of the whole global mini-batch."""
+    tokens, seqs = global_counts(mini, dp_group)
+    agg = dict(global_tokens=tokens, global_seqs=seqs, scale_factor=scale_factor)
     metrics: dict[str, float] = defaultdict(float)
-    micro_size = cfg.ppo_micro_batch_size_per_gpu
-    num_micro = (len(mini) + micro_size - 1) // micro_size
-    for start in range(0, len(mini), micro_size):
-        micro = mini.select(range(start, min(start + micro_size, len(mini))))
+    num_micro = -(-len(mini) // cfg.micro_batch_size_per_device)
+    for micro in micro_batches(mini, cfg.micro_batch_size_per_device):
         mask = micro.response_mask.to(device)
         logprobs, entropy = forward_logprobs(policy, micro, temperature, device, with_entropy=True)
-        loss, loss_metrics = loss_fn(
+        pg_loss, loss_metrics = loss_fn(
             logprobs, micro.old_logprobs.to(device), micro.advantages.to(device), mask,
             clip_low=cfg.clip_ratio_low, clip_high=cfg.clip_ratio_high, clip_c=cfg.clip_ratio_c,
-            agg_mode=cfg.loss_agg_mode, global_tokens=global_tokens, global_seqs=global_seqs,
-        )
+            agg_mode=cfg.loss_agg_mode, generator=generator, **agg, **asdict(cfg.policy_loss_options))
+        loss = pg_loss
+        if cfg.entropy_coeff != 0:
+            loss = loss - cfg.entropy_coeff * aggregate_loss(entropy, mask, cfg.loss_agg_mode, **agg)
+        if cfg.use_kl_loss:
+            kl = kl_penalty(logprobs, micro.ref_logprobs.to(device), cfg.kl_loss_type)
+            kl_loss = aggregate_loss(kl, mask, cfg.loss_agg_mode, **agg)
+            loss = loss + cfg.kl_loss_coef * kl_loss
+            metrics["actor/kl_loss"] += kl_loss.item() * dp_size
         (loss * dp_size).backward()  # FSDP averages over dp; the global normaliser already did
-        # pg_loss is the global mini-batch loss once the caller averages dp_size x local sums.
-        metrics["actor/pg_loss"] += loss.item() * dp_size
-        metrics["actor/entropy"] += ((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)).item() / num_micro
+        metrics["actor/pg_loss"] += pg_loss.item() * dp_size
+        # token-mean over the global mini-batch whatever loss_agg_mode is: comparable across runs
+        metrics["actor/entropy"] += aggregate_loss(entropy.detach(), mask, "token-mean", global_tokens=tokens).item() * dp_size
         for name, value in loss_metrics.items():
             metrics[f"actor/{name}"] += float(value) / num_micro
+    if cfg.use_kl_loss:
+        metrics["actor/kl_coef"] = cfg.kl_loss_coef
     return dict(metrics)

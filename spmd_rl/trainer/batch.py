@@ -20,14 +20,22 @@ class RolloutBatch:
     rollout_logprobs: torch.Tensor  # [B, T] logprobs reported by the engine
     finish_reasons: list[str]  # [B]
     scores: torch.Tensor | None = None  # [B] outcome reward
+    reward_baselines: torch.Tensor | None = None  # [B] ReMax: score of the prompt's greedy response
     old_logprobs: torch.Tensor | None = None  # [B, T] policy logprobs before the update
+    ref_logprobs: torch.Tensor | None = None  # [B, T] reference policy logprobs
+    values: torch.Tensor | None = None  # [B, T] critic values before the update
+    token_rewards: torch.Tensor | None = None  # [B, T] score on the last token, minus any KL penalty
     advantages: torch.Tensor | None = None  # [B, T]
     returns: torch.Tensor | None = None  # [B, T]
 
     def __len__(self) -> int:
         return len(self.response_ids)
 
-    def token_rewards(self) -> torch.Tensor:
+    @property
+    def num_groups(self) -> int:
+        return len(torch.unique(self.group_index))
+
+    def token_scores(self) -> torch.Tensor:
         """``[B, T]`` with each score on its response's last token (verl's convention)."""
         rewards = torch.zeros_like(self.response_mask, dtype=torch.float32)
         last = self.response_mask.sum(-1).long() - 1  # [B]
@@ -37,7 +45,7 @@ class RolloutBatch:
     def select(self, index: list[int] | range) -> "RolloutBatch":
         """Rows ``index`` of every field, trimmed to their longest response."""
         index = list(index)
-        width = max(len(self.response_ids[i]) for i in index)
+        width = max((len(self.response_ids[i]) for i in index), default=0)
         picked = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -50,6 +58,30 @@ class RolloutBatch:
             else:
                 picked[f.name] = value[index]
         return replace(self, **picked)
+
+
+def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
+    """Rows of all ``batches`` in order; group ids are offset so groups stay distinct."""
+    width = max(b.response_mask.shape[1] for b in batches)
+    merged, offset = {}, 0
+    groups = []
+    for b in batches:
+        _, dense = torch.unique(b.group_index, return_inverse=True)
+        groups.append(dense + offset)
+        offset += int(dense.max()) + 1 if len(b) else 0
+    for f in fields(RolloutBatch):
+        values = [getattr(b, f.name) for b in batches]
+        if f.name == "group_index":
+            merged[f.name] = torch.cat(groups)
+        elif any(v is None for v in values):
+            merged[f.name] = None
+        elif isinstance(values[0], list):
+            merged[f.name] = [x for v in values for x in v]
+        elif values[0].dim() == 2:
+            merged[f.name] = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[1])) for v in values])
+        else:
+            merged[f.name] = torch.cat(values)
+    return RolloutBatch(**merged)
 
 
 def build_rollout_batch(prompt_ids: list[list[int]], completions: list[list[Completion]]) -> RolloutBatch:

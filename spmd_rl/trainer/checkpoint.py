@@ -2,7 +2,8 @@
 
 Layout of ``<run_dir>/checkpoints``::
 
-    step_000010/            model + optimizer shards (DCP) and trainer_state.pt (rank 0)
+    step_000010/            model + optimizer shards of the actor (and critic) (DCP), and
+                            trainer_state.pt (rank 0)
     latest                  text file naming the newest complete step folder
 
 A crash while saving leaves only a ``*.tmp`` folder behind; ``latest`` still names the previous
@@ -27,22 +28,25 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+Trained = dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]  # "actor" / "critic" -> (model, optimizer)
+
+
 class Checkpointer:
-    """Saves and restores model, optimizer and a small trainer-state dict (scheduler, sampler, step)."""
+    """Saves and restores models with their optimizers, and a small trainer-state dict
+    (schedulers, sampler, KL controller, step)."""
 
     def __init__(self, run_dir: str | Path, rank: int):
         self.root = Path(run_dir) / "checkpoints"
         self.rank = rank
 
-    def save(self, step: int, model: torch.nn.Module, optimizer, trainer_state: dict) -> Path:
+    def save(self, step: int, trained: Trained, trainer_state: dict) -> Path:
         final = self.root / step_dir_name(step)
         tmp = self.root / (step_dir_name(step) + ".tmp")
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        dcp.save(_state_dicts(trained), checkpoint_id=str(tmp))
         if self.rank == 0:
             torch.save(trainer_state, tmp / "trainer_state.pt")
             _fsync_tree(tmp)
@@ -71,13 +75,26 @@ class Checkpointer:
                             "use auto, never, or a checkpoints/step_XXXXXX folder")
         return path
 
-    def load(self, path: Path, model: torch.nn.Module, optimizer) -> dict:
-        """Restore model and optimizer in place; return the trainer state."""
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    def load(self, path: Path, trained: Trained) -> dict:
+        """Restore models and optimizers in place; return the trainer state."""
+        state = _state_dicts(trained)
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except Exception as e:  # e.g. resuming a critic-less checkpoint into a run with a critic
+            raise UserError(f"checkpoint {path} does not match this run's models {sorted(trained)} "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}). "
+                            "Resume with the same actor/critic setup or set trainer.resume=never") from e
+        for name, (model, optimizer) in trained.items():
+            set_state_dict(model, optimizer, model_state_dict=state[f"{name}/model"],
+                           optim_state_dict=state[f"{name}/optim"])
         return torch.load(path / "trainer_state.pt", weights_only=True)
+
+
+def _state_dicts(trained: Trained) -> dict:
+    state = {}
+    for name, (model, optimizer) in trained.items():
+        state[f"{name}/model"], state[f"{name}/optim"] = get_state_dict(model, optimizer)
+    return state
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from spmd_rl.algorithms.kl import build_kl_controller
 from spmd_rl.config import Config
 from spmd_rl.data.rl_dataset import PromptSample, RLDataset
 from spmd_rl.data.sampler import PromptSampler
@@ -19,10 +20,12 @@ from spmd_rl.models import build_model
 from spmd_rl.observability.logger import MetricsLogger
 from spmd_rl.rewards import compute_score
 from spmd_rl.rewards.custom import load_custom_reward_function
+from spmd_rl.rewards.overlong import overlong_penalty
 from spmd_rl.rewards.scorer import RewardScorer
 from spmd_rl.rollout.engine import RolloutEngine, build_engine
 from spmd_rl.trainer.batch import RolloutBatch
-from spmd_rl.trainer.checkpoint import Checkpointer
+from spmd_rl.trainer.checkpoint import Checkpointer, Trained
+from spmd_rl.trainer.critic import ValueModel
 from spmd_rl.trainer.hf_export import export_model
 from spmd_rl.trainer.optim import build_lr_scheduler, build_optimizer
 from spmd_rl.trainer.policy import PolicyModel
@@ -33,6 +36,7 @@ class RunComponents:
     """What one rank holds during a run."""
 
     rank: int
+    dp_rank: int
     dp_size: int
     dp_group: object
     device: torch.device
@@ -43,11 +47,17 @@ class RunComponents:
     policy: PolicyModel  # FSDP-sharded over dp
     optimizer: torch.optim.Optimizer
     scheduler: object
+    ref: PolicyModel | None  # frozen reference policy, when a KL term needs it
+    critic: ValueModel | None  # value model (PPO with GAE)
+    critic_optimizer: torch.optim.Optimizer | None
+    critic_scheduler: object | None
+    kl_ctrl: object | None  # in-reward KL coefficient controller
     engine: RolloutEngine
     scorer: RewardScorer
     logger: MetricsLogger
     checkpointer: Checkpointer
     total_steps: int
+    cfg: Config
     stop_token_ids: list[int]
     seed: int
     log: Callable[[str], None]
@@ -60,20 +70,31 @@ class RunComponents:
         independent of how prompts are spread over ranks."""
         return [(self.seed * 1_000_003 + step * 100_003 + p.index) % 2**31 for p in prompts]
 
-    def score(self, batch: RolloutBatch, prompts: list[PromptSample]) -> dict[str, float]:
-        """Fill ``batch.scores`` and return reward metrics."""
-        n = len(batch) // len(prompts)
-        owners = [prompts[i // n] for i in range(len(batch))]
-        texts = self.tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
+    def score_texts(self, owners: list[PromptSample], response_ids: list[list[int]]) -> list[float]:
+        """Reward of each response; ``owners[i]`` is the prompt of ``response_ids[i]``."""
+        texts = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
         result = self.scorer.score([p.data_source for p in owners], texts, [p.ground_truth for p in owners],
                                    [p.extra_info for p in owners])
-        batch.scores = torch.tensor(result.scores, dtype=torch.float32)
-        return {
-            "critic/score/mean": batch.scores.mean().item(),
-            "critic/score/max": batch.scores.max().item(),
-            "critic/score/min": batch.scores.min().item(),
-            "reward/num_errors": float(self.scorer.num_errors),
-        }
+        return result.scores
+
+    def score(self, batch: RolloutBatch, prompts: list[PromptSample]) -> None:
+        """Fill ``batch.scores`` (with DAPO's overlong penalty when configured)."""
+        n = len(batch) // len(prompts)
+        scores = torch.tensor(self.score_texts([prompts[i // n] for i in range(len(batch))], batch.response_ids),
+                              dtype=torch.float32)
+        buffer = self.cfg.reward.overlong_buffer
+        if buffer.enable:
+            lengths = torch.tensor([len(r) for r in batch.response_ids])
+            scores += overlong_penalty(lengths, max_response_length=self.cfg.data.max_response_length,
+                                       buffer_len=buffer.len, penalty_factor=buffer.penalty_factor)
+        batch.scores = scores
+
+    def trained(self) -> Trained:
+        """The models a checkpoint holds, with their optimizers."""
+        trained = {"actor": (self.policy, self.optimizer)}
+        if self.critic is not None:
+            trained["critic"] = (self.critic, self.critic_optimizer)
+        return trained
 
     def export_hf(self, out_dir: Path) -> None:
         export_model(self.policy.decoder, self.tokenizer, out_dir, self.rank)
@@ -99,33 +120,62 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
                             dp_size=dims.dp_size, seed=data.seed, shuffle=data.shuffle)
     total_steps = cfg.trainer.total_steps or cfg.trainer.total_epochs * sampler.steps_per_epoch
 
-    decoder = build_model(cfg.model.path, device=device, dtype=torch.float32,
-                          prefer_native=cfg.model.implementation != "generic", seed=cfg.trainer.seed)
+    decoder = _load_decoder(cfg, cfg.model.path, device)
     engine_dtype = torch.bfloat16 if device.type == "cuda" and cfg.model.dtype != "float32" else torch.float32
     engine_model = copy.deepcopy(decoder).to(engine_dtype).eval()
     engine = build_engine(cfg.rollout.engine, engine_model, max_num_seqs=cfg.rollout.max_num_seqs,
                           max_seq_len=data.max_prompt_length + data.max_response_length, device=device)
-    policy = PolicyModel(decoder)
     param_dtype = torch.bfloat16 if device.type == "cuda" and cfg.model.dtype != "float32" else None
-    apply_fsdp(policy, mesh["dp"], param_dtype=param_dtype)
+    policy = apply_fsdp(PolicyModel(decoder), mesh["dp"], param_dtype=param_dtype)
 
-    # Optimizer steps: one per mini-batch per PPO epoch.
+    # Optimizer steps per RL step: one per mini-batch per PPO epoch.
     updates_per_step = cfg.actor.ppo_epochs * (data.train_batch_size // cfg.actor.ppo_mini_batch_size)
     optimizer = build_optimizer(policy, cfg.actor.optim)
     scheduler = build_lr_scheduler(optimizer, cfg.actor.optim, total_steps * updates_per_step)
+
+    ref = None
+    if cfg.needs_reference:
+        ref = PolicyModel(_load_decoder(cfg, cfg.ref.path or cfg.model.path, device)).requires_grad_(False).eval()
+        ref = apply_fsdp(ref, mesh["dp"], param_dtype=param_dtype)
+
+    critic = critic_optimizer = critic_scheduler = None
+    if cfg.critic.enable:
+        trunk = _load_decoder(cfg, cfg.critic.model_path or cfg.model.path, device)
+        critic = apply_fsdp(ValueModel(trunk, _hidden_size(trunk)), mesh["dp"], param_dtype=param_dtype)
+        critic_mini = cfg.critic.ppo_mini_batch_size or cfg.actor.ppo_mini_batch_size
+        critic_optimizer = build_optimizer(critic, cfg.critic.optim)
+        critic_scheduler = build_lr_scheduler(critic_optimizer, cfg.critic.optim,
+                                              total_steps * cfg.critic.ppo_epochs * (data.train_batch_size // critic_mini))
+    kl_ctrl = None
+    if cfg.algorithm.use_kl_in_reward:
+        k = cfg.algorithm.kl_ctrl
+        kl_ctrl = build_kl_controller(k.type, kl_coef=k.kl_coef, target_kl=k.target_kl, horizon=k.horizon)
+
     reward_fn = compute_score
     if cfg.reward.custom_function.path:
         reward_fn = load_custom_reward_function(cfg.reward.custom_function.path, cfg.reward.custom_function.name)
     log(f"{len(dataset)} training prompts, {sampler.steps_per_epoch} steps/epoch, {total_steps} steps, "
         f"dp={dims.dp_size}, device={device}")
     return RunComponents(
-        rank=rank, dp_size=dims.dp_size, dp_group=mesh["dp"].get_group(), device=device, tokenizer=tokenizer,
+        rank=rank, dp_rank=dp_rank, dp_size=dims.dp_size, dp_group=mesh["dp"].get_group(), device=device, tokenizer=tokenizer,
         dataset=dataset, val_dataset=val_dataset, sampler=sampler, policy=policy, optimizer=optimizer,
-        scheduler=scheduler, engine=engine, scorer=RewardScorer(reward_fn),
+        scheduler=scheduler, ref=ref, critic=critic, critic_optimizer=critic_optimizer,
+        critic_scheduler=critic_scheduler, kl_ctrl=kl_ctrl, engine=engine, scorer=RewardScorer(reward_fn),
         logger=MetricsLogger(cfg.trainer.run_dir, cfg.logging.backends, enabled=rank == 0),
-        checkpointer=Checkpointer(cfg.trainer.run_dir, rank), total_steps=total_steps,
+        checkpointer=Checkpointer(cfg.trainer.run_dir, rank), total_steps=total_steps, cfg=cfg,
         stop_token_ids=_stop_token_ids(tokenizer, decoder), seed=cfg.trainer.seed, log=log,
     )
+
+
+def _load_decoder(cfg: Config, path: str, device: torch.device) -> torch.nn.Module:
+    return build_model(path, device=device, dtype=torch.float32,
+                       prefer_native=cfg.model.implementation != "generic", seed=cfg.trainer.seed,
+                       trust_remote_code=cfg.model.trust_remote_code)
+
+
+def _hidden_size(decoder: torch.nn.Module) -> int:
+    args = getattr(decoder, "args", None)
+    return args.hidden_size if args is not None else decoder.hf_model.config.hidden_size
 
 
 def _stop_token_ids(tokenizer, decoder) -> list[int]:

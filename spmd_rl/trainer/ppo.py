@@ -1,4 +1,9 @@
-"""The RL loop of DESIGN.md: every rank runs :meth:`PPOTrainer.train_step` on its own prompts."""
+"""The RL loop of DESIGN.md: every rank runs :meth:`PPOTrainer.train_step` on its own prompts.
+
+One step = rollout (generate, score, optional DAPO filtering and ReMax baselines) then
+:meth:`PPOTrainer.learn` (old/ref logprobs, values, rewards with KL, advantages, critic and
+actor updates). ``learn`` takes any scored batch, which is what the invariance tests drive.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ from pathlib import Path
 import torch
 
 from spmd_rl.algorithms.advantages import get_advantage_estimator
+from spmd_rl.algorithms.kl import apply_kl_penalty
+from spmd_rl.algorithms.masked import masked_mean, masked_var
 from spmd_rl.config import Config, save_config
 from spmd_rl.distributed.collectives import all_reduce_sum, reduce_metrics
 from spmd_rl.observability.progress import progress_bar
@@ -14,8 +21,10 @@ from spmd_rl.observability.timing import PhaseTimer
 from spmd_rl.rollout.types import SamplingParams
 from spmd_rl.rollout.weight_sync import sync_weights
 from spmd_rl.trainer.actor import compute_logprobs, update_policy
-from spmd_rl.trainer.batch import RolloutBatch, build_rollout_batch
+from spmd_rl.trainer.batch import RolloutBatch, build_rollout_batch, concat_batches
 from spmd_rl.trainer.components import RunComponents, build_components
+from spmd_rl.trainer.critic import compute_values, update_critic
+from spmd_rl.trainer.dynamic_sampling import informative_groups, take_global_groups
 from spmd_rl.trainer.rollout_metrics import compute_rollout_metrics
 from spmd_rl.trainer.validation import run_validation
 
@@ -69,39 +78,147 @@ class PPOTrainer:
         return last
 
     def train_step(self) -> dict[str, float]:
-        """One RL step: generate, score, old logprobs, advantages, PPO update; dp-reduced metrics."""
-        cfg, c, timer = self.cfg, self.c, self.timer
-        prompts = c.next_prompts()  # this rank's share of the global prompt batch
-        with timer("update_weights"):
+        """One RL step: rollout, then learn; dp-reduced metrics."""
+        c = self.c
+        with self.timer("update_weights"):
             c.engine.wake_up()
             sync_weights(c.policy.decoder, c.engine)
-        with timer("gen"):
-            completions = c.engine.generate([p.prompt_ids for p in prompts], self.sampling(),
-                                            seeds=c.rollout_seeds(self.step, prompts))
-            c.engine.sleep()  # free generation memory before training
-        batch = build_rollout_batch([p.prompt_ids for p in prompts], completions)
-        with timer("reward"):
-            reward_metrics = c.score(batch, prompts)
-        with timer("old_log_prob"):
-            batch.old_logprobs = compute_logprobs(c.policy, batch, cfg.rollout.temperature,
-                                                  cfg.actor.ppo_micro_batch_size_per_gpu, c.device)
-        with timer("adv"):
-            batch.advantages, batch.returns = self.compute_advantages(batch)
-        with timer("update_actor"):
-            actor_metrics = update_policy(
-                c.policy, c.optimizer, c.scheduler, batch, cfg.actor, temperature=cfg.rollout.temperature,
-                mini_batch_size=cfg.actor.ppo_mini_batch_size * cfg.rollout.n // c.dp_size,
-                dp_group=c.dp_group, dp_size=c.dp_size, device=c.device)
-        metrics = {**reward_metrics, **actor_metrics, **compute_rollout_metrics(batch)}
-        metrics = reduce_metrics(metrics, c.dp_group)
+        batch, rollout_metrics = self.rollout()
+        c.engine.sleep()  # free generation memory before training
+        metrics = {**rollout_metrics, **self.learn(batch), "reward/num_errors": all_reduce_sum(c.scorer.num_errors, c.dp_group)}
         metrics["_tokens"] = all_reduce_sum(self._num_tokens(batch), c.dp_group) / c.dp_size
         return metrics
 
+    def rollout(self) -> tuple[RolloutBatch, dict[str, float]]:
+        """Generate and score this rank's share of the batch.
+
+        With ``algorithm.filter_groups`` (DAPO), groups with identical rewards are dropped and more
+        prompts are generated until ``data.train_batch_size`` groups are kept over all ranks or
+        ``max_num_gen_batches`` batches were generated."""
+        cfg, c, timer = self.cfg, self.c, self.timer
+        dynamic = cfg.algorithm.filter_groups
+        target = cfg.data.train_batch_size
+        kept: list[RolloutBatch] = []
+        num_gen, num_generated_groups, num_kept = 0, 0.0, 0.0
+        while True:
+            num_gen += 1
+            batch = self.generate_and_score(c.next_prompts())
+            if not dynamic.enable:
+                return batch, {}
+            keep = informative_groups(batch.scores, batch.group_index)
+            kept.append(batch.select(keep.nonzero().squeeze(-1).tolist()))
+            num_generated_groups += all_reduce_sum(batch.num_groups, c.dp_group)
+            num_kept += all_reduce_sum(kept[-1].num_groups if len(kept[-1]) else 0, c.dp_group)
+            if num_kept >= target or 0 < dynamic.max_num_gen_batches <= num_gen:
+                break
+        usable = min(target, int(num_kept) // c.dp_size * c.dp_size)
+        if usable == 0:
+            raise RuntimeError(f"dynamic sampling kept no group with differing rewards in {num_gen} generation "
+                               "batches: every group was all-correct or all-wrong. Raise rollout.n or "
+                               "algorithm.filter_groups.max_num_gen_batches, or use easier/harder data")
+        if usable < target:
+            c.log(f"step {self.step}: only {int(num_kept)} informative groups after {num_gen} generation batches; "
+                  f"training on {usable} (raise algorithm.filter_groups.max_num_gen_batches to fill the batch)")
+        batch = take_global_groups(concat_batches([b for b in kept if len(b)] or kept[:1]), usable,
+                                   c.dp_group, c.dp_rank, c.dp_size)
+        return batch, {"train/num_gen_batches": float(num_gen), "train/num_groups": float(usable),
+                       "train/kept_group_frac": num_kept / max(num_generated_groups, 1.0)}
+
+    def generate_and_score(self, prompts) -> RolloutBatch:
+        c, timer = self.c, self.timer
+        with timer("gen"):
+            completions = c.engine.generate([p.prompt_ids for p in prompts], self.sampling(),
+                                            seeds=c.rollout_seeds(self.step, prompts))
+        batch = build_rollout_batch([p.prompt_ids for p in prompts], completions)
+        with timer("reward"):
+            c.score(batch, prompts)
+        if self.cfg.algorithm.adv_estimator == "remax":
+            with timer("gen_baseline"):
+                batch.reward_baselines = self.greedy_baselines(prompts, len(batch) // len(prompts))
+        return batch
+
+    def greedy_baselines(self, prompts, n: int) -> torch.Tensor:
+        """ReMax (Li et al. 2023, arXiv:2310.10505): the reward of each prompt's greedy response,
+        repeated for its n sampled responses."""
+        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=self.cfg.data.max_response_length,
+                                stop_token_ids=self.c.stop_token_ids)
+        greedy = self.c.engine.generate([p.prompt_ids for p in prompts], params)
+        scores = self.c.score_texts(prompts, [g[0].token_ids for g in greedy])
+        return torch.tensor(scores, dtype=torch.float32).repeat_interleave(n)
+
+    def learn(self, batch: RolloutBatch) -> dict[str, float]:
+        """Everything after scoring: logprobs, values, advantages, critic and actor updates."""
+        cfg, c, timer = self.cfg, self.c, self.timer
+        micro = cfg.actor.micro_batch_size_per_device
+        with timer("old_log_prob"):
+            batch.old_logprobs = compute_logprobs(c.policy, batch, cfg.rollout.temperature, micro, c.device)
+        if c.ref is not None:
+            with timer("ref"):
+                batch.ref_logprobs = compute_logprobs(c.ref, batch, cfg.rollout.temperature, micro, c.device)
+        if c.critic is not None:
+            with timer("values"):
+                batch.values = compute_values(c.critic, batch, self.critic_micro, c.device)
+        with timer("adv"):
+            batch.token_rewards, metrics = self.token_rewards(batch)
+            batch.advantages, batch.returns = self.compute_advantages(batch)
+        if c.critic is not None:
+            with timer("update_critic"):
+                metrics.update(update_critic(
+                    c.critic, c.critic_optimizer, c.critic_scheduler, batch, cfg.critic,
+                    mini_batch_size=self.critic_mini * cfg.rollout.n // c.dp_size, micro_batch_size=self.critic_micro,
+                    scale_factor=cfg.data.max_response_length, dp_group=c.dp_group, dp_size=c.dp_size,
+                    device=c.device))
+        if self.step > cfg.critic.warmup_steps or c.critic is None:
+            with timer("update_actor"):
+                metrics.update(update_policy(
+                    c.policy, c.optimizer, c.scheduler, batch, cfg.actor, temperature=cfg.rollout.temperature,
+                    mini_batch_size=cfg.actor.ppo_mini_batch_size * cfg.rollout.n // c.dp_size,
+                    scale_factor=cfg.data.max_response_length, dp_group=c.dp_group, dp_size=c.dp_size,
+                    device=c.device, generator=torch.Generator().manual_seed(c.seed * 1_000_003 + self.step)))
+        metrics.update(compute_rollout_metrics(batch))
+        metrics = reduce_metrics(metrics, c.dp_group)
+        if c.critic is not None:
+            metrics.update(self.critic_metrics(batch))
+        return metrics
+
+    def token_rewards(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scores on the last token, minus ``beta * KL(old || ref)`` per token when
+        ``algorithm.use_kl_in_reward`` (verl's apply_kl_penalty; the controller sees the global KL)."""
+        scores = batch.token_scores()
+        if self.c.kl_ctrl is None:
+            return scores, {}
+        alg, c = self.cfg.algorithm, self.c
+        beta = c.kl_ctrl.value
+        rewards, mean_kl = apply_kl_penalty(scores, batch.old_logprobs, batch.ref_logprobs, batch.response_mask,
+                                            beta, alg.kl_penalty)
+        global_rows = all_reduce_sum(len(batch), c.dp_group)
+        current_kl = all_reduce_sum(float(mean_kl) * len(batch), c.dp_group) / global_rows
+        c.kl_ctrl.update(current_kl, int(global_rows))
+        return rewards, {"actor/reward_kl_penalty": current_kl, "actor/reward_kl_penalty_coeff": beta}
+
     def compute_advantages(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
         alg = self.cfg.algorithm
-        return self.estimator(batch.token_rewards(), batch.response_mask, group_index=batch.group_index,
+        return self.estimator(batch.token_rewards, batch.response_mask, values=batch.values,
+                              group_index=batch.group_index, reward_baselines=batch.reward_baselines,
                               gamma=alg.gamma, lam=alg.lam, norm_by_std=alg.norm_adv_by_std_in_grpo,
                               dp_group=self.c.dp_group)
+
+    def critic_metrics(self, batch: RolloutBatch) -> dict[str, float]:
+        """Global (all-rank) value statistics; explained variance 1 - Var(R - V) / Var(R)."""
+        mask, group = batch.response_mask, self.c.dp_group
+        values, returns = batch.values, batch.returns
+        explained = 1 - masked_var(returns - values, mask, dp_group=group) / (masked_var(returns, mask, dp_group=group) + 1e-8)
+        return {"critic/vf_explained_var": explained.item(),
+                "critic/values/mean": masked_mean(values, mask, dp_group=group).item(),
+                "critic/returns/mean": masked_mean(returns, mask, dp_group=group).item()}
+
+    @property
+    def critic_mini(self) -> int:
+        return self.cfg.critic.ppo_mini_batch_size or self.cfg.actor.ppo_mini_batch_size
+
+    @property
+    def critic_micro(self) -> int:
+        return self.cfg.critic.micro_batch_size_per_device or self.cfg.actor.micro_batch_size_per_device
 
     def sampling(self) -> SamplingParams:
         r = self.cfg.rollout
@@ -113,19 +230,28 @@ class PPOTrainer:
         return run_validation(self.cfg, self.c)
 
     def save(self) -> None:
-        state = {"step": self.step, "sampler": self.c.sampler.state_dict(),
-                 "scheduler": self.c.scheduler.state_dict()}
-        self.c.checkpointer.save(self.step, self.c.policy, self.c.optimizer, state)
+        c = self.c
+        state = {"step": self.step, "sampler": c.sampler.state_dict(), "scheduler": c.scheduler.state_dict()}
+        if c.critic_scheduler is not None:
+            state["critic_scheduler"] = c.critic_scheduler.state_dict()
+        if c.kl_ctrl is not None:
+            state["kl_ctrl"] = c.kl_ctrl.state_dict()
+        c.checkpointer.save(self.step, c.trained(), state)
 
     def maybe_resume(self) -> None:
-        path = self.c.checkpointer.resolve(self.cfg.trainer.resume)
+        c = self.c
+        path = c.checkpointer.resolve(self.cfg.trainer.resume)
         if path is None:
             return
-        state = self.c.checkpointer.load(path, self.c.policy, self.c.optimizer)
+        state = c.checkpointer.load(path, c.trained())
         self.step = state["step"]
-        self.c.sampler.load_state_dict(state["sampler"])
-        self.c.scheduler.load_state_dict(state["scheduler"])
-        self.c.log(f"resumed from {path} at step {self.step}")
+        c.sampler.load_state_dict(state["sampler"])
+        c.scheduler.load_state_dict(state["scheduler"])
+        if c.critic_scheduler is not None:
+            c.critic_scheduler.load_state_dict(state["critic_scheduler"])
+        if c.kl_ctrl is not None and "kl_ctrl" in state:
+            c.kl_ctrl.load_state_dict(state["kl_ctrl"])
+        c.log(f"resumed from {path} at step {self.step}")
 
     def _due(self, freq: int) -> bool:
         return freq > 0 and self.step % freq == 0
@@ -133,4 +259,3 @@ class PPOTrainer:
     @staticmethod
     def _num_tokens(batch: RolloutBatch) -> int:
         return sum(len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids))
-

@@ -12,7 +12,12 @@ def compute_rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
     # Engine vs trainer logprobs of the same tokens: nonzero only through numerics or a stale sync.
     diff = (batch.rollout_logprobs - batch.old_logprobs).abs()[mask]
     adv = batch.advantages[mask]
+    sequence_rewards = batch.token_rewards.sum(-1)
     return {
+        "critic/score/mean": batch.scores.mean().item(),
+        "critic/score/max": batch.scores.max().item(),
+        "critic/score/min": batch.scores.min().item(),
+        "critic/rewards/mean": sequence_rewards.mean().item(),
         "response_length/mean": lengths.mean().item(),
         "response_length/max": lengths.max().item(),
         "response_length/min": lengths.min().item(),

@@ -50,7 +50,7 @@ def sft_model(tmp_path_factory):
 def grpo_args(root, steps, *extra):
     return ["--config", str(REPO / "configs/addition_grpo.yaml"), f"model.path={root / 'sft/model'}",
             f"data.train_files=[{root / 'data/train.parquet'}]", f"data.val_files=[{root / 'data/test.parquet'}]",
-            "data.train_batch_size=4", "actor.ppo_mini_batch_size=2", "actor.ppo_micro_batch_size_per_gpu=4",
+            "data.train_batch_size=4", "actor.ppo_mini_batch_size=2", "actor.micro_batch_size_per_device=4",
             "rollout.n=4", "rollout.val_n=2", f"trainer.total_steps={steps}", f"trainer.run_dir={root / 'grpo'}", "trainer.test_freq=0",
             "trainer.val_before_train=false", "trainer.save_freq=2", "trainer.save_hf_at_end=false", *extra]
 

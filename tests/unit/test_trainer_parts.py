@@ -44,7 +44,7 @@ def test_rollout_batch_places_score_on_last_token_and_selects():
     assert batch.group_index.tolist() == [0, 0, 1, 1]
     assert batch.response_mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
     batch.scores = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    assert batch.token_rewards().tolist() == [[0, 0, 1, 0], [2, 0, 0, 0], [0, 3, 0, 0], [0, 0, 0, 4]]
+    assert batch.token_scores().tolist() == [[0, 0, 1, 0], [2, 0, 0, 0], [0, 3, 0, 0], [0, 0, 0, 4]]
     part = batch.select([1, 2])
     assert part.response_mask.shape == (2, 2) and part.prompt_ids == [[1, 2], [3]]
     assert torch.equal(part.rollout_logprobs, torch.tensor([[-0.5, 0.0], [-0.1, -0.2]]))

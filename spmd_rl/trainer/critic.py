@@ -1,0 +1,78 @@
+"""The value model of PPO: the decoder trunk with a scalar head, its values and its update.
+
+Values are read at the same positions as the policy's logprobs: the hidden state that predicts
+response token t gives V(s_t), the value of the state before emitting it (verl's convention).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from spmd_rl.algorithms.losses import value_loss
+from spmd_rl.config import CriticConfig
+from spmd_rl.trainer.batch import RolloutBatch
+from spmd_rl.trainer.minibatch import global_counts, micro_batches, mini_batches
+from spmd_rl.trainer.optim import optimizer_step
+from spmd_rl.trainer.policy import ScoringInputs, build_scoring_inputs, pad_by_lengths
+
+
+class ValueModel(nn.Module):
+    """Decoder trunk + ``Linear(hidden, 1)``; the head starts at zero so the first values are 0
+    and the first advantages are plain rewards-to-go rather than noise from a random head."""
+
+    def __init__(self, decoder: nn.Module, hidden_size: int):
+        super().__init__()
+        self.decoder = decoder
+        self.value_head = nn.Linear(hidden_size, 1, bias=True)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, inputs: ScoringInputs) -> torch.Tensor:
+        """``[M]`` fp32 values, one per response token."""
+        hidden = self.decoder(inputs.input_ids, inputs.position_ids, cu_seqlens=inputs.cu_seqlens)
+        hidden = hidden.reshape(-1, hidden.shape[-1])[inputs.target_positions]  # [M, H]
+        # sum over the size-1 dim rather than squeeze: FSDP2 warns on (and can mishandle) view outputs
+        return self.value_head(hidden).float().sum(-1)
+
+
+def forward_values(critic: ValueModel, batch: RolloutBatch, device) -> torch.Tensor:
+    inputs = build_scoring_inputs(batch.prompt_ids, batch.response_ids, device)
+    return pad_by_lengths(critic(inputs), inputs.response_lengths, batch.response_mask.shape[1])
+
+
+@torch.no_grad()
+def compute_values(critic: ValueModel, batch: RolloutBatch, micro_batch_size: int, device) -> torch.Tensor:
+    """``[B, T]`` values of the batch before the critic update."""
+    width = batch.response_mask.shape[1]
+    chunks = [torch.nn.functional.pad(forward_values(critic, micro, device).cpu(), (0, width - micro.response_mask.shape[1]))
+              for micro in micro_batches(batch, micro_batch_size)]
+    return torch.cat(chunks)
+
+
+def update_critic(critic: ValueModel, optimizer, scheduler, batch: RolloutBatch, cfg: CriticConfig, *,
+                  mini_batch_size: int, micro_batch_size: int, scale_factor: int, dp_group, dp_size: int,
+                  device) -> dict[str, float]:
+    """Clipped value regression toward ``batch.returns``; metrics averaged over optimizer steps."""
+    sums: dict[str, float] = defaultdict(float)
+    num_steps = 0
+    for mini in mini_batches(batch, mini_batch_size, cfg.ppo_epochs):
+        tokens, seqs = global_counts(mini, dp_group)
+        num_micro = -(-len(mini) // micro_batch_size)
+        for micro in micro_batches(mini, micro_batch_size):
+            mask = micro.response_mask.to(device)
+            vpreds = forward_values(critic, micro, device)
+            loss, m = value_loss(vpreds, micro.values.to(device), micro.returns.to(device), mask,
+                                 clip=cfg.cliprange_value, agg_mode=cfg.loss_agg_mode, global_tokens=tokens,
+                                 global_seqs=seqs, scale_factor=scale_factor)
+            (loss * dp_size).backward()  # FSDP averages gradients over dp; the global normaliser already did
+            sums["critic/vf_loss"] += loss.item() * dp_size
+            sums["critic/vf_clipfrac"] += float(m["vf_clipfrac"]) / num_micro
+            sums["critic/vpred_mean"] += float(m["vpred_mean"]) / num_micro
+        sums["critic/grad_norm"] += optimizer_step(critic, optimizer, scheduler, cfg.optim.grad_clip)
+        num_steps += 1
+    metrics = {k: v / num_steps for k, v in sums.items()}
+    metrics["critic/lr"] = scheduler.get_last_lr()[0]
+    return metrics
