@@ -14,7 +14,7 @@ python -m spmd_rl.data.prepare.addition --out $OUT/data --tokenizer-out $OUT/ini
     --num-train 20000 --num-test 256 --min-digits 1 --max-digits 2 --seed 0
 python examples/make_tiny_model.py --tokenizer $OUT/init --out $OUT/init
 
-torchrun --standalone --nproc-per-node "$NPROC" -m spmd_rl.sft --config configs/addition_sft.yaml "$@"
-torchrun --standalone --nproc-per-node "$NPROC" -m spmd_rl.train --config configs/addition_grpo.yaml "$@"
+torchrun --standalone --nproc-per-node "$NPROC" -m spmd_rl.sft --config configs/sft_addition.yaml "$@"
+torchrun --standalone --nproc-per-node "$NPROC" -m spmd_rl.train --config configs/grpo_addition.yaml "$@"
 
 python examples/summarize_demo.py $OUT/grpo/metrics.jsonl

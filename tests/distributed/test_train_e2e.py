@@ -40,7 +40,7 @@ def sft_model(tmp_path_factory):
          "--num-test", "16", "--max-digits", "2", "--tokenizer-out", str(root / "init")], REPO)
     run([sys.executable, str(REPO / "examples/make_tiny_model.py"), "--tokenizer", str(root / "init"),
          "--out", str(root / "init"), "--hidden-size", "32", "--layers", "2"], REPO)
-    run(torchrun("spmd_rl.sft", 2, "--config", str(REPO / "configs/addition_sft.yaml"),
+    run(torchrun("spmd_rl.sft", 2, "--config", str(REPO / "configs/sft_addition.yaml"),
                  f"model.path={root / 'init'}", f"data.train_files=[{root / 'data/sft_train.parquet'}]",
                  "data.train_batch_size=16", "data.micro_batch_size_per_gpu=8", "trainer.total_steps=4",
                  f"trainer.output_dir={root / 'sft'}", "logging.progress_bar=false"), REPO)
@@ -48,7 +48,7 @@ def sft_model(tmp_path_factory):
 
 
 def grpo_args(root, steps, *extra):
-    return ["--config", str(REPO / "configs/addition_grpo.yaml"), f"model.path={root / 'sft/model'}",
+    return ["--config", str(REPO / "configs/grpo_addition.yaml"), f"model.path={root / 'sft/model'}",
             f"data.train_files=[{root / 'data/train.parquet'}]", f"data.val_files=[{root / 'data/test.parquet'}]",
             "data.train_batch_size=4", "actor.ppo_mini_batch_size=2", "actor.micro_batch_size_per_device=4",
             "rollout.n=4", "rollout.val_n=2", f"trainer.total_steps={steps}", f"trainer.run_dir={root / 'grpo'}", "trainer.test_freq=0",
