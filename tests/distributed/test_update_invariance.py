@@ -7,17 +7,15 @@ parameters after it (two optimizer steps: two mini-batches).
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.distributed.launcher import run_on_ranks
+from tests.distributed.tiny_setup import make_tiny_setup
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[2]
 
 NUM_PROMPTS, N, MAX_RESPONSE = 8, 4, 6
 # Parameters after two AdamW steps (lr 1e-3) agree to this; a wrong normaliser or a missing
@@ -27,19 +25,7 @@ ATOL = 2e-5
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("invariance")
-    for cmd in (
-        [sys.executable, "-m", "spmd_rl.data.prepare.addition", "--out", str(root / "data"), "--num-train", "64",
-         "--num-test", "8", "--max-digits", "2", "--tokenizer-out", str(root / "model")],
-        [sys.executable, str(REPO / "examples/make_tiny_model.py"), "--tokenizer", str(root / "model"),
-         "--out", str(root / "model"), "--hidden-size", "32", "--layers", "2"],
-    ):
-        subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=300)
-    from spmd_rl.models import ModelArgs, build_model, read_hf_config, save_pretrained
-
-    args = ModelArgs.from_hf_config(read_hf_config(root / "model"))
-    save_pretrained(build_model(None, args=args, seed=0), args, root / "model")  # random-init weights
-    return root
+    return make_tiny_setup(tmp_path_factory.mktemp("invariance"))
 
 
 def synthetic_batch(vocab: int):

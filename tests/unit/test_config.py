@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,3 +138,36 @@ def test_cli_errors_print_one_line_each_without_traceback(tmp_path):
     assert lines == ["error: rollout.n: expected int, got str ('x')",
                      "error: actor.optim.lrr: unknown key — did you mean 'actor.optim.lr'? "
                      "(valid: lr, weight_decay, betas, eps, warmup_steps, lr_schedule, min_lr_ratio, grad_clip)"]
+
+
+BASE = ["model.path=m", "data.train_files=[t.parquet]"]
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["algorithm.adv_estimator=gea"], "algorithm.adv_estimator: unknown 'gea'; choose from ['gae', 'gpg', 'grpo'"),
+    (["algorithm.adv_estimator=gae"], "critic.enable: algorithm.adv_estimator=gae needs a value model: set critic.enable=true"),
+    (["actor.policy_loss=ppo"], "actor.policy_loss: unknown 'ppo'; choose from ['cispo', 'clip_cov', 'gpg', 'gspo', 'kl_cov', 'vanilla']"),
+    (["actor.kl_loss_type=k4"], "actor.kl_loss_type: unknown 'k4'; choose from"),
+    (["algorithm.kl_penalty=k9+"], "algorithm.kl_penalty: unknown 'k9+'"),
+    (["reward.overlong_buffer.enable=true", "reward.overlong_buffer.len=0"], "reward.overlong_buffer.len: must be > 0"),
+    (["reward.overlong_buffer.enable=true", "reward.overlong_buffer.len=600"], "reward.overlong_buffer.len: 600 must be < data.max_response_length=512"),
+    (["algorithm.filter_groups.enable=true", "rollout.n=1", "algorithm.adv_estimator=remax"], "rollout.n: algorithm.filter_groups drops groups"),
+    (["algorithm.adv_estimator=rloo", "rollout.n=1"], "rollout.n: algorithm.adv_estimator=rloo compares the n responses"),
+    (["critic.warmup_steps=3"], "critic.warmup_steps: only applies with critic.enable=true"),
+    (["algorithm.kl_ctrl.type=adaptive", "algorithm.kl_ctrl.horizon=0"], "algorithm.kl_ctrl.horizon: must be > 0"),
+])
+def test_algorithm_rules_are_one_line_each(overrides, line):
+    lines = problems(BASE + overrides)
+    assert any(l.startswith(line) for l in lines), lines
+
+
+def test_reference_model_is_loaded_only_for_kl_terms():
+    assert not load_config(Config, None, BASE).needs_reference
+    assert load_config(Config, None, BASE + ["actor.use_kl_loss=true"]).needs_reference
+    assert load_config(Config, None, BASE + ["algorithm.use_kl_in_reward=true"]).needs_reference
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")):
+        cls = SFTConfig if path.name.startswith("sft_") else Config
+        load_config(cls, str(path), ["model.path=m"])
