@@ -256,6 +256,8 @@ class RefConfig:
     path: str = ""
     """Reference policy weights; empty = model.path (the initial policy). Loaded when
     actor.use_kl_loss or algorithm.use_kl_in_reward is on."""
+    offload: bool = False
+    """Keep the reference's shards in host memory between uses (GPU only; on CPU they already are)."""
 
 
 @dataclass

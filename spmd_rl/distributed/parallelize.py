@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -18,13 +18,20 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None,
-               reduce_dtype: torch.dtype = torch.float32) -> nn.Module:
+               reduce_dtype: torch.dtype = torch.float32, offload_to_cpu: bool = False) -> nn.Module:
     """Shard parameters over ``dp_mesh``; with ``param_dtype`` set (bf16 on GPU) compute runs in
-    that dtype while master weights, gradients reductions and the optimizer stay in fp32."""
+    that dtype while master weights, gradients reductions and the optimizer stay in fp32.
+
+    ``offload_to_cpu`` (CUDA meshes only) keeps the shards in pinned host memory and copies each
+    block to the GPU for its forward: a frozen model then costs no GPU memory between uses."""
+    if offload_to_cpu and dp_mesh.device_type != "cuda":
+        raise ValueError("offload_to_cpu needs a CUDA mesh: on CPU the parameters already live in host memory")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    offload = CPUOffloadPolicy(pin_memory=True) if offload_to_cpu else OffloadPolicy()
     blocks = decoder_blocks(model)
     for i, block in enumerate(blocks):
         # The last block's parameters are needed right away by the backward: keep them gathered.
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, offload_policy=offload,
+                    reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, offload_policy=offload)
     return model

@@ -136,7 +136,8 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
     ref = None
     if cfg.needs_reference:
         ref = PolicyModel(_load_decoder(cfg, cfg.ref.path or cfg.model.path, device)).requires_grad_(False).eval()
-        ref = apply_fsdp(ref, mesh["dp"], param_dtype=param_dtype)
+        ref = apply_fsdp(ref, mesh["dp"], param_dtype=param_dtype,
+                         offload_to_cpu=cfg.ref.offload and device.type == "cuda")
 
     critic = critic_optimizer = critic_scheduler = None
     if cfg.critic.enable:

@@ -54,21 +54,30 @@ def test_every_algorithm_config_is_covered():
     assert shipped - {"sft"} == set(EXPECTED)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_config_runs_three_steps(workdir, name):
-    run_dir = workdir / "runs" / name
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+def train_cmd(workdir: Path, name: str, run_dir: Path, steps: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "spmd_rl.train", "--config", str(REPO / f"configs/{name}_addition.yaml"),
            f"model.path={workdir / 'model'}", f"data.train_files=[{workdir / 'data/train.parquet'}]",
            "data.val_files=[]", "data.train_batch_size=8", "actor.ppo_mini_batch_size=4", "rollout.n=4",
-           f"reward.custom_function.path={workdir / 'reward.py'}", "trainer.total_steps=3",
-           f"trainer.run_dir={run_dir}", "trainer.save_freq=0", "trainer.save_at_end=false",
-           "trainer.save_hf_at_end=false", "trainer.val_before_train=false"]
-    if name == "ppo_gae":
-        cmd.append("critic.warmup_steps=2")  # the actor starts learning at step 3
+           f"reward.custom_function.path={workdir / 'reward.py'}", f"trainer.total_steps={steps}",
+           f"trainer.run_dir={run_dir}", "trainer.save_freq=0", "trainer.save_hf_at_end=false",
+           "trainer.val_before_train=false", *extra]
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_runs_three_steps(workdir, name):
+    run_dir = workdir / "runs" / name
+    extra = ["trainer.save_at_end=false"]
+    if name == "ppo_gae":
+        extra.append("critic.warmup_steps=2")  # the actor starts learning at step 3
+    run(train_cmd(workdir, name, run_dir, 3, *extra))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for row in rows:
@@ -79,3 +88,17 @@ def test_config_runs_three_steps(workdir, name):
         missing = expected - row.keys()
         assert not missing, f"{name} step {row['step']} lacks {sorted(missing)}"
         assert all(v == v for v in row.values()), f"NaN in {name} metrics: {row}"  # v != v only for NaN
+
+
+def test_ppo_checkpoint_holds_the_critic_and_resumes(workdir):
+    """Actor, critic, both optimizers and schedulers, and the KL controller survive a restart."""
+    run_dir = workdir / "runs" / "ppo_resume"
+    kl = ["algorithm.use_kl_in_reward=true", "algorithm.kl_ctrl.type=adaptive", "critic.warmup_steps=0"]
+    run(train_cmd(workdir, "ppo_gae", run_dir, 2, "trainer.resume=never", *kl))
+    second = run(train_cmd(workdir, "ppo_gae", run_dir, 3, "trainer.resume=auto", *kl))
+    assert "resumed from" in second.stdout and "at step 2" in second.stdout
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # the adaptive coefficient continued from its saved value instead of restarting at kl_coef
+    assert rows[2]["actor/reward_kl_penalty_coeff"] != rows[0]["actor/reward_kl_penalty_coeff"]
+    assert rows[2]["critic/lr"] > 0 and "critic/vf_loss" in rows[2]

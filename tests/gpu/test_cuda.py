@@ -38,3 +38,25 @@ def test_cuda_engine_logprobs_match_trainer():
         lp, _ = PolicyModel(model)(build_scoring_inputs(flat_prompts, responses, "cuda"))
     engine_lp = torch.tensor([x for samples in out for c in samples for x in c.logprobs])
     assert (lp.cpu() - engine_lp).abs().max().item() < 1e-4
+
+
+def test_offloaded_fsdp_reference_keeps_shards_on_cpu_and_matches():
+    """ref.offload: shards live in pinned host memory, the forward equals the resident model's."""
+    from spmd_rl.distributed.init import destroy_distributed, init_distributed
+    from spmd_rl.distributed.parallelize import apply_fsdp
+    from torch.distributed.device_mesh import init_device_mesh
+
+    init_distributed(torch.device("cuda"))
+    try:
+        mesh = init_device_mesh("cuda", (1,), mesh_dim_names=("dp",))
+        resident = apply_fsdp(PolicyModel(build_model(None, args=ARGS, seed=0, device="cuda")), mesh["dp"])
+        offloaded = apply_fsdp(PolicyModel(build_model(None, args=ARGS, seed=0, device="cuda")), mesh["dp"],
+                               offload_to_cpu=True)
+        assert all(p.to_local().device.type == "cpu" for p in offloaded.parameters())
+        inputs = build_scoring_inputs([[1, 2, 3], [4, 5]], [[6, 7], [8, 9, 10]], "cuda")
+        with torch.no_grad():
+            a, _ = resident(inputs)
+            b, _ = offloaded(inputs)
+        assert (a - b).abs().max().item() < 1e-5
+    finally:
+        destroy_distributed()
