@@ -14,7 +14,7 @@ from typing import Literal
 from spmd_rl.config_loader import ConfigError, load_config, parse_cli, rule_errors, save_config
 
 # Estimators that compare the responses of one prompt with each other.
-GROUP_ESTIMATORS = ("grpo", "rloo", "opo", "gpg", "grpo_passk", "reinforce_plus_plus_baseline")
+GROUP_ESTIMATORS = ("grpo", "rloo", "grpo_passk")
 
 
 @dataclass
@@ -91,11 +91,13 @@ class RolloutConfig:
     def __post_init__(self):
         rule_errors([
             (self.n >= 1, "n", "must be >= 1"),
-            (self.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)"),
+            (self.temperature > 0, "temperature", "must be > 0: training scores logprobs at this temperature "
+             "(greedy decoding is for validation: val_temperature=0)"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (self.top_k == -1 or self.top_k > 0, "top_k", "must be -1 (off) or > 0"),
             (self.max_num_seqs > 0, "max_num_seqs", "must be > 0"),
             (self.val_n >= 1, "val_n", "must be >= 1"),
+            (self.val_temperature >= 0, "val_temperature", "must be >= 0 (0 = greedy)"),
         ])
 
 
@@ -125,6 +127,9 @@ class FilterGroupsConfig:
     generate more batches until data.train_batch_size groups are kept."""
     max_num_gen_batches: int = 10
     """Stop generating after this many batches in one step and train on the kept groups (0 = no limit)."""
+    metric: Literal["acc", "score"] = "acc"
+    """What must differ within a group: acc = the reward function's score (DAPO's choice), score =
+    with the overlong penalty (a group then survives on length differences alone)."""
 
 
 @dataclass
@@ -148,12 +153,12 @@ class AlgorithmConfig:
 
     def __post_init__(self):
         from spmd_rl.algorithms.advantages import ADVANTAGE_ESTIMATORS
-        from spmd_rl.algorithms.kl import KL_PENALTIES
+        from spmd_rl.algorithms.kl import KL_KINDS, KL_PENALTIES
 
         rule_errors([
             (self.adv_estimator in ADVANTAGE_ESTIMATORS, "adv_estimator",
              f"unknown {self.adv_estimator!r}; choose from {sorted(ADVANTAGE_ESTIMATORS)}"),
-            (self.kl_penalty.rstrip("+") in KL_PENALTIES, "kl_penalty",
+            (self.kl_penalty in KL_KINDS, "kl_penalty",
              f"unknown {self.kl_penalty!r}; choose from {list(KL_PENALTIES)} (optionally with a + suffix)"),
             (0 <= self.gamma <= 1, "gamma", "must be in [0, 1]"),
             (0 <= self.lam <= 1, "lam", "must be in [0, 1]"),
@@ -201,6 +206,13 @@ class PolicyLossOptions:
     ppo_kl_coef: float = 1.0
     """kl_cov: coefficient of that KL term."""
 
+    def __post_init__(self):
+        rule_errors([
+            (self.clip_cov_ratio > 0, "clip_cov_ratio", "must be > 0"),
+            (self.kl_cov_ratio > 0, "kl_cov_ratio", "must be > 0"),
+            (self.clip_cov_lb < self.clip_cov_ub, "clip_cov_lb", f"must be < clip_cov_ub={self.clip_cov_ub}"),
+        ])
+
 
 @dataclass
 class ActorConfig:
@@ -234,7 +246,7 @@ class ActorConfig:
     """KL estimator of the KL loss: kl/k1, abs, mse/k2, low_var_kl/k3 (+ suffix = k2 gradient)."""
 
     def __post_init__(self):
-        from spmd_rl.algorithms.kl import KL_PENALTIES
+        from spmd_rl.algorithms.kl import KL_KINDS, KL_PENALTIES
         from spmd_rl.algorithms.losses import POLICY_LOSSES
 
         rule_errors([
@@ -245,7 +257,7 @@ class ActorConfig:
              f"unknown {self.policy_loss!r}; choose from {sorted(POLICY_LOSSES)}"),
             (self.clip_ratio_low >= 0 and self.clip_ratio_high >= 0, "clip_ratio_low", "clip ratios must be >= 0"),
             (self.clip_ratio_c > 1, "clip_ratio_c", "must be > 1 (dual-clip lower bound)"),
-            (self.kl_loss_type.rstrip("+") in KL_PENALTIES, "kl_loss_type",
+            (self.kl_loss_type in KL_KINDS, "kl_loss_type",
              f"unknown {self.kl_loss_type!r}; choose from {list(KL_PENALTIES)} (optionally with a + suffix)"),
             (self.kl_loss_coef >= 0, "kl_loss_coef", "must be >= 0"),
         ])
@@ -269,7 +281,8 @@ class CriticConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
     """Optimizer of the critic."""
     warmup_steps: int = 0
-    """Train only the critic for this many steps before actor updates start."""
+    """Train only the critic for the first this-many steps; the actor starts at step warmup_steps + 1
+    (verl's trainer.critic_warmup=N starts it at step N: use N - 1 here for the same run)."""
     cliprange_value: float = 0.5
     """Value clipping around the rollout-time values."""
     ppo_epochs: int = 1
@@ -422,6 +435,8 @@ class Config:
              "algorithm.filter_groups drops groups whose rewards are all equal: set rollout.n >= 2"),
             (alg.adv_estimator != "gae" or self.critic.enable, "critic.enable",
              "algorithm.adv_estimator=gae needs a value model: set critic.enable=true"),
+            (alg.adv_estimator == "gae" or not self.critic.enable, "critic.enable",
+             f"only algorithm.adv_estimator=gae uses the critic's values; with {alg.adv_estimator} set critic.enable=false"),
             (self.critic.enable or self.critic.warmup_steps == 0, "critic.warmup_steps",
              "only applies with critic.enable=true"),
             (self.reward.overlong_buffer.len < data.max_response_length, "reward.overlong_buffer.len",

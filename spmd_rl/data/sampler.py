@@ -13,17 +13,34 @@ import numpy as np
 from spmd_rl.errors import UserError
 
 
+def rank_share(num_items: int, mini_batch_size: int, dp_rank: int, dp_size: int) -> list[int]:
+    """Positions ``[0, num_items)`` that rank ``dp_rank`` holds: its slice of every mini-batch.
+
+    Each rank cuts its rows into mini-batches locally, so for mini-batch k to be the same set of
+    prompts at any dp size, rank r must hold the r-th slice of every global mini-batch (not one
+    contiguous slice of the whole batch). Every chunk's size must be a multiple of ``dp_size``."""
+    share = []
+    for start in range(0, num_items, mini_batch_size):
+        size = min(mini_batch_size, num_items - start)
+        if size % dp_size:
+            raise ValueError(f"a mini-batch of {size} prompts does not split over {dp_size} ranks")
+        per_rank = size // dp_size
+        share.extend(range(start + dp_rank * per_rank, start + (dp_rank + 1) * per_rank))
+    return share
+
+
 class PromptSampler:
     """Stateful, seedable sampler sharded by dp rank.
 
     Every step, one global batch of ``batch_size`` prompt indices is drawn from a per-epoch
-    permutation (seed + epoch); rank r takes the contiguous slice
-    ``[r * batch_size // dp_size, (r + 1) * batch_size // dp_size)``, so ranks are disjoint and
-    cover the global batch. The last partial batch of an epoch is dropped.
+    permutation (seed + epoch); rank r takes its slice of every ``mini_batch_size`` chunk of it
+    (:func:`rank_share`), so ranks are disjoint, cover the global batch, and each PPO mini-batch
+    holds the same prompts whatever the dp size. The last partial batch of an epoch is dropped.
     """
 
     def __init__(
-        self, num_items: int, *, batch_size: int, dp_rank: int, dp_size: int, seed: int = 0, shuffle: bool = True
+        self, num_items: int, *, batch_size: int, dp_rank: int, dp_size: int, seed: int = 0, shuffle: bool = True,
+        mini_batch_size: int | None = None,
     ):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
@@ -40,6 +57,7 @@ class PromptSampler:
             )
         self.num_items, self.batch_size = num_items, batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.mini_batch_size = mini_batch_size or batch_size
         self.seed, self.shuffle = seed, shuffle
         self.epoch = 0
         self.position = 0  # step within the epoch, i.e. the next global batch to hand out
@@ -63,12 +81,10 @@ class PromptSampler:
     def next_indices(self) -> list[int]:
         """This rank's indices for the next step; rolls into the next epoch automatically."""
         batch = self.global_indices()
-        lo = self.dp_rank * self.batch_size // self.dp_size
-        hi = (self.dp_rank + 1) * self.batch_size // self.dp_size
         self.position += 1
         if self.position == self.steps_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
-        return batch[lo:hi]
+        return [batch[i] for i in rank_share(self.batch_size, self.mini_batch_size, self.dp_rank, self.dp_size)]
 
     def state_dict(self) -> dict:
         """Position plus the settings that must match on resume for the order to be the same."""

@@ -9,7 +9,9 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of a native or HF decoder (``model.layers``)."""
+    """The transformer blocks of a native or HF decoder (``model.layers``), also when wrapped by
+    the trainer's ``PolicyModel`` / ``ValueModel`` (``.decoder``)."""
+    model = getattr(model, "decoder", model)
     inner = getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
     if layers is None and hasattr(inner, "get_decoder"):

@@ -191,3 +191,28 @@ def _replace_folder(tmp: Path, out_dir: Path) -> None:
     os.replace(out_dir, old)
     os.replace(tmp, out_dir)  # out_dir is complete again from here on
     shutil.rmtree(old)
+
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+
+def save_generation_config(
+    out_dir: str | os.PathLike,
+    *,
+    eos_token_id: int | list[int] | None,
+    bos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    base: dict | None = None,
+) -> dict:
+    """Write ``generation_config.json`` into ``out_dir`` and return what was written.
+
+    ``base`` (e.g. the source folder's file, with its sampling defaults) is kept and its special
+    token ids are replaced, so ``generate`` stops on the same tokens the rollouts stopped on.
+    """
+    config = dict(base or {})
+    config.update(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    path = Path(out_dir) / GENERATION_CONFIG_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return config

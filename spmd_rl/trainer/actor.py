@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import asdict
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from spmd_rl.algorithms.kl import kl_penalty
 from spmd_rl.algorithms.losses import aggregate_loss, get_policy_loss
@@ -43,7 +44,17 @@ def compute_logprobs(policy: PolicyModel, batch: RolloutBatch, temperature: floa
     for micro in micro_batches(batch, micro_batch_size):
         lp, _ = forward_logprobs(policy, micro, temperature, device)
         chunks.append(torch.nn.functional.pad(lp.cpu(), (0, width - lp.shape[1])))
+    reshard(policy)
     return torch.cat(chunks)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free the gathered parameters of every FSDP2 unit after a forward without backward: the
+    root and the last block keep theirs gathered for the backward that normally follows, and a
+    frozen model (the reference, or the policy during critic warmup) would otherwise hold them."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def update_policy(policy: PolicyModel, optimizer, scheduler, batch: RolloutBatch, cfg: ActorConfig, *,

@@ -19,7 +19,8 @@ class RolloutBatch:
     response_mask: torch.Tensor  # [B, T] 1 on generated tokens
     rollout_logprobs: torch.Tensor  # [B, T] logprobs reported by the engine
     finish_reasons: list[str]  # [B]
-    scores: torch.Tensor | None = None  # [B] outcome reward
+    scores: torch.Tensor | None = None  # [B] outcome reward (with any overlong penalty)
+    raw_scores: torch.Tensor | None = None  # [B] the reward function's score alone
     reward_baselines: torch.Tensor | None = None  # [B] ReMax: score of the prompt's greedy response
     old_logprobs: torch.Tensor | None = None  # [B, T] policy logprobs before the update
     ref_logprobs: torch.Tensor | None = None  # [B, T] reference policy logprobs

@@ -83,7 +83,8 @@ class Checkpointer:
         except Exception as e:  # e.g. resuming a critic-less checkpoint into a run with a critic
             raise UserError(f"checkpoint {path} does not match this run's models {sorted(trained)} "
                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__}). "
-                            "Resume with the same actor/critic setup or set trainer.resume=never") from e
+                            "Resume with the same actor/critic setup (checkpoints from before the critic was "
+                            "added store the policy as model/optim and cannot be resumed) or set trainer.resume=never") from e
         for name, (model, optimizer) in trained.items():
             set_state_dict(model, optimizer, model_state_dict=state[f"{name}/model"],
                            optim_state_dict=state[f"{name}/optim"])

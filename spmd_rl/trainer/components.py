@@ -77,17 +77,22 @@ class RunComponents:
                                    [p.extra_info for p in owners])
         return result.scores
 
-    def score(self, batch: RolloutBatch, prompts: list[PromptSample]) -> None:
-        """Fill ``batch.scores`` (with DAPO's overlong penalty when configured)."""
-        n = len(batch) // len(prompts)
-        scores = torch.tensor(self.score_texts([prompts[i // n] for i in range(len(batch))], batch.response_ids),
-                              dtype=torch.float32)
+    def shaped_scores(self, owners: list[PromptSample], response_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores, raw_scores)`` ``[B]``: the reward function's score, then with DAPO's overlong
+        penalty added when configured (raw = before the penalty, what dynamic sampling filters on)."""
+        raw = torch.tensor(self.score_texts(owners, response_ids), dtype=torch.float32)
         buffer = self.cfg.reward.overlong_buffer
-        if buffer.enable:
-            lengths = torch.tensor([len(r) for r in batch.response_ids])
-            scores += overlong_penalty(lengths, max_response_length=self.cfg.data.max_response_length,
-                                       buffer_len=buffer.len, penalty_factor=buffer.penalty_factor)
-        batch.scores = scores
+        if not buffer.enable:
+            return raw, raw
+        lengths = torch.tensor([len(r) for r in response_ids])
+        return raw + overlong_penalty(lengths, max_response_length=self.cfg.data.max_response_length,
+                                      buffer_len=buffer.len, penalty_factor=buffer.penalty_factor), raw
+
+    def score(self, batch: RolloutBatch, prompts: list[PromptSample]) -> None:
+        """Fill ``batch.scores`` and ``batch.raw_scores``."""
+        n = len(batch) // len(prompts)
+        batch.scores, batch.raw_scores = self.shaped_scores([prompts[i // n] for i in range(len(batch))],
+                                                            batch.response_ids)
 
     def trained(self) -> Trained:
         """The models a checkpoint holds, with their optimizers."""
@@ -117,6 +122,7 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
                                 filter_overlong_prompts=data.filter_overlong_prompts)
     dp_rank = mesh["dp"].get_local_rank()
     sampler = PromptSampler(len(dataset), batch_size=data.train_batch_size, dp_rank=dp_rank,
+                            mini_batch_size=cfg.actor.ppo_mini_batch_size,
                             dp_size=dims.dp_size, seed=data.seed, shuffle=data.shuffle)
     total_steps = cfg.trainer.total_steps or cfg.trainer.total_epochs * sampler.steps_per_epoch
 

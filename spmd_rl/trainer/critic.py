@@ -13,6 +13,7 @@ from torch import nn
 
 from spmd_rl.algorithms.losses import value_loss
 from spmd_rl.config import CriticConfig
+from spmd_rl.trainer.actor import reshard
 from spmd_rl.trainer.batch import RolloutBatch
 from spmd_rl.trainer.minibatch import global_counts, micro_batches, mini_batches
 from spmd_rl.trainer.optim import optimizer_step
@@ -49,6 +50,7 @@ def compute_values(critic: ValueModel, batch: RolloutBatch, micro_batch_size: in
     width = batch.response_mask.shape[1]
     chunks = [torch.nn.functional.pad(forward_values(critic, micro, device).cpu(), (0, width - micro.response_mask.shape[1]))
               for micro in micro_batches(batch, micro_batch_size)]
+    reshard(critic)
     return torch.cat(chunks)
 
 

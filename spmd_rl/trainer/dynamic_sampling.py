@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from spmd_rl.data.sampler import rank_share
 from spmd_rl.trainer.batch import RolloutBatch, concat_batches
 
 
@@ -25,16 +26,18 @@ def informative_groups(scores: torch.Tensor, group_index: torch.Tensor) -> torch
     return keep[dense]
 
 
-def take_global_groups(batch: RolloutBatch, num_groups: int, dp_group, dp_rank: int, dp_size: int) -> RolloutBatch:
+def take_global_groups(batch: RolloutBatch, num_groups: int, mini_batch_size: int, dp_group, dp_rank: int,
+                       dp_size: int) -> RolloutBatch:
     """This rank's equal share of the first ``num_groups`` groups of all ranks' batches.
 
     Ranks keep different numbers of groups after filtering, but every rank must run the same
     number of micro-batches (FSDP collectives), so the kept groups are pooled and dealt out
-    again: rank r gets groups ``[r*k, (r+1)*k)`` of the pool, k = num_groups // dp_size."""
+    again the way the sampler deals prompts: rank r gets its slice of every chunk of
+    ``mini_batch_size`` groups (:func:`~spmd_rl.data.sampler.rank_share`)."""
     pooled: list[RolloutBatch | None] = [None] * dp_size
     dist.all_gather_object(pooled, batch, group=dp_group)
     merged = concat_batches([b for b in pooled if len(b)])
-    per_rank = num_groups // dp_size
+    mine = torch.tensor(rank_share(num_groups, mini_batch_size, dp_rank, dp_size), dtype=torch.long)
     _, dense = torch.unique_consecutive(merged.group_index, return_inverse=True)
-    rows = ((dense >= dp_rank * per_rank) & (dense < (dp_rank + 1) * per_rank)).nonzero().squeeze(-1)
+    rows = torch.isin(dense, mine).nonzero().squeeze(-1)
     return merged.select(rows.tolist())

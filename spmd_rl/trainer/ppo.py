@@ -105,7 +105,8 @@ class PPOTrainer:
             batch = self.generate_and_score(c.next_prompts())
             if not dynamic.enable:
                 return batch, {}
-            keep = informative_groups(batch.scores, batch.group_index)
+            metric = batch.raw_scores if dynamic.metric == "acc" else batch.scores
+            keep = informative_groups(metric, batch.group_index)
             kept.append(batch.select(keep.nonzero().squeeze(-1).tolist()))
             num_generated_groups += all_reduce_sum(batch.num_groups, c.dp_group)
             num_kept += all_reduce_sum(kept[-1].num_groups if len(kept[-1]) else 0, c.dp_group)
@@ -120,7 +121,7 @@ class PPOTrainer:
             c.log(f"step {self.step}: only {int(num_kept)} informative groups after {num_gen} generation batches; "
                   f"training on {usable} (raise algorithm.filter_groups.max_num_gen_batches to fill the batch)")
         batch = take_global_groups(concat_batches([b for b in kept if len(b)] or kept[:1]), usable,
-                                   c.dp_group, c.dp_rank, c.dp_size)
+                                   cfg.actor.ppo_mini_batch_size, c.dp_group, c.dp_rank, c.dp_size)
         return batch, {"train/num_gen_batches": float(num_gen), "train/num_groups": float(usable),
                        "train/kept_group_frac": num_kept / max(num_generated_groups, 1.0)}
 
@@ -143,8 +144,8 @@ class PPOTrainer:
         params = SamplingParams(n=1, temperature=0.0, max_new_tokens=self.cfg.data.max_response_length,
                                 stop_token_ids=self.c.stop_token_ids)
         greedy = self.c.engine.generate([p.prompt_ids for p in prompts], params)
-        scores = self.c.score_texts(prompts, [g[0].token_ids for g in greedy])
-        return torch.tensor(scores, dtype=torch.float32).repeat_interleave(n)
+        scores, _ = self.c.shaped_scores(prompts, [g[0].token_ids for g in greedy])  # shaped like the samples
+        return scores.repeat_interleave(n)
 
     def learn(self, batch: RolloutBatch) -> dict[str, float]:
         """Everything after scoring: logprobs, values, advantages, critic and actor updates."""

@@ -50,13 +50,10 @@ def synthetic_batch(vocab: int):
 
 
 def rows_of_rank(rank: int, world_size: int, mini_groups: int) -> list[int]:
-    """Rows of the groups rank ``rank`` holds so that global mini-batch k is the same set of groups
-    for any world size: each rank splits its rows into mini-batches locally, so rank r must hold
-    the r-th slice of every global mini-batch (as a balanced sampler hands them out)."""
-    per_rank = mini_groups // world_size
-    groups = [g for start in range(0, NUM_PROMPTS, mini_groups)
-              for g in range(start + rank * per_rank, start + (rank + 1) * per_rank)]
-    return [g * N + i for g in groups for i in range(N)]
+    """The rows the sampler would give rank ``rank``: its slice of every global mini-batch."""
+    from spmd_rl.data.sampler import rank_share
+
+    return [g * N + i for g in rank_share(NUM_PROMPTS, mini_groups, rank, world_size) for i in range(N)]
 
 
 def overrides(root: Path, *extra: str) -> list[str]:

@@ -58,5 +58,9 @@ def test_offloaded_fsdp_reference_keeps_shards_on_cpu_and_matches():
             a, _ = resident(inputs)
             b, _ = offloaded(inputs)
         assert (a - b).abs().max().item() < 1e-5
+        from spmd_rl.trainer.actor import reshard
+
+        reshard(offloaded)  # what compute_logprobs does after a no-grad pass: back to host shards
+        assert all(p.to_local().device.type == "cpu" for p in offloaded.parameters())
     finally:
         destroy_distributed()

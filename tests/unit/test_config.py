@@ -155,6 +155,11 @@ BASE = ["model.path=m", "data.train_files=[t.parquet]"]
     (["algorithm.adv_estimator=rloo", "rollout.n=1"], "rollout.n: algorithm.adv_estimator=rloo compares the n responses"),
     (["critic.warmup_steps=3"], "critic.warmup_steps: only applies with critic.enable=true"),
     (["algorithm.kl_ctrl.type=adaptive", "algorithm.kl_ctrl.horizon=0"], "algorithm.kl_ctrl.horizon: must be > 0"),
+    (["actor.kl_loss_type=low_var_kl++"], "actor.kl_loss_type: unknown 'low_var_kl++'"),
+    (["actor.policy_loss_options.clip_cov_ratio=0"], "actor.policy_loss_options.clip_cov_ratio: must be > 0"),
+    (["rollout.temperature=0"], "rollout.temperature: must be > 0"),
+    (["critic.enable=true"], "critic.enable: only algorithm.adv_estimator=gae uses the critic's values"),
+    (["algorithm.filter_groups.metric=acc_mean"], "algorithm.filter_groups.metric"),
 ])
 def test_algorithm_rules_are_one_line_each(overrides, line):
     lines = problems(BASE + overrides)

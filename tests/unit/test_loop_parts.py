@@ -68,15 +68,42 @@ def test_value_model_starts_at_zero_and_reads_the_response_positions():
 def _take_global_groups(rank, world_size):
     from spmd_rl.trainer.dynamic_sampling import take_global_groups
 
-    # rank 0 kept 3 groups, rank 1 kept 1: 4 usable groups are dealt 2 and 2
+    # rank 0 kept 3 groups, rank 1 kept 1: 4 usable groups are dealt 2 and 2,
+    # one of each mini-batch of 2 groups per rank
     if rank == 0:
         local = batch_of([[[1]], [[2]], [[3]]], [0.0, 1.0, 2.0])
     else:
         local = batch_of([[[4]]], [3.0])
-    mine = take_global_groups(local, 4, None, rank, world_size)
-    assert mine.scores.tolist() == ([0.0, 1.0] if rank == 0 else [2.0, 3.0])
-    assert mine.response_ids == ([[1], [2]] if rank == 0 else [[3], [4]])
+    mine = take_global_groups(local, 4, 2, None, rank, world_size)
+    assert mine.scores.tolist() == ([0.0, 2.0] if rank == 0 else [1.0, 3.0])
+    assert mine.response_ids == ([[1], [3]] if rank == 0 else [[2], [4]])
+    whole = take_global_groups(local, 4, 4, None, rank, world_size)  # one mini-batch: contiguous halves
+    assert whole.scores.tolist() == ([0.0, 1.0] if rank == 0 else [2.0, 3.0])
 
 
 def test_take_global_groups_deals_equal_shares_over_ranks():
     run_on_ranks(_take_global_groups, 2)
+
+
+def _fsdp_units(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from spmd_rl.distributed.parallelize import apply_fsdp
+    from spmd_rl.trainer.actor import compute_logprobs
+    from spmd_rl.trainer.policy import PolicyModel
+
+    args = ModelArgs(architecture="LlamaForCausalLM", model_type="llama", vocab_size=32, hidden_size=16,
+                     intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8)
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("dp",))
+    policy = apply_fsdp(PolicyModel(build_model(None, args=args, seed=0)), mesh["dp"])
+    # one FSDP unit per block plus the root, also through the PolicyModel wrapper
+    assert all(isinstance(block, FSDPModule) for block in policy.decoder.model.layers)
+    compute_logprobs(policy, batch_of([[[5, 6], [7]]], [1.0, 0.0]), 1.0, 8, "cpu")
+    # a no-grad pass leaves every parameter sharded again (the frozen reference must not keep a full copy)
+    assert all(isinstance(p, DTensor) for p in policy.parameters())
+
+
+def test_fsdp_wraps_every_block_and_reshards_after_scoring():
+    run_on_ranks(_fsdp_units, 2)
