@@ -2,8 +2,8 @@
 
 Layout of ``<run_dir>/checkpoints``::
 
-    step_000010/            model + optimizer shards of the actor (and critic) (DCP), and
-                            trainer_state.pt (rank 0)
+    step_000010/            model + optimizer shards of the actor (and critic) (DCP),
+                            trainer_state.pt (rank 0) and rng_rank<R>.pt (every rank)
     latest                  text file naming the newest complete step folder
 
 A crash while saving leaves only a ``*.tmp`` folder behind; ``latest`` still names the previous
@@ -22,6 +22,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from spmd_rl.errors import UserError
+from spmd_rl.trainer.rng import capture_rng_state, restore_rng_state
 
 
 def step_dir_name(step: int) -> str:
@@ -47,6 +48,8 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         dist.barrier()
         dcp.save(_state_dicts(trained), checkpoint_id=str(tmp))
+        torch.save(capture_rng_state(), tmp / f"rng_rank{self.rank}.pt")  # every rank its own generators
+        dist.barrier()
         if self.rank == 0:
             torch.save(trainer_state, tmp / "trainer_state.pt")
             _fsync_tree(tmp)
@@ -88,6 +91,9 @@ class Checkpointer:
         for name, (model, optimizer) in trained.items():
             set_state_dict(model, optimizer, model_state_dict=state[f"{name}/model"],
                            optim_state_dict=state[f"{name}/optim"])
+        rng_file = path / f"rng_rank{self.rank}.pt"
+        if rng_file.is_file():  # absent when resuming on more ranks than saved: fresh generators
+            restore_rng_state(torch.load(rng_file, weights_only=True))
         return torch.load(path / "trainer_state.pt", weights_only=True)
 
 

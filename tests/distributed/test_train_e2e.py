@@ -82,6 +82,25 @@ def test_two_rank_run_writes_metrics_and_resumes(sft_model):
     assert (root / "grpo/config.yaml").is_file()
 
 
+VOLATILE = ("timing_s/", "perf/")  # wall-clock numbers differ between any two runs
+
+
+def test_resumed_run_logs_the_same_metrics_as_an_uninterrupted_one(sft_model):
+    """Stop after step 2, resume to 4: rows 3 and 4 equal those of a straight 4-step run, bit for bit."""
+    root = sft_model
+    straight = root / "straight"
+    run(torchrun("spmd_rl.train", 2, *grpo_args(root, 4, "trainer.resume=never", f"trainer.run_dir={straight}")), REPO)
+    split = root / "split"
+    run(torchrun("spmd_rl.train", 2, *grpo_args(root, 2, "trainer.resume=never", f"trainer.run_dir={split}")), REPO)
+    run(torchrun("spmd_rl.train", 2, *grpo_args(root, 4, "trainer.resume=auto", f"trainer.run_dir={split}")), REPO)
+    a = {r["step"]: r for r in read_metrics(straight / "metrics.jsonl")}
+    b = {r["step"]: r for r in read_metrics(split / "metrics.jsonl")}
+    for step in (3, 4):
+        stable_a = {k: v for k, v in a[step].items() if not k.startswith(VOLATILE)}
+        stable_b = {k: v for k, v in b[step].items() if not k.startswith(VOLATILE)}
+        assert stable_a == stable_b, {k: (stable_a[k], stable_b.get(k)) for k in stable_a if stable_a[k] != stable_b.get(k)}
+
+
 def test_bad_world_size_is_one_line(sft_model):
     result = subprocess.run(torchrun("spmd_rl.train", 2, *grpo_args(sft_model, 1, "data.train_batch_size=3",
                                                                      "actor.ppo_mini_batch_size=3")),
