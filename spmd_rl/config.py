@@ -389,14 +389,38 @@ class ParallelConfig:
 @dataclass
 class LoggingConfig:
     backends: list[str] = field(default_factory=lambda: ["console", "jsonl"])
-    """Metric sinks; jsonl (run_dir/metrics.jsonl) is always on."""
+    """Metric sinks: console, jsonl, tensorboard, wandb, mlflow, swanlab; jsonl
+    (run_dir/metrics.jsonl) is always on. Each tracker needs its extra: pip install -e '.[wandb]'."""
     progress_bar: bool = True
     """A tqdm bar on rank 0."""
+    project: str = "spmd-rl"
+    """Project name for wandb/swanlab, experiment name for mlflow."""
+    experiment: str = ""
+    """Run name in the trackers; empty = the run directory's name."""
+    mlflow_tracking_uri: str = ""
+    """MLflow store (a file: or sqlite: URI, or a server); empty = file:<run_dir>/mlruns."""
 
     def __post_init__(self):
-        valid = ("console", "jsonl")
+        valid = ("console", "jsonl", "tensorboard", "wandb", "mlflow", "swanlab")
         bad = [b for b in self.backends if b not in valid]
-        rule_errors([(not bad, "backends", f"{bad} not available in this version (choose from {list(valid)})")])
+        rule_errors([(not bad, "backends", f"unknown {bad} (choose from {list(valid)})")])
+
+
+@dataclass
+class ProfilerConfig:
+    enable: bool = False
+    """Capture torch.profiler Chrome traces of profiler.steps (trace_step<N>_rank<R>.json per rank)."""
+    steps: list[int] = field(default_factory=lambda: [2])
+    """Training steps to capture, counted from 1 like metrics.jsonl (step 1 carries one-time warm-up)."""
+    out_dir: str = ""
+    """Folder of the traces; empty = <trainer.run_dir>/profile."""
+    with_stack: bool = False
+    """Record the Python stack of every op (larger traces, slower steps)."""
+    record_shapes: bool = False
+    """Record the input shapes of every op."""
+
+    def __post_init__(self):
+        rule_errors([(all(s >= 1 for s in self.steps), "steps", f"{self.steps}: steps are counted from 1")])
 
 
 @dataclass
@@ -414,6 +438,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
 
     @property
     def needs_reference(self) -> bool:

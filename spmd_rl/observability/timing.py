@@ -7,9 +7,14 @@ from contextlib import contextmanager
 
 import torch
 
+from spmd_rl.observability.nvtx import nvtx_range
+
 
 class PhaseTimer:
-    """``with timer("gen"): ...`` accumulates seconds under ``timing_s/gen`` until ``pop()``."""
+    """``with timer("gen"): ...`` accumulates seconds under ``timing_s/gen`` until ``pop()``.
+
+    Each phase is also an NVTX range of the same name, so Nsight Systems timelines line up
+    with the ``timing_s/*`` metrics."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -17,14 +22,15 @@ class PhaseTimer:
 
     @contextmanager
     def __call__(self, phase: str):
-        self._sync()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
+        with nvtx_range(phase):
             self._sync()
-            key = f"timing_s/{phase}"
-            self.times[key] = self.times.get(key, 0.0) + time.perf_counter() - start
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                self._sync()
+                key = f"timing_s/{phase}"
+                self.times[key] = self.times.get(key, 0.0) + time.perf_counter() - start
 
     def pop(self) -> dict[str, float]:
         times, self.times = self.times, {}

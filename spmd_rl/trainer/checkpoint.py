@@ -59,6 +59,10 @@ class Checkpointer:
         dist.barrier()
         return final
 
+    def has(self, step: int) -> bool:
+        """A complete checkpoint of ``step`` exists."""
+        return (self.root / step_dir_name(step) / "trainer_state.pt").is_file()
+
     def latest(self) -> Path | None:
         marker = self.root / "latest"
         if not marker.is_file():

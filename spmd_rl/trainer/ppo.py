@@ -7,6 +7,7 @@ actor updates). ``learn`` takes any scored batch, which is what the invariance t
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from spmd_rl.algorithms.kl import apply_kl_penalty
 from spmd_rl.algorithms.masked import masked_mean, masked_var
 from spmd_rl.config import Config, save_config
 from spmd_rl.distributed.collectives import all_reduce_sum, reduce_metrics
+from spmd_rl.observability.memory import memory_metrics
+from spmd_rl.observability.profiler import StepProfiler
 from spmd_rl.observability.progress import progress_bar
 from spmd_rl.observability.timing import PhaseTimer
 from spmd_rl.rollout.types import SamplingParams
@@ -25,6 +28,7 @@ from spmd_rl.trainer.batch import RolloutBatch, build_rollout_batch, concat_batc
 from spmd_rl.trainer.components import RunComponents, build_components
 from spmd_rl.trainer.critic import compute_values, update_critic
 from spmd_rl.trainer.dynamic_sampling import informative_groups, take_global_groups
+from spmd_rl.trainer.perf_metrics import mfu_metrics, step_flops
 from spmd_rl.trainer.rollout_metrics import compute_rollout_metrics
 from spmd_rl.trainer.validation import run_validation
 
@@ -37,7 +41,10 @@ class PPOTrainer:
         self.c = components
         self.step = 0
         self.timer = PhaseTimer(components.device)
+        self.profiler = StepProfiler(cfg.profiler, cfg.trainer.run_dir, components.rank, components.device)
         self.estimator = get_advantage_estimator(cfg.algorithm.adv_estimator)
+        self.stop_requested = False  # set by SIGTERM (e.g. Slurm preemption)
+        self.stop_requested_anywhere = False
 
     @classmethod
     def build(cls, cfg: Config, dims, mesh, device) -> "PPOTrainer":
@@ -56,9 +63,10 @@ class PPOTrainer:
             c.log(f"already at step {self.step} of trainer.total_steps={c.total_steps}: nothing to train "
                   "(raise trainer.total_steps or use trainer.resume=never)")
         bar = progress_bar(c.total_steps, self.step, "train", c.rank == 0 and cfg.logging.progress_bar)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
         while self.step < c.total_steps:
             self.step += 1
-            with self.timer("step"):
+            with self.profiler.step(self.step), self.timer("step"):
                 metrics = self.train_step()
                 if self._due(cfg.trainer.save_freq) or (self.step == c.total_steps and cfg.trainer.save_at_end):
                     with self.timer("save_checkpoint"):
@@ -69,10 +77,17 @@ class PPOTrainer:
                     metrics.update(self.validate())
             metrics.update(self.timer.pop())
             metrics["perf/throughput"] = metrics.pop("_tokens") / metrics["timing_s/step"]
+            metrics.update(mfu_metrics(metrics, c.device))
+            metrics.update(memory_metrics(c.device))
             c.logger.log(self.step, metrics)
             bar.update()
             last = metrics
+            if self._preempted():
+                break
+        self.profiler.close()
         bar.close()
+        if self.stop_requested_anywhere:
+            return last
         if cfg.trainer.save_hf_at_end:
             c.export_hf(Path(cfg.trainer.run_dir) / "hf")
         return last
@@ -87,6 +102,7 @@ class PPOTrainer:
         c.engine.sleep()  # free generation memory before training
         metrics = {**rollout_metrics, **self.learn(batch), "reward/num_errors": all_reduce_sum(c.scorer.num_errors, c.dp_group)}
         metrics["_tokens"] = all_reduce_sum(self._num_tokens(batch), c.dp_group) / c.dp_size
+        metrics.update(step_flops(self.cfg, c, batch, actor_updated=self.actor_updates_now))
         return metrics
 
     def rollout(self) -> tuple[RolloutBatch, dict[str, float]]:
@@ -169,7 +185,7 @@ class PPOTrainer:
                     mini_batch_size=self.critic_mini * cfg.rollout.n // c.dp_size, micro_batch_size=self.critic_micro,
                     scale_factor=cfg.data.max_response_length, dp_group=c.dp_group, dp_size=c.dp_size,
                     device=c.device))
-        if self.step > cfg.critic.warmup_steps or c.critic is None:
+        if self.actor_updates_now:
             with timer("update_actor"):
                 metrics.update(update_policy(
                     c.policy, c.optimizer, c.scheduler, batch, cfg.actor, temperature=cfg.rollout.temperature,
@@ -214,6 +230,11 @@ class PPOTrainer:
                 "critic/returns/mean": masked_mean(returns, mask, dp_group=group).item()}
 
     @property
+    def actor_updates_now(self) -> bool:
+        """False during critic warmup."""
+        return self.c.critic is None or self.step > self.cfg.critic.warmup_steps
+
+    @property
     def critic_mini(self) -> int:
         return self.cfg.critic.ppo_mini_batch_size or self.cfg.actor.ppo_mini_batch_size
 
@@ -253,6 +274,21 @@ class PPOTrainer:
         if c.kl_ctrl is not None and "kl_ctrl" in state:
             c.kl_ctrl.load_state_dict(state["kl_ctrl"])
         c.log(f"resumed from {path} at step {self.step}")
+
+    def _on_sigterm(self, signum, frame) -> None:
+        # Only a flag: the step in flight finishes, then all ranks agree to stop and save together.
+        self.stop_requested = True
+
+    def _preempted(self) -> bool:
+        """True on every rank once any rank got SIGTERM (one tiny all-reduce per step); the
+        current step is then saved so that ``trainer.resume=auto`` continues from it."""
+        self.stop_requested_anywhere = all_reduce_sum(float(self.stop_requested), None) > 0
+        if self.stop_requested_anywhere:
+            if not self.c.checkpointer.has(self.step):
+                self.save()
+            self.c.log(f"SIGTERM: saved step {self.step} to {self.c.checkpointer.root}; exiting "
+                       "(rerun with trainer.resume=auto to continue)")
+        return self.stop_requested_anywhere
 
     def _due(self, freq: int) -> bool:
         return freq > 0 and self.step % freq == 0

@@ -108,3 +108,30 @@ def test_bad_world_size_is_one_line(sft_model):
     assert result.returncode != 0
     assert "error: data.train_batch_size: 3 must be divisible by the data-parallel size 2" in result.stderr
     assert "Traceback" not in result.stderr.split("error:")[0]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(sft_model):
+    """Slurm preemption: SIGTERM to the workers -> the step finishes, all ranks save, exit 0."""
+    import signal
+    import time
+
+    root = sft_model
+    run_dir = root / "preempted"
+    proc = subprocess.Popen(torchrun("spmd_rl.train", 2, *grpo_args(root, 500, "trainer.resume=never",
+                                                                     "trainer.save_freq=0", f"trainer.run_dir={run_dir}")),
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.5)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    for pid in workers:
+        os.kill(int(pid), signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    assert "SIGTERM: saved step" in out
+    last_step = read_metrics(metrics)[-1]["step"]
+    assert 2 <= last_step < 500
+    assert (run_dir / "checkpoints/latest").read_text() == f"step_{last_step:06d}"
