@@ -334,6 +334,12 @@ class RewardConfig:
     """A user reward function replacing the built-in dispatch by data_source."""
     overlong_buffer: OverlongBufferConfig = field(default_factory=OverlongBufferConfig)
     """DAPO overlong reward shaping."""
+    timeout_s: float = 10.0
+    """Per-call limit of the reward function; a call that runs longer scores 0 and is counted
+    (reward/timeouts). 0 = no limit."""
+
+    def __post_init__(self):
+        rule_errors([(self.timeout_s >= 0, "timeout_s", "must be >= 0 (0 = no limit)")])
 
 
 @dataclass
@@ -362,9 +368,13 @@ class TrainerConfig:
     """Seed of model init and sampling."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto = CUDA when available, else CPU."""
+    max_nonfinite_steps: int = 3
+    """Optimizer steps with a NaN/Inf gradient norm are skipped (actor/nonfinite_skips); stop after
+    this many RL steps in a row had one."""
 
     def __post_init__(self):
         rule_errors([
+            (self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1"),
             (self.total_epochs >= 1, "total_epochs", "must be >= 1"),
             (self.total_steps >= 0, "total_steps", "must be >= 0 (0 = derive from total_epochs)"),
             (self.save_freq >= 0, "save_freq", "must be >= 0"),

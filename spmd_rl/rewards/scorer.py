@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -42,6 +45,32 @@ def _split_result(value: Any) -> tuple[float, dict[str, float]]:
     return float(value), {}
 
 
+class RewardTimeout(Exception):
+    """A reward function call ran longer than ``reward.timeout_s``."""
+
+
+@contextmanager
+def call_timeout(seconds: float):
+    """Raise :class:`RewardTimeout` inside the block after ``seconds`` (0 = no limit).
+
+    Uses SIGALRM, so it interrupts pure-Python work (a regex or sympy call gone wild) but only in
+    the main thread on POSIX; elsewhere the block runs without a limit."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise RewardTimeout(f"reward function exceeded reward.timeout_s={seconds}")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 class RewardScorer:
     """Score responses with ``fn(data_source, solution_str, ground_truth, extra_info)``.
 
@@ -49,9 +78,11 @@ class RewardScorer:
     first error is printed only once.
     """
 
-    def __init__(self, fn: Callable[..., Any] = compute_score) -> None:
+    def __init__(self, fn: Callable[..., Any] = compute_score, timeout_s: float = 0.0) -> None:
         self.fn = fn
-        self.num_errors = 0  # cumulative over every score() call
+        self.timeout_s = timeout_s  # per call; 0 = none
+        self.num_errors = 0  # cumulative over every score() call, timeouts included
+        self.num_timeouts = 0
         self._printed_error = False
 
     def score(
@@ -80,7 +111,8 @@ class RewardScorer:
 
     def _score_one(self, source: str, solution: str, truth: Any, info: Any) -> tuple[float, dict[str, float]]:
         try:
-            result = self.fn(data_source=source, solution_str=solution, ground_truth=truth, extra_info=info)
+            with call_timeout(self.timeout_s):
+                result = self.fn(data_source=source, solution_str=solution, ground_truth=truth, extra_info=info)
             score, extras = _split_result(result)
             if not math.isfinite(score):
                 raise ValueError(f"reward function returned a non-finite score {score}")
@@ -88,6 +120,8 @@ class RewardScorer:
         except UserError:
             raise  # configuration error: fail the run with its one-line message
         except Exception as e:
+            if isinstance(e, RewardTimeout):
+                self.num_timeouts += 1
             self._record_error(source, e)
             return 0.0, {}
 

@@ -8,6 +8,7 @@ micro-batch size or the number of ranks.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import asdict
 
@@ -67,17 +68,25 @@ def update_policy(policy: PolicyModel, optimizer, scheduler, batch: RolloutBatch
     Returns metrics averaged over optimizer steps (still per rank; the caller reduces over dp)."""
     loss_fn = get_policy_loss(cfg.policy_loss)
     sums: dict[str, float] = defaultdict(float)
-    num_steps = 0
+    num_steps, norms = 0, []
     for mini in mini_batches(batch, mini_batch_size, cfg.ppo_epochs):
         step_metrics = _mini_batch_step(policy, loss_fn, mini, cfg, temperature, scale_factor, dp_group, dp_size,
                                         device, generator)
-        step_metrics["actor/grad_norm"] = optimizer_step(policy, optimizer, scheduler, cfg.optim.grad_clip)
+        norms.append(optimizer_step(policy, optimizer, scheduler, cfg.optim.grad_clip))
         for k, v in step_metrics.items():
             sums[k] += v
         num_steps += 1
     metrics = {k: v / num_steps for k, v in sums.items()}
+    metrics.update(grad_norm_metrics(norms, "actor"))
     metrics["actor/lr"] = scheduler.get_last_lr()[0]
     return metrics
+
+
+def grad_norm_metrics(norms: list[float], prefix: str) -> dict[str, float]:
+    """Mean of the finite gradient norms and how many optimizer steps were skipped as non-finite."""
+    finite = [n for n in norms if math.isfinite(n)]
+    return {f"{prefix}/grad_norm": sum(finite) / len(finite) if finite else float("nan"),
+            f"{prefix}/nonfinite_skips": float(len(norms) - len(finite))}
 
 
 def _mini_batch_step(policy, loss_fn, mini: RolloutBatch, cfg: ActorConfig, temperature, scale_factor, dp_group,

@@ -167,7 +167,7 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
         rank=rank, dp_rank=dp_rank, dp_size=dims.dp_size, dp_group=mesh["dp"].get_group(), device=device, tokenizer=tokenizer,
         dataset=dataset, val_dataset=val_dataset, sampler=sampler, policy=policy, optimizer=optimizer,
         scheduler=scheduler, ref=ref, critic=critic, critic_optimizer=critic_optimizer,
-        critic_scheduler=critic_scheduler, kl_ctrl=kl_ctrl, engine=engine, scorer=RewardScorer(reward_fn),
+        critic_scheduler=critic_scheduler, kl_ctrl=kl_ctrl, engine=engine, scorer=RewardScorer(reward_fn, timeout_s=cfg.reward.timeout_s),
         logger=MetricsLogger(cfg.trainer.run_dir, cfg.logging.backends, enabled=rank == 0),
         checkpointer=Checkpointer(cfg.trainer.run_dir, rank), total_steps=total_steps, cfg=cfg,
         stop_token_ids=_stop_token_ids(tokenizer, decoder), seed=cfg.trainer.seed, log=log,

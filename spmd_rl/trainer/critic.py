@@ -13,7 +13,7 @@ from torch import nn
 
 from spmd_rl.algorithms.losses import value_loss
 from spmd_rl.config import CriticConfig
-from spmd_rl.trainer.actor import reshard
+from spmd_rl.trainer.actor import grad_norm_metrics, reshard
 from spmd_rl.trainer.batch import RolloutBatch
 from spmd_rl.trainer.minibatch import global_counts, micro_batches, mini_batches
 from spmd_rl.trainer.optim import optimizer_step
@@ -59,7 +59,7 @@ def update_critic(critic: ValueModel, optimizer, scheduler, batch: RolloutBatch,
                   device) -> dict[str, float]:
     """Clipped value regression toward ``batch.returns``; metrics averaged over optimizer steps."""
     sums: dict[str, float] = defaultdict(float)
-    num_steps = 0
+    num_steps, norms = 0, []
     for mini in mini_batches(batch, mini_batch_size, cfg.ppo_epochs):
         tokens, seqs = global_counts(mini, dp_group)
         num_micro = -(-len(mini) // micro_batch_size)
@@ -73,8 +73,9 @@ def update_critic(critic: ValueModel, optimizer, scheduler, batch: RolloutBatch,
             sums["critic/vf_loss"] += loss.item() * dp_size
             sums["critic/vf_clipfrac"] += float(m["vf_clipfrac"]) / num_micro
             sums["critic/vpred_mean"] += float(m["vpred_mean"]) / num_micro
-        sums["critic/grad_norm"] += optimizer_step(critic, optimizer, scheduler, cfg.optim.grad_clip)
+        norms.append(optimizer_step(critic, optimizer, scheduler, cfg.optim.grad_clip))
         num_steps += 1
     metrics = {k: v / num_steps for k, v in sums.items()}
+    metrics.update(grad_norm_metrics(norms, "critic"))
     metrics["critic/lr"] = scheduler.get_last_lr()[0]
     return metrics

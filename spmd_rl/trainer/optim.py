@@ -39,9 +39,13 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, grad_clip: float) -> float:
-    """Clip by the global gradient norm, step optimizer and schedule, clear gradients; return the norm."""
+    """Clip by the global gradient norm, step optimizer and schedule, clear gradients; return the norm.
+
+    A NaN/Inf norm skips the optimizer step (one bad batch must not poison the weights and Adam's
+    moments); the norm is global, so every rank skips together. The schedule still advances."""
     grad_norm = clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    if math.isfinite(grad_norm):
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm

@@ -17,6 +17,7 @@ from spmd_rl.algorithms.kl import apply_kl_penalty
 from spmd_rl.algorithms.masked import masked_mean, masked_var
 from spmd_rl.config import Config, save_config
 from spmd_rl.distributed.collectives import all_reduce_sum, reduce_metrics
+from spmd_rl.errors import UserError
 from spmd_rl.observability.memory import memory_metrics
 from spmd_rl.observability.profiler import StepProfiler
 from spmd_rl.observability.progress import progress_bar
@@ -45,6 +46,7 @@ class PPOTrainer:
         self.estimator = get_advantage_estimator(cfg.algorithm.adv_estimator)
         self.stop_requested = False  # set by SIGTERM (e.g. Slurm preemption)
         self.stop_requested_anywhere = False
+        self.nonfinite_streak = 0  # consecutive RL steps with a skipped (NaN/Inf) optimizer step
 
     @classmethod
     def build(cls, cfg: Config, dims, mesh, device) -> "PPOTrainer":
@@ -82,6 +84,7 @@ class PPOTrainer:
             c.logger.log(self.step, metrics)
             bar.update()
             last = metrics
+            self._check_nonfinite(metrics)
             if self._preempted():
                 break
         self.profiler.close()
@@ -100,7 +103,9 @@ class PPOTrainer:
             sync_weights(c.policy.decoder, c.engine)
         batch, rollout_metrics = self.rollout()
         c.engine.sleep()  # free generation memory before training
-        metrics = {**rollout_metrics, **self.learn(batch), "reward/num_errors": all_reduce_sum(c.scorer.num_errors, c.dp_group)}
+        metrics = {**rollout_metrics, **self.learn(batch),
+                   "reward/errors": all_reduce_sum(c.scorer.num_errors, c.dp_group),
+                   "reward/timeouts": all_reduce_sum(c.scorer.num_timeouts, c.dp_group)}
         metrics["_tokens"] = all_reduce_sum(self._num_tokens(batch), c.dp_group) / c.dp_size
         metrics.update(step_flops(self.cfg, c, batch, actor_updated=self.actor_updates_now))
         return metrics
@@ -274,6 +279,17 @@ class PPOTrainer:
         if c.kl_ctrl is not None and "kl_ctrl" in state:
             c.kl_ctrl.load_state_dict(state["kl_ctrl"])
         c.log(f"resumed from {path} at step {self.step}")
+
+    def _check_nonfinite(self, metrics: dict[str, float]) -> None:
+        """Stop after trainer.max_nonfinite_steps RL steps in a row had a NaN/Inf gradient norm
+        (the metrics are global, so every rank stops at the same step)."""
+        skipped = metrics.get("actor/nonfinite_skips", 0.0) + metrics.get("critic/nonfinite_skips", 0.0)
+        self.nonfinite_streak = self.nonfinite_streak + 1 if skipped else 0
+        if self.nonfinite_streak >= self.cfg.trainer.max_nonfinite_steps:
+            latest = self.c.checkpointer.latest()
+            raise UserError(f"{self.nonfinite_streak} steps in a row had NaN/Inf gradients (up to step {self.step}); "
+                            f"last checkpoint: {latest or 'none'}. Lower actor.optim.lr, check the reward for "
+                            "NaN/huge values, or raise trainer.max_nonfinite_steps")
 
     def _on_sigterm(self, signum, frame) -> None:
         # Only a flag: the step in flight finishes, then all ranks agree to stop and save together.

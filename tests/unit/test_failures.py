@@ -1,0 +1,77 @@
+"""Failure handling inside a step: slow reward functions and non-finite gradients."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from spmd_rl.config import OptimConfig
+from spmd_rl.errors import UserError
+from spmd_rl.rewards.scorer import RewardScorer
+from spmd_rl.trainer.actor import grad_norm_metrics
+from spmd_rl.trainer.optim import build_lr_scheduler, optimizer_step
+from spmd_rl.trainer.ppo import PPOTrainer
+from tests.distributed.launcher import run_on_ranks
+
+torch.set_num_threads(1)
+
+
+def slow_then_fine(data_source, solution_str, ground_truth, extra_info=None):
+    if solution_str == "hang":
+        while True:  # a pathological regex/sympy call, as seen in math graders
+            pass
+    return 1.0
+
+
+def test_reward_call_over_the_timeout_scores_zero_and_is_counted():
+    scorer = RewardScorer(slow_then_fine, timeout_s=0.2)
+    result = scorer.score(["s"] * 3, ["ok", "hang", "ok"], ["x"] * 3)
+    assert result.scores == [1.0, 0.0, 1.0]
+    assert scorer.num_timeouts == 1 and scorer.num_errors == 1
+
+
+def _nan_step(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = torch.nn.Linear(4, 2)
+    fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = build_lr_scheduler(optimizer, OptimConfig(lr=0.1, warmup_steps=10), total_steps=10)
+    before = [p.full_tensor().clone() for p in model.parameters()]
+    # only rank 0 sees a NaN: the global norm is NaN on every rank, so all ranks skip together
+    x = torch.full((1, 4), float("nan") if rank == 0 else 1.0)
+    model(x).sum().backward()
+    norm = optimizer_step(model, optimizer, scheduler, grad_clip=1.0)
+    assert math.isnan(norm)
+    assert all(torch.equal(b, p.full_tensor()) for b, p in zip(before, model.parameters()))
+    assert scheduler.last_epoch == 1  # the schedule still advanced
+    assert all(p.grad is None for p in model.parameters())  # and the bad gradients are gone
+    model(torch.ones(1, 4)).sum().backward()
+    assert math.isfinite(optimizer_step(model, optimizer, scheduler, grad_clip=1.0))
+    assert not torch.equal(before[0], next(model.parameters()).full_tensor())  # a finite step applies
+
+
+def test_nonfinite_gradient_skips_the_optimizer_step_on_every_rank():
+    run_on_ranks(_nan_step, 2)
+
+
+def test_grad_norm_metrics_average_finite_norms_and_count_skips():
+    assert grad_norm_metrics([1.0, float("nan"), 3.0], "actor") == {"actor/grad_norm": 2.0, "actor/nonfinite_skips": 1.0}
+    m = grad_norm_metrics([float("inf")], "critic")
+    assert math.isnan(m["critic/grad_norm"]) and m["critic/nonfinite_skips"] == 1.0
+
+
+def test_run_stops_after_max_nonfinite_steps_in_a_row():
+    trainer = PPOTrainer.__new__(PPOTrainer)
+    trainer.cfg = SimpleNamespace(trainer=SimpleNamespace(max_nonfinite_steps=2))
+    trainer.c = SimpleNamespace(checkpointer=SimpleNamespace(latest=lambda: "runs/x/checkpoints/step_000004"))
+    trainer.nonfinite_streak, trainer.step = 0, 5
+    trainer._check_nonfinite({"actor/nonfinite_skips": 1.0})
+    trainer._check_nonfinite({"actor/nonfinite_skips": 0.0})  # a good step resets the streak
+    trainer._check_nonfinite({"critic/nonfinite_skips": 1.0})
+    with pytest.raises(UserError, match=r"2 steps in a row had NaN/Inf gradients .* last checkpoint: runs/x/checkpoints/step_000004"):
+        trainer._check_nonfinite({"actor/nonfinite_skips": 2.0})
