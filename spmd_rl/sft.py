@@ -22,7 +22,7 @@ from spmd_rl.distributed.parallelize import apply_fsdp
 from spmd_rl.errors import exit_on_user_error
 from spmd_rl.models import ModelArgs, build_model
 from spmd_rl.models.hf_io import read_hf_config
-from spmd_rl.observability.logger import MetricsLogger
+from spmd_rl.observability.logger import build_metrics_logger
 from spmd_rl.observability.progress import progress_bar
 from spmd_rl.trainer.hf_export import export_model
 from spmd_rl.trainer.optim import build_lr_scheduler, build_optimizer, optimizer_step
@@ -65,7 +65,7 @@ def train_sft(cfg: SFTConfig, dims: ParallelDims, mesh, device: torch.device) ->
     apply_fsdp(policy, mesh["dp"], param_dtype=torch.bfloat16 if bf16 else None)
     optimizer = build_optimizer(policy, cfg.optim)
     scheduler = build_lr_scheduler(optimizer, cfg.optim, total_steps)
-    logger = MetricsLogger(cfg.trainer.output_dir, cfg.logging.backends, enabled=rank == 0)
+    logger = build_metrics_logger(cfg.trainer.output_dir, cfg, rank)
     if rank == 0:
         save_config(cfg, Path(cfg.trainer.output_dir) / "config.yaml")
         print(f"SFT on {len(dataset)} examples, {total_steps} steps, dp={dp_size}", flush=True)
@@ -88,6 +88,7 @@ def train_sft(cfg: SFTConfig, dims: ParallelDims, mesh, device: torch.device) ->
             metrics = {"train/loss": loss_total, "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0]}
             logger.log(step, metrics)
     bar.close()
+    logger.close()
     export_model(policy.decoder, tokenizer, Path(cfg.trainer.output_dir) / "model", rank)
     return metrics
 

@@ -1,4 +1,5 @@
-"""Metric sinks: ``<run_dir>/metrics.jsonl`` (always) and a console line, written by rank 0."""
+"""Metric sinks, written by rank 0: ``<run_dir>/metrics.jsonl`` (always), a console line, and the
+optional trackers of :mod:`spmd_rl.observability.trackers` (TensorBoard, W&B, MLflow, SwanLab)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import math
 import os
 from pathlib import Path
+
+from spmd_rl.observability.trackers import build_trackers, check_installed
 
 # Shown on the console line, in this order, when present.
 CONSOLE_KEYS = (
@@ -15,15 +18,27 @@ CONSOLE_KEYS = (
 
 
 class MetricsLogger:
-    """Append one JSON object per step to metrics.jsonl; print a compact line to the console."""
+    """Append one JSON object per step to metrics.jsonl; print a compact line to the console;
+    forward the numeric metrics to the chosen trackers.
 
-    def __init__(self, run_dir: str | Path, backends: list[str], enabled: bool, console_print=print):
+    Every rank checks that the chosen trackers' packages are installed (so all ranks fail alike);
+    only the enabled rank (rank 0) creates trackers. ``experiment`` empty = the run directory's name;
+    ``config`` is the resolved config as a nested dict, recorded as the trackers' hyper-parameters.
+    Call :meth:`close` at the end of the run so trackers flush and mark the run finished."""
+
+    def __init__(self, run_dir: str | Path, backends: list[str], enabled: bool, console_print=print, *,
+                 project: str = "spmd-rl", experiment: str = "", mlflow_tracking_uri: str = "",
+                 config: dict | None = None):
         self.enabled = enabled
         self.console = "console" in backends
         self.path = Path(run_dir) / "metrics.jsonl"
         self._print = console_print
+        self.trackers: list = []
+        check_installed(backends)
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.trackers = build_trackers(backends, run_dir, project=project, experiment=experiment,
+                                           mlflow_tracking_uri=mlflow_tracking_uri, config=config)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -35,6 +50,22 @@ class MetricsLogger:
             os.fsync(f.fileno())
         if self.console:
             self._print(format_console_line(step, metrics))
+        if self.trackers:
+            scalars = numeric_metrics(metrics)
+            for tracker in self.trackers:
+                tracker.log(step, scalars)
+
+    def close(self) -> None:
+        """Flush and finish every tracker; safe to call twice."""
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close()
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def format_console_line(step: int, metrics: dict[str, float]) -> str:
@@ -49,5 +80,31 @@ def format_console_line(step: int, metrics: dict[str, float]) -> str:
 
 
 def _plain(value):
-    value = float(value)
-    return value if math.isfinite(value) else str(value)
+    """A JSON-safe value: numbers as float, NaN/inf as 'nan'/'inf', text and None as they are."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return value if value is None or isinstance(value, str) else str(value)
+    return number if math.isfinite(number) else str(number)
+
+
+def numeric_metrics(metrics: dict) -> dict[str, float]:
+    """The values that convert to a Python float (numbers, 0-d tensors/arrays, bools); others are dropped.
+
+    NaN and inf are kept: every supported tracker accepts them, and they mark a diverged run."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def build_metrics_logger(run_dir: str | Path, cfg, rank: int) -> MetricsLogger:
+    """The run's logger from a config tree with a ``logging`` section (RL or SFT); trackers on rank 0."""
+    from spmd_rl.config_loader import config_to_dict
+
+    log = cfg.logging
+    return MetricsLogger(run_dir, log.backends, enabled=rank == 0, project=log.project, experiment=log.experiment,
+                         mlflow_tracking_uri=log.mlflow_tracking_uri, config=config_to_dict(cfg))

@@ -17,7 +17,7 @@ from spmd_rl.data.sampler import PromptSampler
 from spmd_rl.data.tokenizer import load_tokenizer
 from spmd_rl.distributed.parallelize import apply_fsdp
 from spmd_rl.models import build_model
-from spmd_rl.observability.logger import MetricsLogger
+from spmd_rl.observability.logger import MetricsLogger, build_metrics_logger
 from spmd_rl.rewards import compute_score
 from spmd_rl.rewards.custom import load_custom_reward_function
 from spmd_rl.rewards.overlong import overlong_penalty
@@ -168,7 +168,7 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
         dataset=dataset, val_dataset=val_dataset, sampler=sampler, policy=policy, optimizer=optimizer,
         scheduler=scheduler, ref=ref, critic=critic, critic_optimizer=critic_optimizer,
         critic_scheduler=critic_scheduler, kl_ctrl=kl_ctrl, engine=engine, scorer=RewardScorer(reward_fn, timeout_s=cfg.reward.timeout_s),
-        logger=MetricsLogger(cfg.trainer.run_dir, cfg.logging.backends, enabled=rank == 0),
+        logger=build_metrics_logger(cfg.trainer.run_dir, cfg, rank),
         checkpointer=Checkpointer(cfg.trainer.run_dir, rank), total_steps=total_steps, cfg=cfg,
         stop_token_ids=_stop_token_ids(tokenizer, decoder), seed=cfg.trainer.seed, log=log,
     )

@@ -57,6 +57,13 @@ class PPOTrainer:
         return trainer
 
     def fit(self) -> dict[str, float]:
+        try:
+            return self._fit()
+        finally:  # a crash still finishes the tracker runs and an open profiler capture
+            self.profiler.close()
+            self.c.logger.close()
+
+    def _fit(self) -> dict[str, float]:
         cfg, c = self.cfg, self.c
         last: dict[str, float] = {}
         if cfg.trainer.val_before_train and c.val_dataset is not None and self.step == 0:
@@ -87,7 +94,6 @@ class PPOTrainer:
             self._check_nonfinite(metrics)
             if self._preempted():
                 break
-        self.profiler.close()
         bar.close()
         if self.stop_requested_anywhere:
             return last
