@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 from spmd_rl.observability.trackers import build_trackers, check_installed
@@ -55,6 +56,25 @@ class MetricsLogger:
             for tracker in self.trackers:
                 tracker.log(step, scalars)
 
+    def start_at(self, step: int) -> None:
+        """Make ``metrics.jsonl`` hold only rows up to ``step`` (the step the run continues from).
+
+        A crash after logging step k+2 but checkpointing k would otherwise log k+1 and k+2 twice;
+        a fresh start (step 0) in a used run dir moves the old file aside instead of mixing runs."""
+        if not self.enabled or not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines()
+        if step == 0:
+            aside = self.path.with_name(f"metrics.before_{time.strftime('%Y%m%d_%H%M%S')}.jsonl")
+            os.replace(self.path, aside)
+            print(f"moved the previous run's metrics to {aside}", flush=True)
+            return
+        kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+        if len(kept) != len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+
     def close(self) -> None:
         """Flush and finish every tracker; safe to call twice."""
         trackers, self.trackers = self.trackers, []
@@ -66,6 +86,13 @@ class MetricsLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def format_console_line(step: int, metrics: dict[str, float]) -> str:

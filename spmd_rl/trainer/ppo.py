@@ -275,6 +275,7 @@ class PPOTrainer:
         c = self.c
         path = c.checkpointer.resolve(self.cfg.trainer.resume)
         if path is None:
+            c.logger.start_at(0)
             return
         state = c.checkpointer.load(path, c.trained())
         self.step = state["step"]
@@ -284,6 +285,7 @@ class PPOTrainer:
             c.critic_scheduler.load_state_dict(state["critic_scheduler"])
         if c.kl_ctrl is not None and "kl_ctrl" in state:
             c.kl_ctrl.load_state_dict(state["kl_ctrl"])
+        c.logger.start_at(self.step)
         c.log(f"resumed from {path} at step {self.step}")
 
     def _check_nonfinite(self, metrics: dict[str, float]) -> None:
