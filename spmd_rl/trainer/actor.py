@@ -19,7 +19,7 @@ from spmd_rl.algorithms.kl import kl_penalty
 from spmd_rl.algorithms.losses import aggregate_loss, get_policy_loss
 from spmd_rl.config import ActorConfig
 from spmd_rl.trainer.batch import RolloutBatch
-from spmd_rl.trainer.minibatch import global_counts, micro_batches, mini_batches
+from spmd_rl.trainer.minibatch import cat_padded, global_counts, micro_batches, mini_batches
 from spmd_rl.trainer.optim import optimizer_step
 from spmd_rl.trainer.policy import PolicyModel, build_scoring_inputs, pad_by_lengths
 
@@ -40,13 +40,9 @@ def forward_logprobs(policy: PolicyModel, batch: RolloutBatch, temperature: floa
 def compute_logprobs(policy: PolicyModel, batch: RolloutBatch, temperature: float, micro_batch_size: int,
                      device) -> torch.Tensor:
     """``[B, T]`` logprobs of ``policy`` (the PPO "old" or the reference logprobs), in micro-batches."""
-    width = batch.response_mask.shape[1]
-    chunks = []
-    for micro in micro_batches(batch, micro_batch_size):
-        lp, _ = forward_logprobs(policy, micro, temperature, device)
-        chunks.append(torch.nn.functional.pad(lp.cpu(), (0, width - lp.shape[1])))
+    chunks = [forward_logprobs(policy, micro, temperature, device)[0] for micro in micro_batches(batch, micro_batch_size)]
     reshard(policy)
-    return torch.cat(chunks)
+    return cat_padded(chunks, batch.response_mask.shape[1])
 
 
 def reshard(model: torch.nn.Module) -> None:

@@ -15,7 +15,7 @@ from spmd_rl.algorithms.losses import value_loss
 from spmd_rl.config import CriticConfig
 from spmd_rl.trainer.actor import grad_norm_metrics, reshard
 from spmd_rl.trainer.batch import RolloutBatch
-from spmd_rl.trainer.minibatch import global_counts, micro_batches, mini_batches
+from spmd_rl.trainer.minibatch import cat_padded, global_counts, micro_batches, mini_batches
 from spmd_rl.trainer.optim import optimizer_step
 from spmd_rl.trainer.policy import ScoringInputs, build_scoring_inputs, pad_by_lengths
 
@@ -47,11 +47,9 @@ def forward_values(critic: ValueModel, batch: RolloutBatch, device) -> torch.Ten
 @torch.no_grad()
 def compute_values(critic: ValueModel, batch: RolloutBatch, micro_batch_size: int, device) -> torch.Tensor:
     """``[B, T]`` values of the batch before the critic update."""
-    width = batch.response_mask.shape[1]
-    chunks = [torch.nn.functional.pad(forward_values(critic, micro, device).cpu(), (0, width - micro.response_mask.shape[1]))
-              for micro in micro_batches(batch, micro_batch_size)]
+    chunks = [forward_values(critic, micro, device) for micro in micro_batches(batch, micro_batch_size)]
     reshard(critic)
-    return torch.cat(chunks)
+    return cat_padded(chunks, batch.response_mask.shape[1])
 
 
 def update_critic(critic: ValueModel, optimizer, scheduler, batch: RolloutBatch, cfg: CriticConfig, *,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
+
 from spmd_rl.distributed.collectives import all_reduce_sum
 from spmd_rl.trainer.batch import RolloutBatch
 
@@ -22,6 +24,12 @@ def mini_batches(batch: RolloutBatch, mini_batch_size: int, epochs: int) -> Iter
 def micro_batches(mini: RolloutBatch, micro_batch_size: int) -> Iterator[RolloutBatch]:
     for start in range(0, len(mini), micro_batch_size):
         yield mini.select(range(start, min(start + micro_batch_size, len(mini))))
+
+
+def cat_padded(chunks: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Concatenate per-micro-batch ``[b, t_i]`` results (each trimmed to its own longest
+    response) into one ``[B, width]`` CPU tensor, zero-padded on the right."""
+    return torch.cat([torch.nn.functional.pad(x.cpu(), (0, width - x.shape[1])) for x in chunks])
 
 
 def global_counts(mini: RolloutBatch, dp_group, device="cpu") -> tuple[float, float]:

@@ -26,10 +26,8 @@ def run_validation(cfg, c) -> dict[str, float]:
                                         seeds=[c.seed + p.index for p in mine])
         c.engine.sleep()
         flat = [(p, s) for p, samples in zip(mine, completions) for s in samples]
-        texts = c.tokenizer.batch_decode([s.token_ids for _, s in flat], skip_special_tokens=True)
-        result = c.scorer.score([p.data_source for p, _ in flat], texts, [p.ground_truth for p, _ in flat],
-                                [p.extra_info for p, _ in flat])
-        for (p, s), score in zip(flat, result.scores):
+        scores = c.score_texts([p for p, _ in flat], [s.token_ids for _, s in flat])
+        for (p, s), score in zip(flat, scores):
             t = totals[p.data_source]
             t[0] += score
             t[1] += 1

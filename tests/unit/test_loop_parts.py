@@ -17,6 +17,11 @@ from tests.distributed.launcher import run_on_ranks
 torch.set_num_threads(1)
 
 
+def tiny_args(num_layers: int) -> ModelArgs:
+    return ModelArgs(architecture="LlamaForCausalLM", model_type="llama", vocab_size=32, hidden_size=16,
+                     intermediate_size=32, num_layers=num_layers, num_heads=2, num_kv_heads=1, head_dim=8)
+
+
 def batch_of(groups: list[list[list[int]]], scores: list[float]):
     prompts = [[1, 2]] * len(groups)
     completions = [[Completion(r, [0.0] * len(r), "stop") for r in group] for group in groups]
@@ -52,8 +57,7 @@ def test_concat_batches_pads_and_keeps_groups_distinct():
 
 
 def test_value_model_starts_at_zero_and_reads_the_response_positions():
-    args = ModelArgs(architecture="LlamaForCausalLM", model_type="llama", vocab_size=32, hidden_size=16,
-                     intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8)
+    args = tiny_args(num_layers=1)
     critic = ValueModel(build_model(None, args=args, seed=0), args.hidden_size)
     batch = batch_of([[[5, 6, 7], [8]]], [1.0, 0.0])
     assert forward_values(critic, batch, "cpu").abs().max().item() == 0.0
@@ -94,8 +98,7 @@ def _fsdp_units(rank, world_size):
     from spmd_rl.trainer.actor import compute_logprobs
     from spmd_rl.trainer.policy import PolicyModel
 
-    args = ModelArgs(architecture="LlamaForCausalLM", model_type="llama", vocab_size=32, hidden_size=16,
-                     intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8)
+    args = tiny_args(num_layers=2)
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("dp",))
     policy = apply_fsdp(PolicyModel(build_model(None, args=args, seed=0)), mesh["dp"])
     # one FSDP unit per block plus the root, also through the PolicyModel wrapper
