@@ -17,7 +17,7 @@
 #   NSYS_TRACE   --trace list (default cuda,nvtx,osrt).
 #   NSYS_EXTRA   more nsys options, word-split (e.g. "--cuda-memory-usage=true").
 #   DRY_RUN=1    print the command instead of running it.
-#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, NPROC_PER_NODE, ENTRY: as in launch/torchrun.sh.
+#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, NPROC_PER_NODE, ENTRY: as in launch/train.sh.
 #
 # Open a report with `nsys-ui <file>.nsys-rep`, or `nsys stats <file>.nsys-rep` for tables.
 set -euo pipefail

@@ -371,6 +371,20 @@ class TrainerConfig:
     max_nonfinite_steps: int = 3
     """Optimizer steps with a NaN/Inf gradient norm are skipped (actor/nonfinite_skips); stop after
     this many RL steps in a row had one."""
+    keep_last_k: int = 0
+    """Keep only the newest k checkpoints (older ones are deleted after a new one is complete);
+    0 = keep all."""
+    async_save: bool = False
+    """Write checkpoint files in a background thread so training goes on while storage works
+    (the state is copied to CPU first; the next save waits for the previous one)."""
+    save_hf_every: int = 0
+    """Also export an HF folder (run_dir/hf_steps/step_XXXXXX) every this many steps; 0 = only the
+    final one (save_hf_at_end, run_dir/hf)."""
+    collective_timeout_s: int = 1800
+    """Timeout of a collective inside a step: a rank that died or hangs makes the others fail after
+    this long instead of hanging forever. Must cover the slowest rank's generation."""
+    checkpoint_timeout_s: int = 3600
+    """Timeout of the collectives around a checkpoint save/load (slow shared storage)."""
 
     def __post_init__(self):
         rule_errors([
@@ -379,6 +393,10 @@ class TrainerConfig:
             (self.total_steps >= 0, "total_steps", "must be >= 0 (0 = derive from total_epochs)"),
             (self.save_freq >= 0, "save_freq", "must be >= 0"),
             (self.test_freq >= 0, "test_freq", "must be >= 0"),
+            (self.keep_last_k >= 0, "keep_last_k", "must be >= 0 (0 = keep every checkpoint)"),
+            (self.save_hf_every >= 0, "save_hf_every", "must be >= 0 (0 = only save_hf_at_end)"),
+            (self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0 seconds"),
+            (self.checkpoint_timeout_s > 0, "checkpoint_timeout_s", "must be > 0 seconds"),
         ])
 
 

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg = load_config(Config, path, overrides)
     device = resolve_device(cfg.trainer.device)
     try:
-        dims, mesh = init_parallel(cfg.parallel, device)
+        dims, mesh = init_parallel(cfg.parallel, device, cfg.trainer.collective_timeout_s)
         check_world_size(cfg, dims.dp_size)
         return PPOTrainer.build(cfg, dims, mesh, device).fit()
     finally:

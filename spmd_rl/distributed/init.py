@@ -51,13 +51,14 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def init_parallel(parallel_cfg, device: torch.device):
+def init_parallel(parallel_cfg, device: torch.device, timeout_s: int = 1800):
     """Process group, validated degrees and the named mesh of an entry point: ``(dims, mesh)``.
+    ``timeout_s`` bounds every collective, so a dead or stuck rank ends the run instead of hanging it.
 
     On CPU the ranks of one machine share its cores, so each takes its share of the threads."""
     from spmd_rl.distributed.parallel_dims import ParallelDims
 
-    _, world_size = init_distributed(device)
+    _, world_size = init_distributed(device, timeout_s)
     p = parallel_cfg
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.sp, p.tp, p.pp, world_size)
     if device.type == "cpu":

@@ -6,14 +6,20 @@ Layout of ``<run_dir>/checkpoints``::
                             trainer_state.pt (rank 0) and rng_rank<R>.pt (every rank)
     latest                  text file naming the newest complete step folder
 
-A crash while saving leaves only a ``*.tmp`` folder behind; ``latest`` still names the previous
-complete checkpoint.
+A crash or SIGKILL while saving leaves only a ``*.tmp`` folder behind (removed by the next save);
+``latest`` still names the previous complete checkpoint. Old checkpoints are pruned
+(``keep_last_k``) only after the new one is complete. With ``async_save`` the state is copied to
+CPU at once and written by a background thread; it is committed (renamed, ``latest`` updated) at
+the next save or at :meth:`Checkpointer.wait`.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+from concurrent.futures import Future
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -23,6 +29,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from spmd_rl.errors import UserError
 from spmd_rl.trainer.rng import capture_rng_state, restore_rng_state
+
+STEP_DIR = re.compile(r"step_(\d{6,})(\.old)?")
 
 
 def step_dir_name(step: int) -> str:
@@ -34,41 +42,93 @@ Trained = dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]  # "actor" / 
 
 class Checkpointer:
     """Saves and restores models with their optimizers, and a small trainer-state dict
-    (schedulers, sampler, KL controller, step)."""
+    (schedulers, sampler, KL controller, step).
 
-    def __init__(self, run_dir: str | Path, rank: int):
+    Its collectives run on a process group of their own: its timeout (``timeout_s``) fits slow
+    storage rather than a training step, and an async save's background thread never
+    interleaves with the training collectives."""
+
+    def __init__(self, run_dir: str | Path, rank: int, *, keep_last_k: int = 0, async_save: bool = False,
+                 timeout_s: float = 3600):
         self.root = Path(run_dir) / "checkpoints"
         self.rank = rank
+        self.keep_last_k = keep_last_k
+        self.async_save = async_save
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        self._pending: tuple[Future, int] | None = None  # async save in flight: (future, step)
 
     def save(self, step: int, trained: Trained, trainer_state: dict) -> Path:
-        final = self.root / step_dir_name(step)
-        tmp = self.root / (step_dir_name(step) + ".tmp")
+        """Write ``step``; returns its final folder (complete once :meth:`wait` returns when async)."""
+        self.wait()
+        tmp = self._tmp_dir(step)
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in self.root.glob("step_*.tmp"):  # left by a crash during an earlier save
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
-        dist.barrier()
-        dcp.save(_state_dicts(trained), checkpoint_id=str(tmp))
+        self._barrier()
         torch.save(capture_rng_state(), tmp / f"rng_rank{self.rank}.pt")  # every rank its own generators
-        dist.barrier()
         if self.rank == 0:
             torch.save(trainer_state, tmp / "trainer_state.pt")
+        state = _state_dicts(trained)
+        if self.async_save:  # copies the state to CPU now, writes in a thread
+            self._pending = (dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.group), step)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp), process_group=self.group)
+            self._commit(step)
+        return self.root / step_dir_name(step)
+
+    def wait(self) -> None:
+        """Finish and commit an async save in flight (every rank calls it at the same point)."""
+        if self._pending is None:
+            return
+        future, step = self._pending
+        self._pending = None
+        future.result()
+        self._commit(step)
+
+    def _commit(self, step: int) -> None:
+        """All ranks' files are in the temp folder: make it the checkpoint of ``step``."""
+        self._barrier()
+        if self.rank == 0:
+            tmp, final = self._tmp_dir(step), self.root / step_dir_name(step)
             _fsync_tree(tmp)
-            shutil.rmtree(final, ignore_errors=True)
+            aside = final.with_name(final.name + ".old")
+            if final.exists():  # re-saving a step (resumed from an older checkpoint): keep the old one until replaced
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(final, aside)
             os.replace(tmp, final)
+            _fsync_dir(self.root)
             _write_atomic(self.root / "latest", final.name)
-        dist.barrier()
-        return final
+            shutil.rmtree(aside, ignore_errors=True)
+            self._prune(keep=final)
+        self._barrier()
+
+    def _prune(self, keep: Path) -> None:
+        if self.keep_last_k <= 0:
+            return
+        for old in self.complete()[:-self.keep_last_k]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoint folders, oldest first (by when they were written)."""
+        found = [p for p in self.root.glob("step_*") if STEP_DIR.fullmatch(p.name) and _is_complete(p)]
+        return sorted(found, key=lambda p: ((p / "trainer_state.pt").stat().st_mtime_ns, p.name))
 
     def has(self, step: int) -> bool:
         """A complete checkpoint of ``step`` exists."""
-        return (self.root / step_dir_name(step) / "trainer_state.pt").is_file()
+        return _is_complete(self.root / step_dir_name(step))
 
     def latest(self) -> Path | None:
+        """The folder ``latest`` names; if that is missing or incomplete (a crash between the
+        renames of a re-save), the most recently completed checkpoint."""
         marker = self.root / "latest"
-        if not marker.is_file():
-            return None
-        path = self.root / marker.read_text().strip()
-        return path if path.is_dir() else None
+        if marker.is_file():
+            path = self.root / marker.read_text().strip()
+            if _is_complete(path):
+                return path
+        complete = self.complete()
+        return complete[-1] if complete else None
 
     def resolve(self, resume: str) -> Path | None:
         """``auto`` = latest if any, ``never`` = None, anything else = that checkpoint path."""
@@ -86,7 +146,7 @@ class Checkpointer:
         """Restore models and optimizers in place; return the trainer state."""
         state = _state_dicts(trained)
         try:
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, checkpoint_id=str(path), process_group=self.group)
         except Exception as e:  # e.g. resuming a critic-less checkpoint into a run with a critic
             raise UserError(f"checkpoint {path} does not match this run's models {sorted(trained)} "
                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__}). "
@@ -99,6 +159,17 @@ class Checkpointer:
         if rng_file.is_file():  # absent when resuming on more ranks than saved: fresh generators
             restore_rng_state(torch.load(rng_file, weights_only=True))
         return torch.load(path / "trainer_state.pt", weights_only=True)
+
+    def _tmp_dir(self, step: int) -> Path:
+        return self.root / (step_dir_name(step) + ".tmp")
+
+    def _barrier(self) -> None:
+        dist.barrier(group=self.group)
+
+
+def _is_complete(folder: Path) -> bool:
+    """trainer_state.pt is written before the rename, DCP's .metadata last of the shards."""
+    return (folder / "trainer_state.pt").is_file() and (folder / ".metadata").is_file()
 
 
 def _state_dicts(trained: Trained) -> dict:
@@ -115,6 +186,7 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -122,3 +194,13 @@ def _fsync_tree(folder: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (POSIX: fsync the directory)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -169,7 +169,9 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
         scheduler=scheduler, ref=ref, critic=critic, critic_optimizer=critic_optimizer,
         critic_scheduler=critic_scheduler, kl_ctrl=kl_ctrl, engine=engine, scorer=RewardScorer(reward_fn, timeout_s=cfg.reward.timeout_s),
         logger=build_metrics_logger(cfg.trainer.run_dir, cfg, rank),
-        checkpointer=Checkpointer(cfg.trainer.run_dir, rank), total_steps=total_steps, cfg=cfg,
+        checkpointer=Checkpointer(cfg.trainer.run_dir, rank, keep_last_k=cfg.trainer.keep_last_k,
+                                  async_save=cfg.trainer.async_save, timeout_s=cfg.trainer.checkpoint_timeout_s),
+        total_steps=total_steps, cfg=cfg,
         stop_token_ids=_stop_token_ids(tokenizer, decoder), seed=cfg.trainer.seed, log=log,
     )
 

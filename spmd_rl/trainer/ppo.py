@@ -80,6 +80,9 @@ class PPOTrainer:
                 if self._due(cfg.trainer.save_freq) or (self.step == c.total_steps and cfg.trainer.save_at_end):
                     with self.timer("save_checkpoint"):
                         self.save()
+                if self._due(cfg.trainer.save_hf_every) and self.step < c.total_steps:
+                    with self.timer("save_hf"):
+                        c.export_hf(Path(cfg.trainer.run_dir) / "hf_steps" / f"step_{self.step:06d}")
             if c.val_dataset is not None and (self._due(cfg.trainer.test_freq) or
                                               (self.step == c.total_steps and cfg.trainer.val_at_end)):
                 with self.timer("testing"):
@@ -95,6 +98,7 @@ class PPOTrainer:
             if self._preempted():
                 break
         bar.close()
+        c.checkpointer.wait()  # an async save in flight is committed before the run ends
         if self.stop_requested_anywhere:
             return last
         if cfg.trainer.save_hf_at_end:
@@ -308,6 +312,7 @@ class PPOTrainer:
         current step is then saved so that ``trainer.resume=auto`` continues from it."""
         self.stop_requested_anywhere = all_reduce_sum(float(self.stop_requested), None) > 0
         if self.stop_requested_anywhere:
+            self.c.checkpointer.wait()
             if not self.c.checkpointer.has(self.step):
                 self.save()
             self.c.log(f"SIGTERM: saved step {self.step} to {self.c.checkpointer.root}; exiting "
