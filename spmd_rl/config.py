@@ -478,7 +478,8 @@ class Config:
         rule_errors([
             (bool(self.model.path), "model.path", "is required: an HF model folder (config.json + safetensors)"),
             (bool(data.train_files), "data.train_files", "is required: a list of parquet files"),
-            (data.train_batch_size % actor.ppo_mini_batch_size == 0, "actor.ppo_mini_batch_size",
+            (actor.ppo_mini_batch_size > data.train_batch_size or data.train_batch_size % actor.ppo_mini_batch_size == 0,
+             "actor.ppo_mini_batch_size",
              f"{actor.ppo_mini_batch_size} must divide data.train_batch_size={data.train_batch_size}"),
             (actor.ppo_mini_batch_size <= data.train_batch_size, "actor.ppo_mini_batch_size",
              f"{actor.ppo_mini_batch_size} exceeds data.train_batch_size={data.train_batch_size}"),

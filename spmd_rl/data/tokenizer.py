@@ -52,6 +52,9 @@ def load_tokenizer(
     except (OSError, ValueError) as e:
         reason = " ".join(str(e).split())[:300] or type(e).__name__  # keep the message on one line
         raise UserError(f"cannot load a tokenizer from {path}: {reason}") from None
+    if len(tokenizer) < 2:  # transformers builds an empty tokenizer when the folder has no tokenizer files
+        raise UserError(f"{path} has no tokenizer files (tokenizer.json / vocab): copy them next to the model "
+                        "or set model.tokenizer_path")
     if chat_template is not None:
         tokenizer.chat_template = _read_template(chat_template)
     if require_chat_template:
@@ -82,7 +85,15 @@ def to_messages(prompt: Any) -> list[dict[str, Any]]:
         return [{"role": "user", "content": prompt}]
     if hasattr(prompt, "tolist"):  # numpy object arrays from pandas-written files
         prompt = prompt.tolist()
+    if not isinstance(prompt, (list, tuple)) or not all(isinstance(m, dict) and "role" in m for m in prompt):
+        raise UserError(f"a prompt cell must be a string or a list of {{'role': ..., 'content': ...}} messages, "
+                        f"got {_preview(prompt)}: fix the prompt column (data.prompt_key) of the parquet file")
     return [dict(m) for m in prompt]
+
+
+def _preview(value: Any) -> str:
+    text = " ".join(repr(value).split())
+    return f"{type(value).__name__} {text[:80]}{'...' if len(text) > 80 else ''}"
 
 
 def encode_chat_prompts(

@@ -42,7 +42,16 @@ class GenericCausalLM(nn.Module):
         """Load an HF folder with ``AutoModelForCausalLM`` (CPU; move it with ``.to``)."""
         from transformers import AutoModelForCausalLM
 
-        hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+        try:
+            hf_model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, output_loading_info=True,
+                                                                  trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError) as e:  # unknown architecture, no weights, unreadable files
+            reason = " ".join(str(e).split()).split(". ")[0][:300] or type(e).__name__  # first sentence only
+            raise UserError(f"transformers cannot load a causal LM from {path}: {reason}") from None
+        if info.get("missing_keys"):  # weights of another architecture would leave a random model
+            missing = sorted(info["missing_keys"])
+            raise UserError(f"the weights in {path} do not match its config.json: {len(missing)} parameters missing "
+                            f"(e.g. {missing[0]}); point model.path at a folder whose weights fit its config")
         return cls(hf_model)
 
     def forward(

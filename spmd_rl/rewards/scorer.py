@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from spmd_rl.errors import UserError
+from spmd_rl.rewards.custom import load_custom_reward_function
 from spmd_rl.rewards.default import compute_score
 
 
@@ -137,3 +138,13 @@ class RewardScorer:
             file=sys.stderr,
             flush=True,
         )
+
+
+def build_scorer(reward_cfg) -> RewardScorer:
+    """The run's scorer from its ``reward`` section: the custom function when configured, else
+    the built-in dispatch by data_source, with the per-call timeout."""
+    fn = compute_score
+    custom = reward_cfg.custom_function
+    if custom.path:
+        fn = load_custom_reward_function(custom.path, custom.name)
+    return RewardScorer(fn, timeout_s=reward_cfg.timeout_s)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from spmd_rl.errors import UserError
@@ -147,9 +148,9 @@ class Checkpointer:
         state = _state_dicts(trained)
         try:
             dcp.load(state, checkpoint_id=str(path), process_group=self.group)
-        except Exception as e:  # e.g. resuming a critic-less checkpoint into a run with a critic
+        except (Exception, CheckpointException) as e:  # e.g. a critic-less checkpoint into a run with a critic
             raise UserError(f"checkpoint {path} does not match this run's models {sorted(trained)} "
-                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}). "
+                            f"({_first_cause(e)}). "
                             "Resume with the same actor/critic setup (checkpoints from before the critic was "
                             "added store the policy as model/optim and cannot be resumed) or set trainer.resume=never") from e
         for name, (model, optimizer) in trained.items():
@@ -165,6 +166,17 @@ class Checkpointer:
 
     def _barrier(self) -> None:
         dist.barrier(group=self.group)
+
+
+def _first_cause(error: BaseException) -> str:
+    """A one-line reason; DCP wraps per-rank failures (``failures``), whose text names the missing key."""
+    failures = getattr(error, "failures", None)
+    if failures:
+        inner = next(iter(failures.values()))
+        error = inner[0] if isinstance(inner, tuple) else inner  # (exception, traceback) in some versions
+    text = " ".join(str(error).split())
+    key = re.search(r"Missing key in checkpoint state_dict: [^.\s]+(?:\.[^.\s]+)*", text)
+    return key.group(0) if key else (text[:300] or type(error).__name__)
 
 
 def _is_complete(folder: Path) -> bool:

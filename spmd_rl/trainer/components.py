@@ -18,10 +18,8 @@ from spmd_rl.data.tokenizer import load_tokenizer
 from spmd_rl.distributed.parallelize import apply_fsdp
 from spmd_rl.models import build_model
 from spmd_rl.observability.logger import MetricsLogger, build_metrics_logger
-from spmd_rl.rewards import compute_score
-from spmd_rl.rewards.custom import load_custom_reward_function
 from spmd_rl.rewards.overlong import overlong_penalty
-from spmd_rl.rewards.scorer import RewardScorer
+from spmd_rl.rewards.scorer import RewardScorer, build_scorer
 from spmd_rl.rollout.engine import RolloutEngine, build_engine
 from spmd_rl.trainer.batch import RolloutBatch
 from spmd_rl.trainer.checkpoint import Checkpointer, Trained
@@ -158,21 +156,18 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
         k = cfg.algorithm.kl_ctrl
         kl_ctrl = build_kl_controller(k.type, kl_coef=k.kl_coef, target_kl=k.target_kl, horizon=k.horizon)
 
-    reward_fn = compute_score
-    if cfg.reward.custom_function.path:
-        reward_fn = load_custom_reward_function(cfg.reward.custom_function.path, cfg.reward.custom_function.name)
     log(f"{len(dataset)} training prompts, {sampler.steps_per_epoch} steps/epoch, {total_steps} steps, "
         f"dp={dims.dp_size}, device={device}")
     return RunComponents(
         rank=rank, dp_rank=dp_rank, dp_size=dims.dp_size, dp_group=mesh["dp"].get_group(), device=device, tokenizer=tokenizer,
         dataset=dataset, val_dataset=val_dataset, sampler=sampler, policy=policy, optimizer=optimizer,
         scheduler=scheduler, ref=ref, critic=critic, critic_optimizer=critic_optimizer,
-        critic_scheduler=critic_scheduler, kl_ctrl=kl_ctrl, engine=engine, scorer=RewardScorer(reward_fn, timeout_s=cfg.reward.timeout_s),
+        critic_scheduler=critic_scheduler, kl_ctrl=kl_ctrl, engine=engine, scorer=build_scorer(cfg.reward),
         logger=build_metrics_logger(cfg.trainer.run_dir, cfg, rank),
         checkpointer=Checkpointer(cfg.trainer.run_dir, rank, keep_last_k=cfg.trainer.keep_last_k,
                                   async_save=cfg.trainer.async_save, timeout_s=cfg.trainer.checkpoint_timeout_s),
         total_steps=total_steps, cfg=cfg,
-        stop_token_ids=_stop_token_ids(tokenizer, decoder), seed=cfg.trainer.seed, log=log,
+        stop_token_ids=stop_token_ids(tokenizer, decoder), seed=cfg.trainer.seed, log=log,
     )
 
 
@@ -187,7 +182,7 @@ def _hidden_size(decoder: torch.nn.Module) -> int:
     return args.hidden_size if args is not None else decoder.hf_model.config.hidden_size
 
 
-def _stop_token_ids(tokenizer, decoder) -> list[int]:
+def stop_token_ids(tokenizer, decoder) -> list[int]:
     ids = {tokenizer.eos_token_id}
     model_eos = getattr(getattr(decoder, "args", None), "eos_token_id", None)
     ids.update(model_eos if isinstance(model_eos, list) else [model_eos])

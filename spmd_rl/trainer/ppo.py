@@ -80,7 +80,7 @@ class PPOTrainer:
                 if self._due(cfg.trainer.save_freq) or (self.step == c.total_steps and cfg.trainer.save_at_end):
                     with self.timer("save_checkpoint"):
                         self.save()
-                if self._due(cfg.trainer.save_hf_every) and self.step < c.total_steps:
+                if self._due(cfg.trainer.save_hf_every) and not (self.step == c.total_steps and cfg.trainer.save_hf_at_end):
                     with self.timer("save_hf"):
                         c.export_hf(Path(cfg.trainer.run_dir) / "hf_steps" / f"step_{self.step:06d}")
             if c.val_dataset is not None and (self._due(cfg.trainer.test_freq) or
@@ -145,7 +145,7 @@ class PPOTrainer:
                 break
         usable = min(target, int(num_kept) // c.dp_size * c.dp_size)
         if usable == 0:
-            raise RuntimeError(f"dynamic sampling kept no group with differing rewards in {num_gen} generation "
+            raise UserError(f"dynamic sampling kept no group with differing rewards in {num_gen} generation "
                                "batches: every group was all-correct or all-wrong. Raise rollout.n or "
                                "algorithm.filter_groups.max_num_gen_batches, or use easier/harder data")
         if usable < target:

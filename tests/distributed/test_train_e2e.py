@@ -91,8 +91,13 @@ def test_resumed_run_logs_the_same_metrics_as_an_uninterrupted_one(sft_model):
     straight = root / "straight"
     run(torchrun("spmd_rl.train", 2, *grpo_args(root, 4, "trainer.resume=never", f"trainer.run_dir={straight}")), REPO)
     split = root / "split"
-    run(torchrun("spmd_rl.train", 2, *grpo_args(root, 2, "trainer.resume=never", f"trainer.run_dir={split}")), REPO)
-    run(torchrun("spmd_rl.train", 2, *grpo_args(root, 4, "trainer.resume=auto", f"trainer.run_dir={split}")), REPO)
+    # The split run also saves asynchronously, keeps one checkpoint and exports HF folders on the way.
+    options = ("trainer.async_save=true", "trainer.keep_last_k=1", "trainer.save_hf_every=1", f"trainer.run_dir={split}")
+    run(torchrun("spmd_rl.train", 2, *grpo_args(root, 2, "trainer.resume=never", *options)), REPO)
+    run(torchrun("spmd_rl.train", 2, *grpo_args(root, 4, "trainer.resume=auto", *options)), REPO)
+    assert sorted(p.name for p in (split / "checkpoints").iterdir()) == ["latest", "step_000004"]
+    assert sorted(p.name for p in (split / "hf_steps").iterdir()) == [f"step_00000{i}" for i in (1, 2, 3, 4)]
+    assert (split / "hf_steps/step_000004/model.safetensors").is_file()
     a = {r["step"]: r for r in read_metrics(straight / "metrics.jsonl")}
     b = {r["step"]: r for r in read_metrics(split / "metrics.jsonl")}
     for step in (3, 4):
