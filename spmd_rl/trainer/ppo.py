@@ -16,6 +16,7 @@ from spmd_rl.algorithms.advantages import get_advantage_estimator
 from spmd_rl.algorithms.kl import apply_kl_penalty
 from spmd_rl.algorithms.masked import masked_mean, masked_var
 from spmd_rl.config import Config, save_config
+from spmd_rl.config_loader import config_to_dict
 from spmd_rl.distributed.collectives import all_reduce_sum, reduce_metrics
 from spmd_rl.errors import UserError
 from spmd_rl.observability.memory import memory_metrics
@@ -268,7 +269,8 @@ class PPOTrainer:
 
     def save(self) -> None:
         c = self.c
-        state = {"step": self.step, "sampler": c.sampler.state_dict(), "scheduler": c.scheduler.state_dict()}
+        state = {"step": self.step, "sampler": c.sampler.state_dict(), "scheduler": c.scheduler.state_dict(),
+                 "config": config_to_dict(self.cfg)}  # the resolved config that produced this state
         if c.critic_scheduler is not None:
             state["critic_scheduler"] = c.critic_scheduler.state_dict()
         if c.kl_ctrl is not None:

@@ -80,6 +80,8 @@ def test_two_rank_run_writes_metrics_and_resumes(sft_model):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert (ckpt / "latest").read_text() == "step_000004"
     assert (root / "grpo/config.yaml").is_file()
+    state = torch.load(ckpt / "step_000004/trainer_state.pt", weights_only=True)
+    assert state["step"] == 4 and state["config"]["trainer"]["total_steps"] == 4  # the resolved config travels along
 
 
 VOLATILE = ("timing_s/", "perf/")  # wall-clock numbers differ between any two runs
