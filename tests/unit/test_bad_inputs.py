@@ -173,6 +173,7 @@ CASES: dict[str, tuple[Callable[[Path, Path], object], str]] = {
     "dp-shard-not-matching-world": (lambda tmp, tok: ParallelDims(1, 2, 1, 1, 1, world_size=1),
                                     "Invalid parallel dims: dp_replicate(1) * dp_shard(2) * sp(1) * tp(1) * pp(1) != "
                                     "WORLD_SIZE(1): change parallel.* or the number of processes (torchrun --nproc-per-node)"),
+    "keep-last-k-negative": (config("trainer.keep_last_k=-1"), "trainer.keep_last_k: must be >= 0 (0 = keep every checkpoint)"),
     "tensor-parallel-requested": (lambda tmp, tok: ParallelDims(1, -1, 1, 2, 1, world_size=2),
                                   "parallel.tp=2 is not supported in this version: set parallel.tp=1"),
     "native-engine-for-generic-model": (lambda tmp, tok: build_engine("native", torch.nn.Linear(2, 2)),
