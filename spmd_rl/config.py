@@ -32,6 +32,9 @@ class ModelConfig:
     """Parameter dtype for training math; auto = bf16 mixed precision on GPU, fp32 on CPU."""
     trust_remote_code: bool = False
     """Allow custom model/tokenizer code from model.path (off by default)."""
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+    """Fused logprob/entropy and packed attention: auto = the Triton kernels on CUDA, the torch
+    references elsewhere; triton on CPU needs TRITON_INTERPRET=1 (tests only, slow)."""
 
     def __post_init__(self):
         if not self.tokenizer_path:
