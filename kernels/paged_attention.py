@@ -1,5 +1,5 @@
 """Decode attention over a paged KV cache (PagedAttention, arXiv:2309.06180), with optional
-split-K over the context (flash-decoding) for long contexts at small batch.
+split-K over the context (Flash-Decoding, Dao et al. 2023) for long contexts at small batch.
 
 Paged cache layout (per layer; the generation engine's paged cache uses exactly this):
 
@@ -76,7 +76,8 @@ def paged_decode_attention_reference(
     S = used_blocks * block_size
     k = k_pool[table].reshape(B, S, Hkv, D).transpose(1, 2)  # [B, Hkv, S, D]
     v = v_pool[table].reshape(B, S, Hkv, D).transpose(1, 2)
-    out = decode_attention(q, k, v, lengths.to(q.device), scale=scale, window=window)
+    lengths = lengths.to(q.device)
+    out = decode_attention(q, k, v, lengths, scale=scale, window=window)
     # decode_attention's softmax over no keys is NaN; a padding row yields zeros instead.
     return torch.where((lengths > 0).view(B, 1, 1), out, torch.zeros((), dtype=out.dtype, device=out.device))
 

@@ -16,6 +16,8 @@ from spmd_rl.data.rl_dataset import PromptSample, RLDataset
 from spmd_rl.data.sampler import PromptSampler
 from spmd_rl.data.tokenizer import load_tokenizer
 from spmd_rl.distributed.parallelize import apply_fsdp
+from spmd_rl.errors import UserError
+from spmd_rl.kernels.backend import resolve_kernel_backend
 from spmd_rl.models import build_model
 from spmd_rl.observability.logger import MetricsLogger, build_metrics_logger
 from spmd_rl.rewards.overlong import overlong_penalty
@@ -130,7 +132,8 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
     engine = build_engine(cfg.rollout.engine, engine_model, max_num_seqs=cfg.rollout.max_num_seqs,
                           max_seq_len=data.max_prompt_length + data.max_response_length, device=device)
     param_dtype = torch.bfloat16 if device.type == "cuda" and cfg.model.dtype != "float32" else None
-    policy = apply_fsdp(PolicyModel(decoder), mesh["dp"], param_dtype=param_dtype)
+    kernels = kernel_backend(cfg.model.kernels, device)
+    policy = apply_fsdp(PolicyModel(decoder, kernels), mesh["dp"], param_dtype=param_dtype)
 
     # Optimizer steps per RL step: one per mini-batch per PPO epoch.
     updates_per_step = cfg.actor.ppo_epochs * (data.train_batch_size // cfg.actor.ppo_mini_batch_size)
@@ -139,7 +142,8 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
 
     ref = None
     if cfg.needs_reference:
-        ref = PolicyModel(_load_decoder(cfg, cfg.ref.path or cfg.model.path, device)).requires_grad_(False).eval()
+        ref = PolicyModel(_load_decoder(cfg, cfg.ref.path or cfg.model.path, device), kernels)
+        ref = ref.requires_grad_(False).eval()
         ref = apply_fsdp(ref, mesh["dp"], param_dtype=param_dtype,
                          offload_to_cpu=cfg.ref.offload and device.type == "cuda")
 
@@ -157,7 +161,7 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
         kl_ctrl = build_kl_controller(k.type, kl_coef=k.kl_coef, target_kl=k.target_kl, horizon=k.horizon)
 
     log(f"{len(dataset)} training prompts, {sampler.steps_per_epoch} steps/epoch, {total_steps} steps, "
-        f"dp={dims.dp_size}, device={device}")
+        f"dp={dims.dp_size}, device={device}, kernels={kernels}")
     return RunComponents(
         rank=rank, dp_rank=dp_rank, dp_size=dims.dp_size, dp_group=mesh["dp"].get_group(), device=device, tokenizer=tokenizer,
         dataset=dataset, val_dataset=val_dataset, sampler=sampler, policy=policy, optimizer=optimizer,
@@ -175,6 +179,14 @@ def _load_decoder(cfg: Config, path: str, device: torch.device) -> torch.nn.Modu
     return build_model(path, device=device, dtype=torch.float32,
                        prefer_native=cfg.model.implementation != "generic", seed=cfg.trainer.seed,
                        trust_remote_code=cfg.model.trust_remote_code)
+
+
+def kernel_backend(choice: str, device: torch.device) -> str:
+    """``model.kernels`` resolved for this device (:mod:`spmd_rl.kernels.backend`)."""
+    try:
+        return resolve_kernel_backend(choice, device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _hidden_size(decoder: torch.nn.Module) -> int:

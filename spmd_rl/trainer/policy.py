@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from spmd_rl.data.packing import pack_sequences
-from spmd_rl.kernels.logprob import logprobs_from_hidden
+from spmd_rl.kernels.logprob import logprobs_and_entropy
 
 
 @dataclass
@@ -49,15 +49,16 @@ def build_scoring_inputs(prompts: list[list[int]], responses: list[list[int]], d
 class PolicyModel(nn.Module):
     """Wraps a decoder (native or generic) to return logprobs of the response tokens."""
 
-    def __init__(self, decoder: nn.Module):
+    def __init__(self, decoder: nn.Module, kernels: str = "torch"):
         super().__init__()
         self.decoder = decoder
+        self.kernels = kernels  # "torch" | "triton": the lm-head -> logprob implementation
 
     def forward(self, inputs: ScoringInputs, temperature: float = 1.0, with_entropy: bool = False):
         """Return ``(logprobs [M], entropy [M] or None)`` in fp32."""
         hidden = self.decoder(inputs.input_ids, inputs.position_ids, cu_seqlens=inputs.cu_seqlens)
         hidden = hidden.reshape(-1, hidden.shape[-1])[inputs.target_positions]  # [M, H]
-        return logprobs_from_hidden(hidden, self.decoder.lm_head_weight(), inputs.targets,
+        return logprobs_and_entropy(hidden, self.decoder.lm_head_weight(), inputs.targets, backend=self.kernels,
                                     temperature=temperature, with_entropy=with_entropy)
 
 
