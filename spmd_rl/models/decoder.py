@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from spmd_rl.kernels.attention import causal_attention, decode_attention, packed_causal_attention
+from spmd_rl.kernels.attention import causal_attention, decode_attention
+from spmd_rl.kernels.varlen_attention import varlen_attention
 from spmd_rl.models.args import ModelArgs
 from spmd_rl.models.kv_cache import KVCache
 from spmd_rl.models.rope import apply_rope, compute_cos_sin, compute_inv_freq
@@ -83,6 +84,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx, self.head_dim = layer_idx, args.head_dim
         self.window = args.sliding_window
+        self.kernels = "torch"  # packed attention implementation (set_kernels)
         hq, hkv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.q_proj = nn.Linear(args.hidden_size, hq, bias=args.attention_bias)
         self.k_proj = nn.Linear(args.hidden_size, hkv, bias=args.attention_bias)
@@ -117,7 +119,8 @@ class Attention(nn.Module):
             out = decode_attention(q[:, 0], k_rows, v_rows, inputs.decode_lengths, window=self.window)
             return out.unsqueeze(1)
         if inputs.cu_seqlens is not None:
-            return packed_causal_attention(q[0], k[0], v[0], inputs.cu_seqlens, window=self.window).unsqueeze(0)
+            return varlen_attention(q[0], k[0], v[0], inputs.cu_seqlens, window=self.window,
+                                    backend=self.kernels).unsqueeze(0)
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, D]
         return causal_attention(qt, kt, vt, window=self.window).transpose(1, 2)
 
@@ -195,6 +198,11 @@ class Transformer(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [..., H] @ W.T -> [..., V]`` (no temperature, no softcap)."""
         return hidden @ self.lm_head_weight().t()
+
+    def set_kernels(self, backend: str) -> None:
+        """Packed (training/prefill) attention through ``backend``: "torch" or "triton"."""
+        for layer in self.model.layers:
+            layer.self_attn.kernels = backend
 
     def tie_weights(self) -> None:
         """Make ``lm_head.weight`` the embedding Parameter again (``to_empty`` can untie them)."""

@@ -176,9 +176,12 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
 
 
 def _load_decoder(cfg: Config, path: str, device: torch.device) -> torch.nn.Module:
-    return build_model(path, device=device, dtype=torch.float32,
-                       prefer_native=cfg.model.implementation != "generic", seed=cfg.trainer.seed,
-                       trust_remote_code=cfg.model.trust_remote_code)
+    decoder = build_model(path, device=device, dtype=torch.float32,
+                          prefer_native=cfg.model.implementation != "generic", seed=cfg.trainer.seed,
+                          trust_remote_code=cfg.model.trust_remote_code)
+    if hasattr(decoder, "set_kernels"):  # the native decoder; generic models keep transformers' attention
+        decoder.set_kernels(kernel_backend(cfg.model.kernels, device))
+    return decoder
 
 
 def kernel_backend(choice: str, device: torch.device) -> str:

@@ -33,17 +33,19 @@ def test_unknown_choice_lists_the_valid_ones():
 
 
 def test_policy_logprobs_and_grads_match_between_backends(monkeypatch):
+    """Packed attention and lm-head logprobs through Triton = the torch path, values and grads."""
     pytest.importorskip("triton")
     args = ModelArgs(architecture="LlamaForCausalLM", model_type="llama", vocab_size=70, hidden_size=32,
-                     intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8)
+                     intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16)
     inputs = build_scoring_inputs([[1, 2, 3], [4, 5]], [[6, 7], [8, 9, 10]], "cpu")
     results = {}
     for backend in ("torch", "triton"):
         model = build_model(None, args=args, seed=3)
+        model.set_kernels(backend)  # packed attention too
         lp, ent = PolicyModel(model, backend)(inputs, temperature=0.7, with_entropy=True)
         (lp.sum() + 0.1 * ent.sum()).backward()
         results[backend] = (lp.detach(), ent.detach(), model.lm_head_weight().grad.clone(),
-                            model.model.embed_tokens.weight.grad.clone() if hasattr(model, "model") else None)
+                            model.model.embed_tokens.weight.grad.clone(),
+                            model.model.layers[0].self_attn.q_proj.weight.grad.clone())
     for a, b in zip(results["torch"], results["triton"]):
-        if a is not None:
-            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
