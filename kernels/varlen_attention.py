@@ -8,8 +8,8 @@ keys including itself (Mistral's sliding window, arXiv:2310.06825). Grouped-quer
 
 Design
 - Block tables. Programs are mapped to (sequence, block) pairs by a table built from
-  ``cu_seqlens`` with device-side torch ops: no host sync, so a step can be CUDA-graphed, and a
-  sequence of length 1 costs one program, not ``max_seqlen / BLOCK``. The grid is sized by the
+  ``cu_seqlens`` with device-side torch ops (nothing is read back to the host, so no sync),
+  and a sequence of length 1 costs one program, not ``max_seqlen / BLOCK``. The grid is sized by the
   upper bound ``cdiv(N, BLOCK) + S`` known from shapes alone; surplus entries exit at once. The
   table is sorted by estimated work, heaviest first (longest-processing-time order), so the
   long tail of a long sequence's causal blocks does not start last.
