@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spmd_rl.distributed.init import destroy_distributed, free_port, init_distributed
+from spmd_rl.distributed.init import free_port, init_distributed
 from spmd_rl.trainer.checkpoint import Checkpointer
 
 torch.set_num_threads(1)
@@ -68,16 +68,6 @@ def check_latest(run_dir: Path, keep_last_k: int) -> int:
     if keep_last_k:
         assert len(ckpt.complete()) <= keep_last_k + 1  # +1: killed after the commit, before the prune
     return step
-
-
-@pytest.fixture
-def process_group():
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    init_distributed(torch.device("cpu"))
-    yield
-    destroy_distributed()
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(key, None)
 
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])

@@ -6,21 +6,10 @@ import os
 import pytest
 import torch
 
-from spmd_rl.distributed.init import destroy_distributed, free_port, init_distributed
 from spmd_rl.errors import UserError
 from spmd_rl.trainer.checkpoint import Checkpointer
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture
-def process_group():
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    init_distributed(torch.device("cpu"))
-    yield
-    destroy_distributed()
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(key, None)
 
 
 def trained(value: float):
