@@ -147,8 +147,8 @@ class PPOTrainer:
         usable = min(target, int(num_kept) // c.dp_size * c.dp_size)
         if usable == 0:
             raise UserError(f"dynamic sampling kept no group with differing rewards in {num_gen} generation "
-                               "batches: every group was all-correct or all-wrong. Raise rollout.n or "
-                               "algorithm.filter_groups.max_num_gen_batches, or use easier/harder data")
+                            "batches: every group was all-correct or all-wrong. Raise rollout.n or "
+                            "algorithm.filter_groups.max_num_gen_batches, or use easier/harder data")
         if usable < target:
             c.log(f"step {self.step}: only {int(num_kept)} informative groups after {num_gen} generation batches; "
                   f"training on {usable} (raise algorithm.filter_groups.max_num_gen_batches to fill the batch)")
@@ -317,6 +317,7 @@ class PPOTrainer:
             self.c.checkpointer.wait()
             if not self.c.checkpointer.has(self.step):
                 self.save()
+                self.c.checkpointer.wait()  # committed before we say so
             self.c.log(f"SIGTERM: saved step {self.step} to {self.c.checkpointer.root}; exiting "
                        "(rerun with trainer.resume=auto to continue)")
         return self.stop_requested_anywhere
