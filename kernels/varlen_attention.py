@@ -375,6 +375,21 @@ if triton is not None:
         return acc, l_i, m_i
 
     @triton.jit
+    def _program_block(TABLE, CU, n_heads):
+        """This program's (head, sequence, block of the sequence, sequence start, sequence length);
+        heads vary fastest so the query heads of one kv group run side by side and share K/V in L2.
+        A spare table entry has sequence -1 (its start/length are read from sequence 0, unused)."""
+        pid = tl.program_id(0)
+        head = pid % n_heads
+        entry = pid // n_heads
+        seq = tl.load(TABLE + 2 * entry)
+        blk = tl.load(TABLE + 2 * entry + 1)
+        safe = tl.maximum(seq, 0)
+        seq_start = tl.load(CU + safe)
+        seq_len = tl.load(CU + safe + 1) - seq_start
+        return head, seq, blk, seq_start, seq_len
+
+    @triton.jit
     def _fwd_kernel(
         Q, K, V, O, LSE, CU, TABLE,
         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
@@ -382,16 +397,9 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
-        # Heads vary fastest: the query heads of one kv group run side by side and share K/V in L2.
-        pid = tl.program_id(0)
-        h = pid % n_heads
-        entry = pid // n_heads
-        seq = tl.load(TABLE + 2 * entry)
-        if seq < 0:
+        h, seq, blk, seq_start, seq_len = _program_block(TABLE, CU, n_heads)
+        if seq < 0:  # a spare entry of the block table
             return
-        blk = tl.load(TABLE + 2 * entry + 1)
-        seq_start = tl.load(CU + seq)
-        seq_len = tl.load(CU + seq + 1) - seq_start
         hk = h // group
         q_lo = blk * BLOCK_M
 
@@ -491,15 +499,9 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
         HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
-        pid = tl.program_id(0)
-        hk = pid % n_kv_heads
-        entry = pid // n_kv_heads
-        seq = tl.load(TABLE + 2 * entry)
-        if seq < 0:
+        hk, seq, blk, seq_start, seq_len = _program_block(TABLE, CU, n_kv_heads)
+        if seq < 0:  # a spare entry of the block table
             return
-        blk = tl.load(TABLE + 2 * entry + 1)
-        seq_start = tl.load(CU + seq)
-        seq_len = tl.load(CU + seq + 1) - seq_start
         k_lo = blk * BLOCK_N
 
         offs_n = k_lo + tl.arange(0, BLOCK_N)
@@ -580,15 +582,9 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
-        pid = tl.program_id(0)
-        h = pid % n_heads
-        entry = pid // n_heads
-        seq = tl.load(TABLE + 2 * entry)
-        if seq < 0:
+        h, seq, blk, seq_start, seq_len = _program_block(TABLE, CU, n_heads)
+        if seq < 0:  # a spare entry of the block table
             return
-        blk = tl.load(TABLE + 2 * entry + 1)
-        seq_start = tl.load(CU + seq)
-        seq_len = tl.load(CU + seq + 1) - seq_start
         hk = h // group
         q_lo = blk * BLOCK_M
 

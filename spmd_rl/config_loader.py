@@ -15,6 +15,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from spmd_rl.durable_files import write_text_atomic
+
 from spmd_rl.errors import UserError
 
 
@@ -211,9 +213,7 @@ def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically: temp file then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 __all__ = [

@@ -18,7 +18,6 @@ and prints a table of the metrics.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from spmd_rl.data.rl_dataset import RLDataset
 from spmd_rl.data.tokenizer import load_tokenizer
 from spmd_rl.distributed.collectives import all_reduce_sum
 from spmd_rl.distributed.init import destroy_distributed, init_distributed, resolve_device
+from spmd_rl.durable_files import write_text_atomic
 from spmd_rl.errors import exit_on_user_error
 from spmd_rl.models import build_model
 from spmd_rl.rewards import build_scorer
@@ -83,13 +83,13 @@ def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device) -> d
     if rank == 0:
         out = Path(cfg.trainer.run_dir) / "eval"
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "generations.jsonl",
+        write_text_atomic(out / "generations.jsonl",
                       "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in all_records))
         summary = {"model": cfg.model.path, "val_files": list(data.val_files), "n": params.n,
                    "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
                    "max_response_length": data.max_response_length, "seed": cfg.trainer.seed,
                    "num_prompts": len(dataset), "num_responses": len(all_records), "metrics": metrics}
-        _write_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
         save_config(cfg, out / "config.yaml")
         print(format_table(metrics, all_records, params.n), flush=True)
         print(f"wrote {out / 'generations.jsonl'} and {out / 'metrics.json'}", flush=True)
@@ -112,16 +112,6 @@ def format_table(metrics: dict[str, float], records: list[ResponseRecord], n: in
     lines.append(f"mean response length {metrics['val/response_length/mean']:.1f} tokens; "
                  f"reward errors {metrics['reward/errors']:.0f}")
     return "\n".join(lines)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write beside ``path`` then rename, so a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @exit_on_user_error

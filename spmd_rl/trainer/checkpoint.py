@@ -28,6 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from spmd_rl.durable_files import fsync_dir, fsync_tree, write_text_atomic
 from spmd_rl.errors import UserError
 from spmd_rl.trainer.rng import capture_rng_state, restore_rng_state
 
@@ -92,14 +93,14 @@ class Checkpointer:
         self._barrier()
         if self.rank == 0:
             tmp, final = self._tmp_dir(step), self.root / step_dir_name(step)
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             aside = final.with_name(final.name + ".old")
             if final.exists():  # re-saving a step (resumed from an older checkpoint): keep the old one until replaced
                 shutil.rmtree(aside, ignore_errors=True)
                 os.replace(final, aside)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
-            _write_atomic(self.root / "latest", final.name)
+            fsync_dir(self.root)
+            write_text_atomic(self.root / "latest", final.name)
             shutil.rmtree(aside, ignore_errors=True)
             self._prune(keep=final)
         self._barrier()
@@ -189,30 +190,3 @@ def _state_dicts(trained: Trained) -> dict:
     for name, (model, optimizer) in trained.items():
         state[f"{name}/model"], state[f"{name}/optim"] = get_state_dict(model, optimizer)
     return state
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (POSIX: fsync the directory)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
