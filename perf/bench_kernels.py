@@ -293,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     rows = gpu_bench(only, args.repeats) if on_gpu else interpreter_check(only)
     tag = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_") if on_gpu else "cpu_interpreter"
+    if only != {"logprob", "varlen_attention", "paged_decode"}:  # a partial run never replaces the full results
+        tag += "_" + "_".join(sorted(only))
     out = args.out or RESULTS / f"bench_kernels_{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": device, "torch": torch.__version__, "triton": triton.__version__,
