@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 
+import torch.distributed
+
 from spmd_rl.config import Config, check_world_size, load_config, parse_cli
 from spmd_rl.distributed.init import destroy_distributed, init_parallel, resolve_device
 from spmd_rl.errors import exit_on_user_error
@@ -20,7 +22,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     try:
         dims, mesh = init_parallel(cfg.parallel, device, cfg.trainer.collective_timeout_s)
         check_world_size(cfg, dims.dp_size)
-        return PPOTrainer.build(cfg, dims, mesh, device).fit()
+        metrics = PPOTrainer.build(cfg, dims, mesh, device).fit()
+        # Leave together: a rank that tears its groups down early can abort a peer still in them.
+        torch.distributed.barrier()
+        return metrics
     finally:
         destroy_distributed()
 
