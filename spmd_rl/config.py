@@ -86,6 +86,8 @@ class RolloutConfig:
     """Top-k sampling (-1 = off)."""
     max_num_seqs: int = 64
     """Sequences decoded together per engine batch."""
+    update_weights_bucket_mb: int = 512
+    """vLLM/SGLang weight sync: tensors are pushed into the engine in buckets of at most this many MiB."""
     val_n: int = 1
     """Samples per prompt at validation."""
     val_temperature: float = 0.0
@@ -99,6 +101,7 @@ class RolloutConfig:
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (self.top_k == -1 or self.top_k > 0, "top_k", "must be -1 (off) or > 0"),
             (self.max_num_seqs > 0, "max_num_seqs", "must be > 0"),
+            (self.update_weights_bucket_mb > 0, "update_weights_bucket_mb", "must be > 0 (MiB per weight bucket)"),
             (self.val_n >= 1, "val_n", "must be >= 1"),
             (self.val_temperature >= 0, "val_temperature", "must be >= 0 (0 = greedy)"),
         ])
@@ -219,12 +222,23 @@ class PolicyLossOptions:
 
 @dataclass
 class ActorConfig:
+    strategy: Literal["fsdp", "megatron"] = "fsdp"
+    """Training backend of the policy: fsdp = the native decoder under FSDP2 (+ TP/SP); megatron =
+    megatron-core's GPTModel (needs pip install -e '.[megatron]' and CUDA)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and LR schedule of the policy."""
     ppo_mini_batch_size: int = 8
     """Prompts per optimizer step over all ranks (data.train_batch_size / this = steps per rollout)."""
     micro_batch_size_per_device: int = 8
     """Sequences per forward/backward on one rank (gradient accumulation inside a mini-batch)."""
+    max_tokens_per_micro_batch: int = 0
+    """Dynamic batch size: > 0 = micro-batches of at most this many prompt+response tokens
+    (packed by length) instead of micro_batch_size_per_device sequences; a longer sequence
+    goes alone. Also used for the old/reference logprobs. 0 = off."""
+    use_remove_padding: bool = True
+    """Padding-free training: sequences packed into one row with varlen attention. false =
+    right-padded [B, T] micro-batches (same results, more compute; the policy, the reference
+    and the critic alike)."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
     policy_loss: str = "vanilla"
@@ -255,6 +269,8 @@ class ActorConfig:
         rule_errors([
             (self.ppo_mini_batch_size > 0, "ppo_mini_batch_size", "must be > 0"),
             (self.micro_batch_size_per_device > 0, "micro_batch_size_per_device", "must be > 0"),
+            (self.max_tokens_per_micro_batch >= 0, "max_tokens_per_micro_batch",
+             "must be >= 0 (0 = off: micro_batch_size_per_device sequences per micro-batch)"),
             (self.ppo_epochs >= 1, "ppo_epochs", "must be >= 1"),
             (self.policy_loss in POLICY_LOSSES, "policy_loss",
              f"unknown {self.policy_loss!r}; choose from {sorted(POLICY_LOSSES)}"),
@@ -294,6 +310,9 @@ class CriticConfig:
     """Prompts per critic optimizer step over all ranks; 0 = actor.ppo_mini_batch_size."""
     micro_batch_size_per_device: int = 0
     """Sequences per critic forward/backward on one rank; 0 = actor.micro_batch_size_per_device."""
+    max_tokens_per_micro_batch: int = 0
+    """Dynamic batch size of the critic (values and update): > 0 = micro-batches of at most this
+    many prompt+response tokens instead of a fixed number of sequences. 0 = off."""
     loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     """Aggregation of the value loss."""
 
@@ -304,6 +323,8 @@ class CriticConfig:
             (self.ppo_epochs >= 1, "ppo_epochs", "must be >= 1"),
             (self.ppo_mini_batch_size >= 0, "ppo_mini_batch_size", "must be >= 0 (0 = the actor's)"),
             (self.micro_batch_size_per_device >= 0, "micro_batch_size_per_device", "must be >= 0 (0 = the actor's)"),
+            (self.max_tokens_per_micro_batch >= 0, "max_tokens_per_micro_batch",
+             "must be >= 0 (0 = off: micro_batch_size_per_device sequences per micro-batch)"),
         ])
 
 
@@ -388,6 +409,10 @@ class TrainerConfig:
     this long instead of hanging forever. Must cover the slowest rank's generation."""
     checkpoint_timeout_s: int = 3600
     """Timeout of the collectives around a checkpoint save/load (slow shared storage)."""
+    balance_batch: bool = False
+    """Move whole prompt groups between dp ranks so each rank trains on about the same number of
+    prompt+response tokens (within each PPO mini-batch, so the update is unchanged); logs
+    perf/balance_ratio_before/after (max / mean tokens per rank)."""
 
     def __post_init__(self):
         rule_errors([
@@ -498,6 +523,9 @@ class Config:
              "only applies with critic.enable=true"),
             (self.reward.overlong_buffer.len < data.max_response_length, "reward.overlong_buffer.len",
              f"{self.reward.overlong_buffer.len} must be < data.max_response_length={data.max_response_length}"),
+            (actor.use_remove_padding or self.parallel.sp == 1, "actor.use_remove_padding",
+             f"false (right-padded batches) needs parallel.sp=1, got {self.parallel.sp}: sequence parallelism "
+             "splits packed rows; set actor.use_remove_padding=true"),
             (self.critic.ppo_mini_batch_size == 0 or data.train_batch_size % self.critic.ppo_mini_batch_size == 0,
              "critic.ppo_mini_batch_size", f"{self.critic.ppo_mini_batch_size} must divide data.train_batch_size={data.train_batch_size}"),
         ])

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from spmd_rl.errors import UserError
 
-# Dimensions a later version composes with FSDP; accepted in the config, refused when > 1 for now.
-_NOT_YET = ("sp", "tp", "pp")
+# torch warns that slicing a flattened dim ("dp", "dp_shard_sp") from the root mesh may go away;
+# it is the documented way in this torch version, and the warning would repeat on every rank.
+warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh")
 
 
 @dataclass
 class ParallelDims:
-    """Degrees of each parallel dimension; ``dp_shard=-1`` takes what the others leave."""
+    """Degrees of each parallel dimension; ``dp_shard=-1`` takes what the others leave.
+
+    Mesh layout, outermost first: ``dp_replicate x dp_shard x sp x tp`` (tp innermost, so a tp
+    group sits on neighbouring ranks, i.e. inside one node). Ranks that differ only in ``sp`` or
+    ``tp`` hold the same data; ``dp = dp_replicate x dp_shard`` ranks hold different data.
+    FSDP shards parameters over ``dp_shard x sp`` and replicates over ``dp_replicate`` (HSDP)."""
 
     dp_replicate: int
     dp_shard: int
@@ -34,9 +41,9 @@ class ParallelDims:
                 f"sp({self.sp}) * tp({self.tp}) * pp({self.pp}) != WORLD_SIZE({self.world_size}): "
                 "change parallel.* or the number of processes (torchrun --nproc-per-node)"
             )
-        for name in _NOT_YET:
-            if getattr(self, name) > 1:
-                raise UserError(f"parallel.{name}={getattr(self, name)} is not supported in this version: set parallel.{name}=1")
+        if self.pp > 1:
+            raise UserError(f"parallel.pp={self.pp}: pipeline parallelism needs the Megatron backend "
+                            "(actor.strategy=megatron); the FSDP backend uses parallel.pp=1")
 
     @property
     def dp_size(self) -> int:
@@ -45,14 +52,20 @@ class ParallelDims:
 
     @property
     def fsdp_enabled(self) -> bool:
-        return self.dp_shard > 1
+        return self.dp_shard * self.sp > 1
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        """A 1-D mesh named ``dp`` over all data-parallel ranks (world size 1 included).
+        """The named mesh: ``dp_replicate, dp_shard, sp, tp`` plus the flattened ``dp``
+        (``dp_replicate x dp_shard``: data) and ``dp_shard_sp`` (``dp_shard x sp``: FSDP shards)."""
+        names = ("dp_replicate", "dp_shard", "sp", "tp")
+        mesh = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.sp, self.tp),
+                                mesh_dim_names=names)
+        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        mesh["dp_shard", "sp"]._flatten("dp_shard_sp")
+        return mesh
 
-        HSDP (``dp_replicate`` x ``dp_shard``) and the sp/tp/pp dimensions become further
-        named dimensions of this mesh when they are supported."""
+    def fsdp_mesh(self, mesh: DeviceMesh) -> DeviceMesh:
+        """Where FSDP2 lives: 1-D ``dp_shard_sp``, or 2-D ``(dp_replicate, dp_shard_sp)`` for HSDP."""
         if self.dp_replicate > 1:
-            mesh = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard), mesh_dim_names=("dp_replicate", "dp_shard"))
-            return mesh._flatten("dp")
-        return init_device_mesh(device_type, (self.dp_size,), mesh_dim_names=("dp",))
+            return mesh["dp_replicate", "dp_shard_sp"]
+        return mesh["dp_shard_sp"]

@@ -19,6 +19,29 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     return list(layers) if layers is not None else []
 
 
+def apply_model_parallel(decoder: nn.Module, dims, mesh: DeviceMesh):
+    """Tensor and sequence parallelism of a decoder, before FSDP wraps it; returns the Ulysses
+    group for the packed forwards (None without sequence parallelism)."""
+    if dims.tp == 1 and dims.sp == 1:
+        return None
+    from spmd_rl.models.decoder import Transformer
+
+    if not isinstance(decoder, Transformer):
+        raise ValueError(f"parallel.tp={dims.tp} / parallel.sp={dims.sp} need the native decoder, got "
+                         f"{type(decoder).__name__}: use a Llama/Qwen/Mistral model or parallel.tp=1 parallel.sp=1")
+    if dims.tp > 1:
+        from spmd_rl.distributed.tensor_parallel import apply_tp
+
+        apply_tp(decoder, mesh["tp"])
+    if dims.sp == 1:
+        return None
+    from spmd_rl.distributed.ulysses import apply_sequence_parallel
+
+    group = mesh["sp"].get_group()
+    apply_sequence_parallel(decoder, group, tp=dims.tp)
+    return group
+
+
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None,
                reduce_dtype: torch.dtype = torch.float32, offload_to_cpu: bool = False) -> nn.Module:
     """Shard parameters over ``dp_mesh``; with ``param_dtype`` set (bf16 on GPU) compute runs in

@@ -85,6 +85,9 @@ class Attention(nn.Module):
         self.layer_idx, self.head_dim = layer_idx, args.head_dim
         self.window = args.sliding_window
         self.kernels = "torch"  # packed attention implementation (set_kernels)
+        # Packed attention ``(q, k, v, cu_seqlens, window=, backend=) -> out``; sequence parallelism
+        # swaps in a version that exchanges heads with its group (distributed/ulysses.py).
+        self.packed_attention = varlen_attention
         hq, hkv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.q_proj = nn.Linear(args.hidden_size, hq, bias=args.attention_bias)
         self.k_proj = nn.Linear(args.hidden_size, hkv, bias=args.attention_bias)
@@ -119,8 +122,8 @@ class Attention(nn.Module):
             out = decode_attention(q[:, 0], k_rows, v_rows, inputs.decode_lengths, window=self.window)
             return out.unsqueeze(1)
         if inputs.cu_seqlens is not None:
-            return varlen_attention(q[0], k[0], v[0], inputs.cu_seqlens, window=self.window,
-                                    backend=self.kernels).unsqueeze(0)
+            return self.packed_attention(q[0], k[0], v[0], inputs.cu_seqlens, window=self.window,
+                                         backend=self.kernels).unsqueeze(0)
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, D]
         return causal_attention(qt, kt, vt, window=self.window).transpose(1, 2)
 

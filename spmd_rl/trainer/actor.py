@@ -3,7 +3,9 @@
 Loss normalisation is global: each micro-batch's loss is divided by the token (or sequence) count
 of the whole mini-batch over all dp ranks, and multiplied by the dp size because FSDP averages
 gradients over ranks. The summed gradient is then exactly the single-process one, whatever the
-micro-batch size or the number of ranks.
+micro-batch size or the number of ranks, and whether micro-batches hold a fixed number of
+sequences or a token budget (``actor.max_tokens_per_micro_batch``: they are then formed by
+length, not row order, and results are put back in row order).
 """
 
 from __future__ import annotations
@@ -19,15 +21,16 @@ from spmd_rl.algorithms.kl import kl_penalty
 from spmd_rl.algorithms.losses import aggregate_loss, get_policy_loss
 from spmd_rl.config import ActorConfig
 from spmd_rl.trainer.batch import RolloutBatch
-from spmd_rl.trainer.minibatch import cat_padded, global_counts, micro_batches, mini_batches
+from spmd_rl.trainer.minibatch import global_counts, micro_batches, mini_batches, scatter_rows
 from spmd_rl.trainer.optim import optimizer_step
 from spmd_rl.trainer.policy import PolicyModel, build_scoring_inputs, pad_by_lengths
 
 
 def forward_logprobs(policy: PolicyModel, batch: RolloutBatch, temperature: float, device,
-                     with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logprobs (and entropy) of the batch's response tokens, padded to ``[B, T]``."""
-    inputs = build_scoring_inputs(batch.prompt_ids, batch.response_ids, device)
+                     with_entropy: bool = False, packed: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logprobs (and entropy) of the batch's response tokens, padded to ``[B, T]``; ``packed``
+    chooses padding-free rows or right-padded ones (``actor.use_remove_padding``)."""
+    inputs = build_scoring_inputs(batch.prompt_ids, batch.response_ids, device, packed=packed)
     logprobs, entropy = policy(inputs, temperature=temperature, with_entropy=with_entropy)
     width = batch.response_mask.shape[1]
     logprobs = pad_by_lengths(logprobs, inputs.response_lengths, width)
@@ -38,11 +41,14 @@ def forward_logprobs(policy: PolicyModel, batch: RolloutBatch, temperature: floa
 
 @torch.no_grad()
 def compute_logprobs(policy: PolicyModel, batch: RolloutBatch, temperature: float, micro_batch_size: int,
-                     device) -> torch.Tensor:
-    """``[B, T]`` logprobs of ``policy`` (the PPO "old" or the reference logprobs), in micro-batches."""
-    chunks = [forward_logprobs(policy, micro, temperature, device)[0] for micro in micro_batches(batch, micro_batch_size)]
+                     device, *, max_tokens: int = 0, packed: bool = True, dp_group=None) -> torch.Tensor:
+    """``[B, T]`` logprobs of ``policy`` (the PPO "old" or the reference logprobs), in micro-batches
+    of ``micro_batch_size`` rows, or of at most ``max_tokens`` tokens when it is > 0 (every rank of
+    ``dp_group`` then runs the same number of them); rows come back in the batch's order."""
+    split = micro_batches(batch, micro_batch_size, max_tokens, dp_group)
+    chunks = [forward_logprobs(policy, micro, temperature, device, packed=packed)[0] for _, micro in split]
     reshard(policy)
-    return cat_padded(chunks, batch.response_mask.shape[1])
+    return scatter_rows(chunks, [rows for rows, _ in split], len(batch), batch.response_mask.shape[1])
 
 
 def reshard(model: torch.nn.Module) -> None:
@@ -94,10 +100,12 @@ def _mini_batch_step(policy, loss_fn, mini: RolloutBatch, cfg: ActorConfig, temp
     tokens, seqs = global_counts(mini, dp_group)
     agg = dict(global_tokens=tokens, global_seqs=seqs, scale_factor=scale_factor)
     metrics: dict[str, float] = defaultdict(float)
-    num_micro = -(-len(mini) // cfg.micro_batch_size_per_device)
-    for micro in micro_batches(mini, cfg.micro_batch_size_per_device):
+    split = micro_batches(mini, cfg.micro_batch_size_per_device, cfg.max_tokens_per_micro_batch, dp_group)
+    num_micro = len(split)
+    for _, micro in split:
         mask = micro.response_mask.to(device)
-        logprobs, entropy = forward_logprobs(policy, micro, temperature, device, with_entropy=True)
+        logprobs, entropy = forward_logprobs(policy, micro, temperature, device, with_entropy=True,
+                                             packed=cfg.use_remove_padding)
         pg_loss, loss_metrics = loss_fn(
             logprobs, micro.old_logprobs.to(device), micro.advantages.to(device), mask,
             clip_low=cfg.clip_ratio_low, clip_high=cfg.clip_ratio_high, clip_c=cfg.clip_ratio_c,

@@ -15,7 +15,7 @@ from spmd_rl.config import Config
 from spmd_rl.data.rl_dataset import PromptSample, RLDataset
 from spmd_rl.data.sampler import PromptSampler
 from spmd_rl.data.tokenizer import load_tokenizer
-from spmd_rl.distributed.parallelize import apply_fsdp
+from spmd_rl.distributed.parallelize import apply_fsdp, apply_model_parallel
 from spmd_rl.errors import UserError
 from spmd_rl.kernels.backend import resolve_kernel_backend
 from spmd_rl.models import build_model
@@ -133,7 +133,9 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
                           max_seq_len=data.max_prompt_length + data.max_response_length, device=device)
     param_dtype = torch.bfloat16 if device.type == "cuda" and cfg.model.dtype != "float32" else None
     kernels = kernel_backend(cfg.model.kernels, device)
-    policy = apply_fsdp(PolicyModel(decoder, kernels), mesh["dp"], param_dtype=param_dtype)
+    fsdp_mesh = dims.fsdp_mesh(mesh)
+    sp_group = apply_model_parallel(decoder, dims, mesh)  # TP/SP shard the decoder before FSDP
+    policy = apply_fsdp(PolicyModel(decoder, kernels, sp_group), fsdp_mesh, param_dtype=param_dtype)
 
     # Optimizer steps per RL step: one per mini-batch per PPO epoch.
     updates_per_step = cfg.actor.ppo_epochs * (data.train_batch_size // cfg.actor.ppo_mini_batch_size)
@@ -142,15 +144,17 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
 
     ref = None
     if cfg.needs_reference:
-        ref = PolicyModel(_load_decoder(cfg, cfg.ref.path or cfg.model.path, device), kernels)
+        ref_decoder = _load_decoder(cfg, cfg.ref.path or cfg.model.path, device)
+        ref = PolicyModel(ref_decoder, kernels, apply_model_parallel(ref_decoder, dims, mesh))
         ref = ref.requires_grad_(False).eval()
-        ref = apply_fsdp(ref, mesh["dp"], param_dtype=param_dtype,
+        ref = apply_fsdp(ref, fsdp_mesh, param_dtype=param_dtype,
                          offload_to_cpu=cfg.ref.offload and device.type == "cuda")
 
     critic = critic_optimizer = critic_scheduler = None
     if cfg.critic.enable:
         trunk = _load_decoder(cfg, cfg.critic.model_path or cfg.model.path, device)
-        critic = apply_fsdp(ValueModel(trunk, _hidden_size(trunk)), mesh["dp"], param_dtype=param_dtype)
+        critic = ValueModel(trunk, _hidden_size(trunk), apply_model_parallel(trunk, dims, mesh))
+        critic = apply_fsdp(critic, fsdp_mesh, param_dtype=param_dtype)
         critic_mini = cfg.critic.ppo_mini_batch_size or cfg.actor.ppo_mini_batch_size
         critic_optimizer = build_optimizer(critic, cfg.critic.optim)
         critic_scheduler = build_lr_scheduler(critic_optimizer, cfg.critic.optim,
@@ -161,7 +165,7 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
         kl_ctrl = build_kl_controller(k.type, kl_coef=k.kl_coef, target_kl=k.target_kl, horizon=k.horizon)
 
     log(f"{len(dataset)} training prompts, {sampler.steps_per_epoch} steps/epoch, {total_steps} steps, "
-        f"dp={dims.dp_size}, device={device}, kernels={kernels}")
+        f"dp={dims.dp_size}{_model_parallel_note(dims)}, device={device}, kernels={kernels}")
     return RunComponents(
         rank=rank, dp_rank=dp_rank, dp_size=dims.dp_size, dp_group=mesh["dp"].get_group(), device=device, tokenizer=tokenizer,
         dataset=dataset, val_dataset=val_dataset, sampler=sampler, policy=policy, optimizer=optimizer,
@@ -190,6 +194,11 @@ def kernel_backend(choice: str, device: torch.device) -> str:
         return resolve_kernel_backend(choice, device)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def _model_parallel_note(dims) -> str:
+    """``", tp=2, sp=2"``-style suffix naming the model-parallel degrees in use."""
+    return "".join(f", {name}={getattr(dims, name)}" for name in ("dp_replicate", "sp", "tp") if getattr(dims, name) > 1)
 
 
 def _hidden_size(decoder: torch.nn.Module) -> int:

@@ -15,55 +15,63 @@ from spmd_rl.algorithms.losses import value_loss
 from spmd_rl.config import CriticConfig
 from spmd_rl.trainer.actor import grad_norm_metrics, reshard
 from spmd_rl.trainer.batch import RolloutBatch
-from spmd_rl.trainer.minibatch import cat_padded, global_counts, micro_batches, mini_batches
+from spmd_rl.trainer.minibatch import global_counts, micro_batches, mini_batches, scatter_rows
 from spmd_rl.trainer.optim import optimizer_step
-from spmd_rl.trainer.policy import ScoringInputs, build_scoring_inputs, pad_by_lengths
+from spmd_rl.trainer.policy import ScoringInputs, build_scoring_inputs, decoder_hidden, pad_by_lengths
 
 
 class ValueModel(nn.Module):
     """Decoder trunk + ``Linear(hidden, 1)``; the head starts at zero so the first values are 0
     and the first advantages are plain rewards-to-go rather than noise from a random head."""
 
-    def __init__(self, decoder: nn.Module, hidden_size: int):
+    def __init__(self, decoder: nn.Module, hidden_size: int, sp_group=None):
         super().__init__()
         self.decoder = decoder
+        self.sp_group = sp_group  # Ulysses sequence-parallel group (None = off)
         self.value_head = nn.Linear(hidden_size, 1, bias=True)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, inputs: ScoringInputs) -> torch.Tensor:
         """``[M]`` fp32 values, one per response token."""
-        hidden = self.decoder(inputs.input_ids, inputs.position_ids, cu_seqlens=inputs.cu_seqlens)
-        hidden = hidden.reshape(-1, hidden.shape[-1])[inputs.target_positions]  # [M, H]
+        hidden = decoder_hidden(self.decoder, inputs, self.sp_group)[inputs.target_positions]  # [M, H]
         # sum over the size-1 dim rather than squeeze: FSDP2 warns on (and can mishandle) view outputs
         return self.value_head(hidden).float().sum(-1)
 
 
-def forward_values(critic: ValueModel, batch: RolloutBatch, device) -> torch.Tensor:
-    inputs = build_scoring_inputs(batch.prompt_ids, batch.response_ids, device)
+def forward_values(critic: ValueModel, batch: RolloutBatch, device, packed: bool = True) -> torch.Tensor:
+    """``[B, T]`` values of the response tokens; ``packed`` as in :func:`~spmd_rl.trainer.actor.forward_logprobs`."""
+    inputs = build_scoring_inputs(batch.prompt_ids, batch.response_ids, device, packed=packed)
     return pad_by_lengths(critic(inputs), inputs.response_lengths, batch.response_mask.shape[1])
 
 
 @torch.no_grad()
-def compute_values(critic: ValueModel, batch: RolloutBatch, micro_batch_size: int, device) -> torch.Tensor:
-    """``[B, T]`` values of the batch before the critic update."""
-    chunks = [forward_values(critic, micro, device) for micro in micro_batches(batch, micro_batch_size)]
+def compute_values(critic: ValueModel, batch: RolloutBatch, micro_batch_size: int, device, *,
+                   max_tokens: int = 0, packed: bool = True, dp_group=None) -> torch.Tensor:
+    """``[B, T]`` values of the batch before the critic update, in micro-batches of
+    ``micro_batch_size`` rows or of at most ``max_tokens`` tokens (> 0); rows in batch order."""
+    split = micro_batches(batch, micro_batch_size, max_tokens, dp_group)
+    chunks = [forward_values(critic, micro, device, packed=packed) for _, micro in split]
     reshard(critic)
-    return cat_padded(chunks, batch.response_mask.shape[1])
+    return scatter_rows(chunks, [rows for rows, _ in split], len(batch), batch.response_mask.shape[1])
 
 
 def update_critic(critic: ValueModel, optimizer, scheduler, batch: RolloutBatch, cfg: CriticConfig, *,
                   mini_batch_size: int, micro_batch_size: int, scale_factor: int, dp_group, dp_size: int,
-                  device) -> dict[str, float]:
-    """Clipped value regression toward ``batch.returns``; metrics averaged over optimizer steps."""
+                  device, packed: bool = True) -> dict[str, float]:
+    """Clipped value regression toward ``batch.returns``; metrics averaged over optimizer steps.
+
+    Micro-batches hold ``micro_batch_size`` rows, or at most ``cfg.max_tokens_per_micro_batch``
+    tokens when that is > 0; the loss is normalised by global counts either way."""
     sums: dict[str, float] = defaultdict(float)
     num_steps, norms = 0, []
     for mini in mini_batches(batch, mini_batch_size, cfg.ppo_epochs):
         tokens, seqs = global_counts(mini, dp_group)
-        num_micro = -(-len(mini) // micro_batch_size)
-        for micro in micro_batches(mini, micro_batch_size):
+        split = micro_batches(mini, micro_batch_size, cfg.max_tokens_per_micro_batch, dp_group)
+        num_micro = len(split)
+        for _, micro in split:
             mask = micro.response_mask.to(device)
-            vpreds = forward_values(critic, micro, device)
+            vpreds = forward_values(critic, micro, device, packed=packed)
             loss, m = value_loss(vpreds, micro.values.to(device), micro.returns.to(device), mask,
                                  clip=cfg.cliprange_value, agg_mode=cfg.loss_agg_mode, global_tokens=tokens,
                                  global_seqs=seqs, scale_factor=scale_factor)

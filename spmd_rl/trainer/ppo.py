@@ -7,6 +7,7 @@ actor updates). ``learn`` takes any scored batch, which is what the invariance t
 
 from __future__ import annotations
 
+import math
 import signal
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from spmd_rl.trainer.batch import RolloutBatch, build_rollout_batch, concat_batc
 from spmd_rl.trainer.components import RunComponents, build_components
 from spmd_rl.trainer.critic import compute_values, update_critic
 from spmd_rl.trainer.dynamic_sampling import informative_groups, take_global_groups
+from spmd_rl.trainer.minibatch import balance_groups
 from spmd_rl.trainer.perf_metrics import mfu_metrics, step_flops
 from spmd_rl.trainer.rollout_metrics import compute_rollout_metrics
 from spmd_rl.trainer.validation import run_validation
@@ -182,17 +184,27 @@ class PPOTrainer:
     def learn(self, batch: RolloutBatch) -> dict[str, float]:
         """Everything after scoring: logprobs, values, advantages, critic and actor updates."""
         cfg, c, timer = self.cfg, self.c, self.timer
+        balance = {}
+        if cfg.trainer.balance_batch:  # whole groups move within each mini-batch: the update is unchanged
+            with timer("balance"):
+                rows = math.gcd(cfg.actor.ppo_mini_batch_size, self.critic_mini) * cfg.rollout.n // c.dp_size
+                batch, balance = balance_groups(batch, rows, c.dp_group, c.dp_rank, c.dp_size)
         micro = cfg.actor.micro_batch_size_per_device
+        scoring = dict(max_tokens=cfg.actor.max_tokens_per_micro_batch, packed=cfg.actor.use_remove_padding,
+                       dp_group=c.dp_group)
         with timer("old_log_prob"):
-            batch.old_logprobs = compute_logprobs(c.policy, batch, cfg.rollout.temperature, micro, c.device)
+            batch.old_logprobs = compute_logprobs(c.policy, batch, cfg.rollout.temperature, micro, c.device, **scoring)
         if c.ref is not None:
             with timer("ref"):
-                batch.ref_logprobs = compute_logprobs(c.ref, batch, cfg.rollout.temperature, micro, c.device)
+                batch.ref_logprobs = compute_logprobs(c.ref, batch, cfg.rollout.temperature, micro, c.device, **scoring)
         if c.critic is not None:
             with timer("values"):
-                batch.values = compute_values(c.critic, batch, self.critic_micro, c.device)
+                batch.values = compute_values(c.critic, batch, self.critic_micro, c.device,
+                                              max_tokens=cfg.critic.max_tokens_per_micro_batch,
+                                              packed=cfg.actor.use_remove_padding, dp_group=c.dp_group)
         with timer("adv"):
             batch.token_rewards, metrics = self.token_rewards(batch)
+            metrics.update(balance)
             batch.advantages, batch.returns = self.compute_advantages(batch)
         if c.critic is not None:
             with timer("update_critic"):
@@ -200,7 +212,7 @@ class PPOTrainer:
                     c.critic, c.critic_optimizer, c.critic_scheduler, batch, cfg.critic,
                     mini_batch_size=self.critic_mini * cfg.rollout.n // c.dp_size, micro_batch_size=self.critic_micro,
                     scale_factor=cfg.data.max_response_length, dp_group=c.dp_group, dp_size=c.dp_size,
-                    device=c.device))
+                    device=c.device, packed=cfg.actor.use_remove_padding))
         if self.actor_updates_now:
             with timer("update_actor"):
                 metrics.update(update_policy(

@@ -1,0 +1,121 @@
+"""Tensor, sequence and hybrid-sharded data parallelism compute the single-process update.
+
+Each case runs one optimizer step of a token-mean NLL on the same global batch (8 sequences of
+ragged length) and compares the logprobs, the gradient norm and every parameter after the step
+with a plain one-process model. The tolerance covers fp32 reduction order only: a missing
+all-reduce or a wrong normaliser moves parameters by ~1e-3.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from spmd_rl.config import OptimConfig
+from spmd_rl.distributed.collectives import all_reduce_sum, clip_grad_norm_
+from spmd_rl.distributed.parallel_dims import ParallelDims
+from spmd_rl.distributed.parallelize import apply_fsdp, apply_model_parallel
+from spmd_rl.models import ModelArgs, build_model
+from spmd_rl.trainer.optim import build_optimizer
+from spmd_rl.trainer.policy import PolicyModel, build_scoring_inputs
+from tests.distributed.launcher import run_on_ranks
+
+torch.set_num_threads(1)
+
+ARGS = ModelArgs(architecture="Qwen2ForCausalLM", model_type="qwen2", vocab_size=64, hidden_size=32,
+                 intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                 tie_word_embeddings=False, attention_bias=True)
+# Adam's eps is raised from 1e-8: with it, a gradient element at the 1e-9 noise floor (where
+# reduction order alone decides its value) could take a full lr-sized step either way.
+OPTIM = OptimConfig(lr=1e-2, weight_decay=0.1, grad_clip=0.5, eps=1e-4)
+ATOL, RTOL = 3e-6, 1e-5
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 64, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist() for _ in range(8)]
+    responses = [torch.randint(0, 64, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist() for _ in range(8)]
+    return prompts, responses
+
+
+def step(policy, prompts, responses, dp_size, dp_group):
+    """Returns (logprobs, grad norm); the loss is normalised by the global token count."""
+    optimizer = build_optimizer(policy, OPTIM)
+    global_tokens = all_reduce_sum(sum(map(len, responses)), dp_group)
+    logprobs, _ = policy(build_scoring_inputs(prompts, responses, "cpu"))
+    (-logprobs.sum() / global_tokens * dp_size).backward()
+    norm = clip_grad_norm_(policy.parameters(), OPTIM.grad_clip)
+    grads = {k: full(p.grad) for k, p in policy.decoder.named_parameters()}
+    optimizer.step()
+    return logprobs.detach(), norm, grads
+
+
+def full(t):
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def full_params(policy):
+    return {k: full(v) for k, v in policy.decoder.state_dict().items()}
+
+
+def _worker(rank, world_size, degrees, tied, out_path):
+    dims = ParallelDims(*degrees, 1, world_size)
+    mesh = dims.build_mesh("cpu")
+    decoder = build_model(None, args=ARGS.replace(tie_word_embeddings=tied), seed=0)
+    sp_group = apply_model_parallel(decoder, dims, mesh)
+    policy = apply_fsdp(PolicyModel(decoder, sp_group=sp_group), dims.fsdp_mesh(mesh))
+    prompts, responses = global_batch()
+    dp_rank, share = mesh["dp"].get_local_rank(), len(prompts) // dims.dp_size
+    mine = slice(dp_rank * share, (dp_rank + 1) * share)
+    logprobs, norm, grads = step(policy, prompts[mine], responses[mine], dims.dp_size, mesh["dp"].get_group())
+    params = full_params(policy)
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, (dp_rank, logprobs))
+    if rank == 0:
+        by_dp = dict(gathered)  # every rank of a dp group must agree: checked below
+        for r, lp in gathered:
+            assert torch.equal(lp, by_dp[r]), "ranks of one data-parallel group disagree"
+        torch.save({"params": params, "grads": grads, "norm": norm, "logprobs": torch.cat([by_dp[r] for r in sorted(by_dp)])}, out_path)
+    dist.barrier()
+
+
+def reference(tied):
+    policy = PolicyModel(build_model(None, args=ARGS.replace(tie_word_embeddings=tied), seed=0))
+    optimizer = build_optimizer(policy, OPTIM)
+    prompts, responses = global_batch()
+    logprobs, _ = policy(build_scoring_inputs(prompts, responses, "cpu"))
+    (-logprobs.sum() / sum(map(len, responses))).backward()
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), OPTIM.grad_clip).item()
+    grads = {k: p.grad.clone() for k, p in policy.decoder.named_parameters()}
+    optimizer.step()
+    return {"params": {k: v.detach() for k, v in policy.decoder.state_dict().items()}, "norm": norm, "grads": grads,
+            "logprobs": logprobs.detach()}
+
+
+# (dp_replicate, dp_shard, sp, tp), world size
+CASES = {
+    "tp2": ((1, 1, 1, 2), 2),
+    "sp2": ((1, 1, 2, 1), 2),
+    "dp2_tp2": ((1, 2, 1, 2), 4),
+    "hsdp_2x2": ((2, 2, 1, 1), 4),
+    "sp2_tp2": ((1, 1, 2, 2), 4),
+}
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_parallel_step_equals_single_process(tmp_path, case, tied):
+    if tied and case not in ("tp2", "sp2"):
+        pytest.skip("tied embeddings are covered by the two-rank cases")
+    degrees, world_size = CASES[case]
+    out = tmp_path / "out.pt"
+    run_on_ranks(_worker, world_size, degrees, tied, str(out))
+    got = torch.load(out, weights_only=True)
+    ref = reference(tied)
+    assert torch.allclose(got["logprobs"], ref["logprobs"], atol=ATOL, rtol=RTOL)
+    assert abs(got["norm"] - ref["norm"]) < 1e-5 * max(1.0, ref["norm"])
+    for name, value in ref["grads"].items():
+        assert torch.allclose(got["grads"][name], value, atol=1e-7, rtol=1e-4), f"grad of {name}"
+    for name, value in ref["params"].items():
+        assert torch.allclose(got["params"][name], value, atol=ATOL, rtol=RTOL), name
+    initial = build_model(None, args=ARGS.replace(tie_word_embeddings=tied), seed=0).state_dict()
+    assert max((ref["params"][k] - initial[k]).abs().max().item() for k in ref["params"]) > 1e-3
