@@ -18,7 +18,7 @@ from spmd_rl.data.tokenizer import load_tokenizer
 from spmd_rl.distributed.collectives import all_reduce_sum
 from spmd_rl.distributed.init import destroy_distributed, init_parallel, resolve_device
 from spmd_rl.distributed.parallel_dims import ParallelDims
-from spmd_rl.distributed.parallelize import apply_fsdp
+from spmd_rl.distributed.parallelize import apply_fsdp, apply_model_parallel
 from spmd_rl.errors import exit_on_user_error
 from spmd_rl.models import ModelArgs, build_model
 from spmd_rl.models.hf_io import read_hf_config
@@ -60,9 +60,9 @@ def train_sft(cfg: SFTConfig, dims: ParallelDims, mesh, device: torch.device) ->
         decoder = build_model(None, args=args, device=device, seed=cfg.trainer.seed)
     else:
         decoder = build_model(cfg.model.path, device=device, prefer_native=cfg.model.implementation != "generic")
-    policy = PolicyModel(decoder)
+    policy = PolicyModel(decoder, sp_group=apply_model_parallel(decoder, dims, mesh))
     bf16 = device.type == "cuda" and cfg.model.dtype != "float32"
-    apply_fsdp(policy, mesh["dp"], param_dtype=torch.bfloat16 if bf16 else None)
+    apply_fsdp(policy, dims.fsdp_mesh(mesh), param_dtype=torch.bfloat16 if bf16 else None)
     optimizer = build_optimizer(policy, cfg.optim)
     scheduler = build_lr_scheduler(optimizer, cfg.optim, total_steps)
     logger = build_metrics_logger(cfg.trainer.output_dir, cfg, rank)
