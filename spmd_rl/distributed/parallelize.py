@@ -1,4 +1,5 @@
-"""Apply FSDP2 to a decoder: one ``fully_shard`` per block, then the root (torchtitan order)."""
+"""Parallelize a decoder: tensor/sequence parallelism first, then FSDP2 with one ``fully_shard``
+per block and one for the root (torchtitan's order)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from spmd_rl.errors import UserError
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -27,7 +30,7 @@ def apply_model_parallel(decoder: nn.Module, dims, mesh: DeviceMesh):
     from spmd_rl.models.decoder import Transformer
 
     if not isinstance(decoder, Transformer):
-        raise ValueError(f"parallel.tp={dims.tp} / parallel.sp={dims.sp} need the native decoder, got "
+        raise UserError(f"parallel.tp={dims.tp} / parallel.sp={dims.sp} need the native decoder, got "
                          f"{type(decoder).__name__}: use a Llama/Qwen/Mistral model or parallel.tp=1 parallel.sp=1")
     if dims.tp > 1:
         from spmd_rl.distributed.tensor_parallel import apply_tp

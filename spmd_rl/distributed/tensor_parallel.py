@@ -17,6 +17,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+from spmd_rl.errors import UserError
+
 
 def check_tp_divisible(args, tp: int) -> None:
     """Every sharded dimension must split evenly over the tp ranks."""
@@ -25,7 +27,7 @@ def check_tp_divisible(args, tp: int) -> None:
              "intermediate size": args.intermediate_size}
     bad = [f"{name} {n}" for name, n in sizes.items() if n % tp]
     if bad:
-        raise ValueError(f"parallel.tp={tp} must divide the model's {', '.join(bad)}: choose a tp that divides them")
+        raise UserError(f"parallel.tp={tp} must divide the model's {', '.join(bad)}: choose a tp that divides them")
 
 
 def block_plan() -> dict[str, object]:

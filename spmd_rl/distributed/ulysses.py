@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from spmd_rl.errors import UserError
 from spmd_rl.kernels.varlen_attention import varlen_attention
 
 
@@ -92,7 +93,7 @@ def check_heads_divisible(num_heads: int, num_kv_heads: int, sp: int) -> None:
     """Ulysses splits attention heads over the sp ranks: sp must divide the query heads (per tp
     rank), and divide or be a multiple of the key/value heads (then they are replicated)."""
     if num_heads % sp or (num_kv_heads % sp and sp % num_kv_heads):
-        raise ValueError(
+        raise UserError(
             f"parallel.sp={sp} must divide the {num_heads} query heads per tensor-parallel rank and divide "
             f"or be a multiple of the {num_kv_heads} key/value heads: choose another parallel.sp")
 

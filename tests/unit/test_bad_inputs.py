@@ -14,6 +14,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import pytest
@@ -26,6 +27,9 @@ from spmd_rl.data.sampler import PromptSampler
 from spmd_rl.data.tokenizer import build_char_tokenizer, load_tokenizer
 from spmd_rl.distributed.init import resolve_device
 from spmd_rl.distributed.parallel_dims import ParallelDims
+from spmd_rl.distributed.parallelize import apply_model_parallel
+from spmd_rl.distributed.tensor_parallel import check_tp_divisible
+from spmd_rl.distributed.ulysses import check_heads_divisible
 from spmd_rl.errors import UserError
 from spmd_rl.models import ModelArgs, load_state_dict, read_hf_config
 from spmd_rl.rewards.custom import load_custom_reward_function
@@ -174,8 +178,19 @@ CASES: dict[str, tuple[Callable[[Path, Path], object], str]] = {
                                     "Invalid parallel dims: dp_replicate(1) * dp_shard(2) * sp(1) * tp(1) * pp(1) != "
                                     "WORLD_SIZE(1): change parallel.* or the number of processes (torchrun --nproc-per-node)"),
     "keep-last-k-negative": (config("trainer.keep_last_k=-1"), "trainer.keep_last_k: must be >= 0 (0 = keep every checkpoint)"),
-    "tensor-parallel-requested": (lambda tmp, tok: ParallelDims(1, -1, 1, 2, 1, world_size=2),
-                                  "parallel.tp=2 is not supported in this version: set parallel.tp=1"),
+    "pipeline-without-megatron": (lambda tmp, tok: ParallelDims(1, -1, 1, 1, 2, world_size=2),
+                                  "parallel.pp=2: pipeline parallelism needs the Megatron backend "
+                                  "(actor.strategy=megatron); the FSDP backend uses parallel.pp=1"),
+    "tp-not-dividing-heads": (lambda tmp, tok: check_tp_divisible(SimpleNamespace(
+                                  num_heads=14, num_kv_heads=2, intermediate_size=4864), 4),
+                              "parallel.tp=4 must divide the model's attention heads 14, key/value heads 2: "
+                              "choose a tp that divides them"),
+    "sp-not-dividing-heads": (lambda tmp, tok: check_heads_divisible(14, 2, 4),
+                              "parallel.sp=4 must divide the 14 query heads per tensor-parallel rank and divide "
+                              "or be a multiple of the 2 key/value heads: choose another parallel.sp"),
+    "tp-on-generic-model": (lambda tmp, tok: apply_model_parallel(torch.nn.Linear(2, 2), SimpleNamespace(tp=2, sp=1), None),
+                            "parallel.tp=2 / parallel.sp=1 need the native decoder, got Linear: use a "
+                            "Llama/Qwen/Mistral model or parallel.tp=1 parallel.sp=1"),
     "native-engine-for-generic-model": (lambda tmp, tok: build_engine("native", torch.nn.Linear(2, 2)),
                                         "rollout engine 'native' needs the native decoder, got Linear; "
                                         "use rollout engine 'hf' for this model"),
