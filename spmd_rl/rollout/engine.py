@@ -16,7 +16,6 @@ from spmd_rl.errors import UserError
 from spmd_rl.rollout.types import Completion, SamplingParams
 
 ENGINE_NAMES = ("native", "hf", "vllm", "sglang")
-_NOT_YET_AVAILABLE = ("vllm", "sglang")
 
 
 @runtime_checkable
@@ -92,7 +91,10 @@ def build_engine(name: str, model: Any, **kwargs: Any) -> RolloutEngine:
 
     ``"native"`` takes a native ``Transformer`` (:class:`~spmd_rl.rollout.native.engine.NativeEngine`);
     ``"hf"`` takes any transformers causal LM or a ``GenericCausalLM`` (:class:`~spmd_rl.rollout.hf.HFEngine`).
-    ``kwargs`` go to the engine's constructor; both accept ``max_num_seqs``, ``max_seq_len``,
+    ``"vllm"`` / ``"sglang"`` take a model folder or a native/transformers module whose config and
+    weights seed the engine (:class:`~spmd_rl.rollout.vllm.VLLMEngine`,
+    :class:`~spmd_rl.rollout.sglang.SGLangEngine`; CUDA and the ``vllm`` / ``sglang`` extra needed).
+    ``kwargs`` go to the engine's constructor; all accept ``max_num_seqs``, ``max_seq_len``,
     ``device``, ``dtype`` and ``show_progress``.
     """
     if name == "native":
@@ -103,8 +105,12 @@ def build_engine(name: str, model: Any, **kwargs: Any) -> RolloutEngine:
         from spmd_rl.rollout.hf import HFEngine
 
         return HFEngine(model, **kwargs)
-    if name in _NOT_YET_AVAILABLE:
-        raise UserError(
-            f"rollout engine {name!r} is not available in this version yet; use 'native' or 'hf'"
-        )
+    if name == "vllm":
+        from spmd_rl.rollout.vllm import VLLMEngine
+
+        return VLLMEngine(model, **kwargs)
+    if name == "sglang":
+        from spmd_rl.rollout.sglang import SGLangEngine
+
+        return SGLangEngine(model, **kwargs)
     raise UserError(f"unknown rollout engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")

@@ -315,7 +315,7 @@ def test_build_engine(model):
     assert isinstance(engine, NativeEngine) and isinstance(engine, RolloutEngine)
     with pytest.raises(UserError) as err:
         build_engine("vllm", model)
-    assert str(err.value) == "rollout engine 'vllm' is not available in this version yet; use 'native' or 'hf'"
+    assert str(err.value) == "rollout.engine=vllm needs vLLM: pip install -e '.[vllm]'"
     with pytest.raises(UserError) as err:
         build_engine("tgi", model)
     assert str(err.value) == "unknown rollout engine 'tgi'; choose one of native, hf, vllm, sglang"

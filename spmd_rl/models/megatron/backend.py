@@ -1,0 +1,207 @@
+"""Build the policy as a megatron-core ``GPTModel`` (``actor.strategy=megatron``).
+
+megatron.core is imported inside the functions that need it, so this module imports anywhere;
+without megatron-core or CUDA :func:`check_megatron_available` raises a one-line ``UserError``.
+Targets megatron-core ``MEGATRON_CORE_VERSIONS`` (parallel_state / GPTModel / layer-spec API of
+0.12 to 0.16). Weight movement (HF checkpoint -> TP/PP shards, shards -> HF tensors for the
+rollout engine) is done with the pure functions of :mod:`spmd_rl.models.megatron.names`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from packaging.specifiers import SpecifierSet
+
+from spmd_rl.errors import UserError
+from spmd_rl.models.args import ModelArgs
+from spmd_rl.models.megatron.config import check_megatron_compatible, gpt_model_kwargs, transformer_config_kwargs
+from spmd_rl.models.megatron.names import (
+    hf_to_mcore,
+    iter_hf_weights_from_mcore_shards,
+    select_pp_stage,
+    shard_for_tp,
+    stage_name_to_global,
+    tp_layout,
+)
+
+MEGATRON_CORE_VERSIONS = ">=0.12,<0.17"
+INSTALL_MESSAGE = "actor.strategy=megatron needs megatron-core (pip install -e '.[megatron]') and a CUDA device"
+# The PPO loop trains the FSDP PolicyModel; the GPTModel actor is built but not yet driven by it.
+LOOP_PENDING_MESSAGE = ("actor.strategy=megatron: the PPO loop does not drive a megatron-core actor in this "
+                        "version; use actor.strategy=fsdp")
+# Wrappers megatron puts around the model (DDP, Float16Module) each add this to parameter names.
+_WRAPPER_PREFIX = "module."
+
+
+def check_megatron_available() -> None:
+    """UserError (one line) unless megatron-core in the supported range imports and CUDA is present."""
+    try:
+        version = importlib.metadata.version("megatron-core")
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(INSTALL_MESSAGE) from None
+    if not SpecifierSet(MEGATRON_CORE_VERSIONS).contains(version, prereleases=True):
+        raise UserError(f"actor.strategy=megatron supports megatron-core{MEGATRON_CORE_VERSIONS}, found {version}; "
+                        "pip install -e '.[megatron]'")
+    if not torch.cuda.is_available():
+        raise UserError(INSTALL_MESSAGE)
+    try:
+        importlib.import_module("megatron.core")
+    except ImportError as e:
+        raise UserError(f"{INSTALL_MESSAGE}; importing megatron.core failed: {str(e).splitlines()[0]}") from None
+
+
+@dataclass
+class MegatronActor:
+    """One rank's pipeline stage of the policy as a GPTModel, with its place in the TP/PP grid."""
+
+    model: torch.nn.Module  # GPTModel (pre_process on the first stage, post_process on the last)
+    args: ModelArgs
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    fused_norms: bool  # TransformerEngine layer spec (norms inside linear_qkv / linear_fc1)
+    vocab_rows: int  # padded vocabulary of the embedding / output layer
+    tp_group: object | None = None
+
+    def load_hf_state(self, hf_state: dict[str, torch.Tensor]) -> None:
+        """Copy an HF state dict's slice for this rank into the model."""
+        load_hf_into_stage(self.model, hf_state, self.args, tp_rank=self.tp_rank, tp_size=self.tp_size,
+                           pp_rank=self.pp_rank, pp_size=self.pp_size, fused_norms=self.fused_norms,
+                           vocab_rows=self.vocab_rows)
+
+    def iter_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """This stage's parameters as full HF tensors, one at a time (a TP all-gather each; every
+        rank of the TP group must iterate). With pp > 1 each stage yields only its own layers."""
+        yield from iter_hf_weights_from_tp_group(
+            self.model.named_parameters(), self.args, tp_group=self.tp_group, tp_size=self.tp_size,
+            pp_rank=self.pp_rank, layers_per_stage=self.args.num_layers // self.pp_size,
+            fused_norms=self.fused_norms)
+
+
+def load_hf_into_stage(
+    module: torch.nn.Module,
+    hf_state: dict[str, torch.Tensor],
+    args: ModelArgs,
+    *,
+    tp_rank: int,
+    tp_size: int,
+    pp_rank: int,
+    pp_size: int,
+    fused_norms: bool,
+    vocab_rows: int,
+) -> None:
+    """Convert, select this stage, shard for this TP rank and ``load_state_dict`` into ``module``;
+    ValueError naming the first parameter the module lacks or the conversion left out."""
+    full = hf_to_mcore(hf_state, args, fused_norms=fused_norms, vocab_size=vocab_rows)
+    stage = select_pp_stage(full, args, pp_rank, pp_size)
+    shards = {name: shard_for_tp(name, t, tp_rank, tp_size, num_query_groups=args.num_kv_heads)
+              for name, t in stage.items()}
+    result = module.load_state_dict(shards, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"GPTModel stage {pp_rank} does not match the converted checkpoint: missing {missing[:3]}, "
+                         f"unexpected {result.unexpected_keys[:3]}")
+
+
+def iter_hf_weights_from_tp_group(
+    named_params: Iterable[tuple[str, torch.Tensor]],
+    args: ModelArgs,
+    *,
+    tp_group: object | None,
+    tp_size: int,
+    pp_rank: int = 0,
+    layers_per_stage: int | None = None,
+    fused_norms: bool = True,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Gather each TP-sharded parameter over ``tp_group`` (replicated ones need no collective)
+    and yield its HF tensors. Local layer numbers are made global for stage ``pp_rank``."""
+    per_stage = layers_per_stage if layers_per_stage is not None else args.num_layers
+    def gathered() -> Iterator[tuple[str, list[torch.Tensor]]]:
+        for name, param in named_params:
+            while name.startswith(_WRAPPER_PREFIX):
+                name = name[len(_WRAPPER_PREFIX):]
+            if name.endswith("_extra_state"):
+                continue
+            local = param.detach()
+            if tp_size == 1 or tp_layout(name) == "replicated":
+                shards = [local]
+            else:
+                shards = [torch.empty_like(local) for _ in range(tp_size)]
+                dist.all_gather(shards, local.contiguous(), group=tp_group)
+            yield stage_name_to_global(name, pp_rank, per_stage), shards
+    yield from iter_hf_weights_from_mcore_shards(gathered(), args, fused_norms=fused_norms)
+
+
+def init_megatron_parallel(tp: int, pp: int, seed: int) -> None:
+    """megatron's parallel state and TP-aware CUDA RNG (torch.distributed must be initialised)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def layer_spec(args: ModelArgs, use_te: bool | None = None):
+    """``(ModuleSpec, fused_norms)``: TransformerEngine's spec when it is installed (norms fused
+    into linear_qkv / linear_fc1), else megatron's local spec with RMSNorm."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te is None:
+        use_te = importlib.util.find_spec("transformer_engine") is not None
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=args.qk_norm), True
+    try:
+        return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=args.qk_norm, normalization="RMSNorm"), False
+    except TypeError:  # releases whose local spec has no normalization argument
+        return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=args.qk_norm), False
+
+
+def build_gpt_model(
+    args: ModelArgs, tp: int, pp: int, *, params_dtype: torch.dtype = torch.bfloat16, use_te: bool | None = None
+) -> tuple[torch.nn.Module, bool, int]:
+    """``(GPTModel stage of this rank, fused_norms, vocab_rows)``; needs :func:`init_megatron_parallel`."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer import TransformerConfig
+
+    config = TransformerConfig(**transformer_config_kwargs(args, tp, pp, params_dtype=params_dtype))
+    spec, fused_norms = layer_spec(args, use_te)
+    model_kwargs = gpt_model_kwargs(args, tp)
+    model = GPTModel(config=config, transformer_layer_spec=spec, **model_kwargs,
+                     pre_process=parallel_state.is_pipeline_first_stage(),
+                     post_process=parallel_state.is_pipeline_last_stage())
+    return model, fused_norms, model_kwargs["vocab_size"]
+
+
+def build_megatron_actor(cfg, *, hf_state: dict[str, torch.Tensor] | None = None) -> MegatronActor:
+    """This rank's GPTModel stage of ``cfg.model.path`` with its weights (unless
+    ``model.random_init``), TP/PP degrees from ``cfg.parallel``. Call after torch.distributed and
+    the CUDA device are set up; ``hf_state`` overrides reading the checkpoint."""
+    check_megatron_available()
+    from megatron.core import parallel_state
+
+    from spmd_rl.models.hf_io import load_state_dict, read_hf_config
+
+    args = ModelArgs.from_hf_config(read_hf_config(cfg.model.path))
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    try:
+        check_megatron_compatible(args, tp, pp)
+    except ValueError as e:
+        raise UserError(f"actor.strategy=megatron: {e}") from None
+    init_megatron_parallel(tp, pp, cfg.trainer.seed)
+    dtype = torch.float32 if cfg.model.dtype == "float32" else torch.bfloat16
+    model, fused_norms, vocab_rows = build_gpt_model(args, tp, pp, params_dtype=dtype)
+    actor = MegatronActor(
+        model=model, args=args, tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp_size=tp,
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(), pp_size=pp, fused_norms=fused_norms,
+        vocab_rows=vocab_rows, tp_group=parallel_state.get_tensor_model_parallel_group())
+    if hf_state is not None or not cfg.model.random_init:
+        actor.load_hf_state(hf_state if hf_state is not None else load_state_dict(cfg.model.path))
+    return actor

@@ -1,0 +1,137 @@
+"""Our ``ModelArgs`` (Llama / Qwen2 / Qwen3) as megatron-core ``TransformerConfig`` and ``GPTModel``
+keyword arguments. Pure: no megatron import, so the mapping is testable anywhere.
+
+Targets megatron-core >=0.12,<0.17 (field names of ``megatron.core.transformer.TransformerConfig``
+and ``megatron.core.models.gpt.GPTModel.__init__`` in those releases). The decoder it describes is
+the pre-norm SwiGLU decoder of Llama (arXiv:2302.13971) with grouped-query attention
+(arXiv:2305.13245) and RoPE (arXiv:2104.09864): the same math as ``spmd_rl.models.decoder``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from spmd_rl.models.args import ModelArgs
+
+# megatron-core applies Llama 3.1 RoPE scaling with these constants hard-coded (only the factor
+# is an argument), so a checkpoint with other values cannot be expressed.
+_MCORE_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+SUPPORTED_MCORE_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def check_megatron_compatible(args: ModelArgs, tp: int = 1, pp: int = 1) -> None:
+    """ValueError (one line) when ``args`` or the parallel degrees cannot be mapped onto GPTModel."""
+    if tp < 1 or pp < 1:
+        raise ValueError(f"tensor/pipeline parallel sizes must be >= 1, got tp={tp}, pp={pp}")
+    if args.o_proj_bias:
+        # megatron's add_bias_linear puts a bias on every linear (MLP included), ours only on o_proj.
+        raise ValueError("attention_bias on o_proj (Llama/Qwen3 attention_bias=true) has no megatron-core "
+                         "equivalent; supported: q/k/v bias only (Qwen2) or no bias")
+    if args.sliding_window is not None:
+        raise ValueError(f"sliding_window={args.sliding_window} is not mapped to megatron-core; "
+                         "supported: full causal attention (Llama, Qwen2, Qwen3)")
+    rope_type = (args.rope_scaling or {}).get("rope_type", "default")
+    if rope_type not in SUPPORTED_MCORE_ROPE_TYPES:
+        raise ValueError(f"rope_type {rope_type!r} is not mapped to megatron-core; "
+                         f"supported: {', '.join(SUPPORTED_MCORE_ROPE_TYPES)}")
+    if rope_type == "llama3":
+        fixed = {k: float(args.rope_scaling[k]) for k in _MCORE_LLAMA3_FIXED}
+        if fixed != _MCORE_LLAMA3_FIXED:
+            raise ValueError(f"llama3 rope scaling {fixed} differs from megatron-core's fixed "
+                             f"{_MCORE_LLAMA3_FIXED}; only the factor may vary")
+    # Column-parallel q/k/v keeps whole query groups on one rank (megatron splits by group).
+    for name, value in (("num_kv_heads", args.num_kv_heads), ("num_heads", args.num_heads),
+                        ("intermediate_size", args.intermediate_size)):
+        if value % tp != 0:
+            raise ValueError(f"{name}={value} is not divisible by tensor parallel size {tp}; "
+                             f"choose tp among the divisors of {value}")
+    if args.num_layers % pp != 0:
+        raise ValueError(f"num_layers={args.num_layers} is not divisible by pipeline parallel size {pp}; "
+                         f"choose pp among the divisors of {args.num_layers}")
+
+
+def padded_vocab_size(vocab_size: int, tp: int = 1, divisible_by: int = 1) -> int:
+    """Vocabulary rounded up to a multiple of ``divisible_by * tp`` (vocab-parallel layers need
+    equal shards). Rows past ``vocab_size`` are zero and their logits must be sliced off
+    (``logits[..., :vocab_size]``) before any softmax."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_config_kwargs(
+    args: ModelArgs,
+    tp: int = 1,
+    pp: int = 1,
+    *,
+    sequence_parallel: bool = False,
+    params_dtype: torch.dtype = torch.bfloat16,
+    init_method_std: float = 0.02,
+) -> dict:
+    """Keyword arguments of ``megatron.core.transformer.TransformerConfig`` for ``args``.
+
+    The fields that change the math mirror ``spmd_rl.models.decoder``: RMSNorm with the
+    checkpoint's epsilon, SwiGLU (``gated_linear_unit`` + silu), no bias except the optional q/k/v
+    bias (Qwen2), per-head q/k RMSNorm (Qwen3), no dropout, softmax in fp32. Fusions that need
+    extra kernels (bias-activation, RoPE) are off so the config runs with or without
+    TransformerEngine.
+    """
+    check_megatron_compatible(args, tp, pp)
+    kwargs = dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_heads,
+        num_query_groups=args.num_kv_heads,
+        ffn_hidden_size=args.intermediate_size,
+        kv_channels=args.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=args.rms_norm_eps,
+        layernorm_zero_centered_gamma=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=args.attention_bias,
+        qk_layernorm=args.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        bias_activation_fusion=False,
+        apply_rope_fusion=False,
+        init_method_std=init_method_std,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel and tp > 1,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+    )
+    if pp > 1:
+        kwargs["pipeline_dtype"] = params_dtype  # megatron requires it for p2p buffers
+        kwargs["variable_seq_lengths"] = True  # packed RL batches differ in length per micro-batch
+    return kwargs
+
+
+def gpt_model_kwargs(args: ModelArgs, tp: int = 1, *, make_vocab_size_divisible_by: int = 1) -> dict:
+    """Keyword arguments of ``megatron.core.models.gpt.GPTModel`` besides ``config``,
+    ``transformer_layer_spec`` and the ``pre_process``/``post_process`` stage flags.
+
+    RoPE: HF ``linear`` scaling divides positions by the factor, which is megatron's
+    ``seq_len_interpolation_factor``; ``llama3`` is megatron's ``rope_scaling`` with its factor.
+    """
+    check_megatron_compatible(args, tp)
+    rope = args.rope_scaling or {"rope_type": "default"}
+    kwargs = dict(
+        vocab_size=padded_vocab_size(args.vocab_size, tp, make_vocab_size_divisible_by),
+        max_sequence_length=args.max_position_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=int(args.rope_theta) if float(args.rope_theta).is_integer() else args.rope_theta,
+        share_embeddings_and_output_weights=args.tie_word_embeddings,
+        parallel_output=True,
+        fp16_lm_cross_entropy=False,
+    )
+    if rope["rope_type"] == "linear":
+        kwargs["seq_len_interpolation_factor"] = float(rope["factor"])
+    elif rope["rope_type"] == "llama3":
+        kwargs.update(rope_scaling=True, rope_scaling_factor=float(rope["factor"]))
+    return kwargs
