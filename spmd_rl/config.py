@@ -35,6 +35,9 @@ class ModelConfig:
     kernels: Literal["auto", "triton", "torch"] = "auto"
     """Fused logprob/entropy and packed attention: auto = the Triton kernels on CUDA, the torch
     references elsewhere; triton on CPU needs TRITON_INTERPRET=1 (tests only, slow)."""
+    compile: bool = False
+    """torch.compile each decoder block of the policy, reference and critic (per block, before
+    FSDP); the rollout engine's copy stays eager. Needs a C++ compiler on CPU (gcc)."""
 
     def __post_init__(self):
         if not self.tokenizer_path:
@@ -84,10 +87,34 @@ class RolloutConfig:
     """Nucleus sampling threshold (1.0 = off)."""
     top_k: int = -1
     """Top-k sampling (-1 = off)."""
+    min_p: float = 0.0
+    """Min-p sampling: drop tokens below min_p x the top token's probability (0 = off)."""
+    repetition_penalty: float = 1.0
+    """Seen tokens' logits (prompt + output) divided by it if > 0, else multiplied (1 = off). Penalties
+    are not in the trainer's logprobs: the rollout becomes off-policy by their effect."""
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of each token already in the output (0 = off)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit per occurrence in the output (0 = off)."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings: a response ends at the token that completes one (kept in the response)."""
     max_num_seqs: int = 64
     """Sequences decoded together per engine batch."""
+    max_num_batched_tokens: int = 4096
+    """Native engine: most tokens per forward step (one per decoding sequence + prompt chunks);
+    longer prompts are prefilled in chunks."""
+    block_size: int = 16
+    """Native engine: token slots per paged KV-cache block (a power of two)."""
+    kv_cache_gb: float = 1.0
+    """Native engine on CPU: GiB of KV cache (capped at what max_num_seqs full-length sequences use)."""
+    gpu_memory_utilization: float = 0.5
+    """Native engine on GPU: KV cache size as a fraction of the device memory free when it is
+    allocated (after the weights and what training still holds)."""
+    enable_prefix_sharing: bool = True
+    """Native engine: prefill each prompt once for its n samples, which share its KV blocks."""
     update_weights_bucket_mb: int = 512
-    """vLLM/SGLang weight sync: tensors are pushed into the engine in buckets of at most this many MiB."""
+    """Weight sync: tensors are pushed into the engine (native copies, vLLM/SGLang pushes) in
+    buckets of at most this many MiB."""
     val_n: int = 1
     """Samples per prompt at validation."""
     val_temperature: float = 0.0
@@ -100,7 +127,17 @@ class RolloutConfig:
              "(greedy decoding is for validation: val_temperature=0)"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (self.top_k == -1 or self.top_k > 0, "top_k", "must be -1 (off) or > 0"),
+            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1] (0 = off)"),
+            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0 (1 = off)"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2] (0 = off)"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2] (0 = off)"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop", "must be a list of non-empty strings"),
             (self.max_num_seqs > 0, "max_num_seqs", "must be > 0"),
+            (self.max_num_batched_tokens > 0, "max_num_batched_tokens", "must be > 0 (tokens per engine step)"),
+            (self.block_size > 0 and self.block_size & (self.block_size - 1) == 0, "block_size",
+             "must be a power of two (1, 2, 4, 8, 16, 32, ...)"),
+            (self.kv_cache_gb > 0, "kv_cache_gb", "must be > 0 (GiB of KV cache on CPU)"),
+            (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]"),
             (self.update_weights_bucket_mb > 0, "update_weights_bucket_mb", "must be > 0 (MiB per weight bucket)"),
             (self.val_n >= 1, "val_n", "must be >= 1"),
             (self.val_temperature >= 0, "val_temperature", "must be >= 0 (0 = greedy)"),
@@ -221,6 +258,16 @@ class PolicyLossOptions:
 
 
 @dataclass
+class OffloadConfig:
+    params: bool = False
+    """Move the model's parameter shards to (pinned) host memory while the rollout engine
+    generates, back before the next logprob pass: frees their device memory for the KV cache."""
+    optimizer: bool = False
+    """The same for the AdamW state (exp_avg, exp_avg_sq): 2 fp32 tensors per parameter shard.
+    On CPU both flags only copy the state aside (it already lives in host memory): no saving."""
+
+
+@dataclass
 class ActorConfig:
     strategy: Literal["fsdp", "megatron"] = "fsdp"
     """Training backend of the policy: fsdp = the native decoder under FSDP2 (+ TP/SP); megatron =
@@ -261,6 +308,11 @@ class ActorConfig:
     """Coefficient of the KL loss."""
     kl_loss_type: str = "low_var_kl"
     """KL estimator of the KL loss: kl/k1, abs, mse/k2, low_var_kl/k3 (+ suffix = k2 gradient)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder block's activations in the backward instead of storing them
+    (checkpoint_wrapper, non-reentrant): per layer only the block input stays, for ~1/3 more compute."""
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    """Host-memory offload of the policy's parameters / optimizer state during generation."""
 
     def __post_init__(self):
         from spmd_rl.algorithms.kl import KL_KINDS, KL_PENALTIES
@@ -315,6 +367,10 @@ class CriticConfig:
     many prompt+response tokens instead of a fixed number of sequences. 0 = off."""
     loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     """Aggregation of the value loss."""
+    activation_checkpointing: bool = False
+    """Recompute each block of the value model's trunk in the backward (see actor.activation_checkpointing)."""
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    """Host-memory offload of the critic's parameters / optimizer state during generation."""
 
     def __post_init__(self):
         rule_errors([
@@ -413,6 +469,9 @@ class TrainerConfig:
     """Move whole prompt groups between dp ranks so each rank trains on about the same number of
     prompt+response tokens (within each PPO mini-batch, so the update is unchanged); logs
     perf/balance_ratio_before/after (max / mean tokens per rank)."""
+    memory_limit_gb: float = 0.0
+    """Per-rank memory budget the startup memory plan is checked against (GiB); 0 = the GPU's
+    total memory on CUDA, unchecked on CPU."""
 
     def __post_init__(self):
         rule_errors([
@@ -425,6 +484,7 @@ class TrainerConfig:
             (self.save_hf_every >= 0, "save_hf_every", "must be >= 0 (0 = only save_hf_at_end)"),
             (self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0 seconds"),
             (self.checkpoint_timeout_s > 0, "checkpoint_timeout_s", "must be > 0 seconds"),
+            (self.memory_limit_gb >= 0, "memory_limit_gb", "must be >= 0 GiB (0 = the device's memory; unchecked on CPU)"),
         ])
 
 
@@ -602,7 +662,7 @@ def check_world_size(cfg: Config, dp_size: int) -> None:
 
 __all__ = [
     "ActorConfig", "AlgorithmConfig", "Config", "ConfigError", "CriticConfig", "CustomRewardConfig",
-    "FilterGroupsConfig", "KLControlConfig", "OverlongBufferConfig", "PolicyLossOptions", "RefConfig",
+    "FilterGroupsConfig", "KLControlConfig", "OffloadConfig", "OverlongBufferConfig", "PolicyLossOptions", "RefConfig",
     "DataConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RewardConfig",
     "RolloutConfig", "SFTConfig", "TrainerConfig", "check_world_size", "load_config", "parse_cli", "save_config",
 ]

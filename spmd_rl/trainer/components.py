@@ -15,6 +15,7 @@ from spmd_rl.config import Config
 from spmd_rl.data.rl_dataset import PromptSample, RLDataset
 from spmd_rl.data.sampler import PromptSampler
 from spmd_rl.data.tokenizer import load_tokenizer
+from spmd_rl.distributed.compile import wrap_decoder_blocks
 from spmd_rl.distributed.parallelize import apply_fsdp, apply_model_parallel
 from spmd_rl.errors import UserError
 from spmd_rl.kernels.backend import resolve_kernel_backend
@@ -27,6 +28,7 @@ from spmd_rl.trainer.batch import RolloutBatch
 from spmd_rl.trainer.checkpoint import Checkpointer, Trained
 from spmd_rl.trainer.critic import ValueModel
 from spmd_rl.trainer.hf_export import export_model
+from spmd_rl.trainer.memory_plan import report_memory_plan
 from spmd_rl.trainer.optim import build_lr_scheduler, build_optimizer
 from spmd_rl.trainer.policy import PolicyModel
 
@@ -126,7 +128,13 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
                             dp_size=dims.dp_size, seed=data.seed, shuffle=data.shuffle)
     total_steps = cfg.trainer.total_steps or cfg.trainer.total_epochs * sampler.steps_per_epoch
 
+    if cfg.actor.strategy == "megatron":
+        from spmd_rl.models.megatron.backend import LOOP_PENDING_MESSAGE, check_megatron_available
+
+        check_megatron_available()  # one-line UserError without megatron-core or CUDA
+        raise UserError(LOOP_PENDING_MESSAGE)
     decoder = _load_decoder(cfg, cfg.model.path, device)
+    report_memory_plan(cfg, decoder, dims, device, log)  # rank 0 prints it; UserError if it cannot fit
     engine_dtype = torch.bfloat16 if device.type == "cuda" and cfg.model.dtype != "float32" else torch.float32
     engine_model = copy.deepcopy(decoder).to(engine_dtype).eval()
     engine = build_engine(cfg.rollout.engine, engine_model, max_num_seqs=cfg.rollout.max_num_seqs,
@@ -135,6 +143,7 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
     kernels = kernel_backend(cfg.model.kernels, device)
     fsdp_mesh = dims.fsdp_mesh(mesh)
     sp_group = apply_model_parallel(decoder, dims, mesh)  # TP/SP shard the decoder before FSDP
+    wrap_decoder_blocks(decoder, compile=cfg.model.compile, activation_checkpointing=cfg.actor.activation_checkpointing)
     policy = apply_fsdp(PolicyModel(decoder, kernels, sp_group), fsdp_mesh, param_dtype=param_dtype)
 
     # Optimizer steps per RL step: one per mini-batch per PPO epoch.
@@ -146,6 +155,7 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
     if cfg.needs_reference:
         ref_decoder = _load_decoder(cfg, cfg.ref.path or cfg.model.path, device)
         ref = PolicyModel(ref_decoder, kernels, apply_model_parallel(ref_decoder, dims, mesh))
+        wrap_decoder_blocks(ref_decoder, compile=cfg.model.compile, activation_checkpointing=False)  # frozen: no backward
         ref = ref.requires_grad_(False).eval()
         ref = apply_fsdp(ref, fsdp_mesh, param_dtype=param_dtype,
                          offload_to_cpu=cfg.ref.offload and device.type == "cuda")
@@ -154,6 +164,7 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
     if cfg.critic.enable:
         trunk = _load_decoder(cfg, cfg.critic.model_path or cfg.model.path, device)
         critic = ValueModel(trunk, _hidden_size(trunk), apply_model_parallel(trunk, dims, mesh))
+        wrap_decoder_blocks(trunk, compile=cfg.model.compile, activation_checkpointing=cfg.critic.activation_checkpointing)
         critic = apply_fsdp(critic, fsdp_mesh, param_dtype=param_dtype)
         critic_mini = cfg.critic.ppo_mini_batch_size or cfg.actor.ppo_mini_batch_size
         critic_optimizer = build_optimizer(critic, cfg.critic.optim)

@@ -32,6 +32,7 @@ from spmd_rl.trainer.components import RunComponents, build_components
 from spmd_rl.trainer.critic import compute_values, update_critic
 from spmd_rl.trainer.dynamic_sampling import informative_groups, take_global_groups
 from spmd_rl.trainer.minibatch import balance_groups
+from spmd_rl.trainer.offload import HostOffload, build_host_offload
 from spmd_rl.trainer.perf_metrics import mfu_metrics, step_flops
 from spmd_rl.trainer.rollout_metrics import compute_rollout_metrics
 from spmd_rl.trainer.validation import run_validation
@@ -110,18 +111,34 @@ class PPOTrainer:
 
     def train_step(self) -> dict[str, float]:
         """One RL step: rollout, then learn; dp-reduced metrics."""
-        c = self.c
+        c, offload = self.c, self.host_offload
         with self.timer("update_weights"):
-            c.engine.wake_up()
+            if not offload.active:  # with offload the KV cache is allocated after it, below
+                c.engine.wake_up()
             sync_weights(c.policy.decoder, c.engine)
+        if offload.active:  # actor/critic.offload: the training state waits in host memory while generating
+            with self.timer("offload"):
+                moved = offload.offload()
+            c.engine.wake_up()
         batch, rollout_metrics = self.rollout()
         c.engine.sleep()  # free generation memory before training
+        if offload.active:
+            with self.timer("reload"):
+                offload.reload()  # back on the device before the old logprobs
+            rollout_metrics["perf/offloaded_gb"] = moved / 1024**3
         metrics = {**rollout_metrics, **self.learn(batch),
                    "reward/errors": all_reduce_sum(c.scorer.num_errors, c.dp_group),
                    "reward/timeouts": all_reduce_sum(c.scorer.num_timeouts, c.dp_group)}
         metrics["_tokens"] = all_reduce_sum(self._num_tokens(batch), c.dp_group) / c.dp_size
         metrics.update(step_flops(self.cfg, c, batch, actor_updated=self.actor_updates_now))
         return metrics
+
+    @property
+    def host_offload(self) -> HostOffload:
+        """The actor's/critic's host-memory offload (``actor.offload``, ``critic.offload``), built on first use."""
+        if getattr(self, "_host_offload", None) is None:
+            self._host_offload = build_host_offload(self.cfg, self.c)
+        return self._host_offload
 
     def rollout(self) -> tuple[RolloutBatch, dict[str, float]]:
         """Generate and score this rank's share of the batch.
