@@ -262,7 +262,7 @@ def plan_memory(cfg, model_args: ModelArgs, dims, device_bytes: int | None, *, d
 def format_plan(plan: MemoryPlan) -> str:
     """A table of the plan in GiB: each item and the phases it is resident in, then the totals."""
     width = max(len(i.name) for i in plan.items) + 2
-    lines = ["memory plan per rank (GiB)", f"  {'':{width}}{'item':>8}  {'generation':>10}{'training':>10}"]
+    lines = ["memory plan per rank (GiB)", f"  {'':{width}}{'size':>8}  {'generation':>10}{'training':>10}"]
     for i in plan.items:
         gen = f"{i.bytes / GIB:10.3f}" if i.generation else f"{'-':>10}"
         train = f"{i.bytes / GIB:10.3f}" if i.training else f"{'-':>10}"

@@ -79,6 +79,17 @@ def world_size_rule(tmp: Path, tok: Path):
     check_world_size(cfg, 8)  # ppo_mini_batch_size 4 cannot split over 8 ranks; the batch of 8 can
 
 
+def memory_plan_over_budget(tmp: Path, tok: Path):
+    from spmd_rl.models import build_model
+    from spmd_rl.trainer.memory_plan import report_memory_plan
+
+    cfg = load_config(Config, None, [*REQUIRED, "trainer.memory_limit_gb=0.000001"])
+    args = ModelArgs(architecture="Qwen2ForCausalLM", model_type="qwen2", vocab_size=64, hidden_size=32,
+                     intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    report_memory_plan(cfg, build_model(None, args=args, seed=0), ParallelDims(1, 1, 1, 1, 1, 1),
+                       torch.device("cpu"), lambda line: None)
+
+
 def cuda_without_gpu(tmp: Path, tok: Path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.cuda, "is_available", lambda: False)
@@ -178,6 +189,18 @@ CASES: dict[str, tuple[Callable[[Path, Path], object], str]] = {
                                     "Invalid parallel dims: dp_replicate(1) * dp_shard(2) * sp(1) * tp(1) * pp(1) != "
                                     "WORLD_SIZE(1): change parallel.* or the number of processes (torchrun --nproc-per-node)"),
     "keep-last-k-negative": (config("trainer.keep_last_k=-1"), "trainer.keep_last_k: must be >= 0 (0 = keep every checkpoint)"),
+    "padded-with-sequence-parallel": (config("actor.use_remove_padding=false", "parallel.sp=2"),
+                                      "actor.use_remove_padding: false (right-padded batches) needs parallel.sp=1, "
+                                      "got 2: sequence parallelism splits packed rows; set actor.use_remove_padding=true"),
+    "token-budget-negative": (config("actor.max_tokens_per_micro_batch=-1"),
+                              "actor.max_tokens_per_micro_batch: must be >= 0 (0 = off: micro_batch_size_per_device "
+                              "sequences per micro-batch)"),
+    "memory-plan-cannot-fit": (memory_plan_over_budget,
+                               "memory plan: training needs 0.04 GiB per rank > 0.00 GiB (trainer.memory_limit_gb=1e-06); "
+                               "biggest item: activations 0.04 GiB per micro-batch: lower actor.micro_batch_size_per_device "
+                               "or set actor.activation_checkpointing=true (sized for full-length sequences; "
+                               "trainer.memory_limit_gb sets the budget)"),
+    "min-p-out-of-range": (config("rollout.min_p=1.5"), "rollout.min_p: must be in [0, 1] (0 = off)"),
     "pipeline-without-megatron": (lambda tmp, tok: ParallelDims(1, -1, 1, 1, 2, world_size=2),
                                   "parallel.pp=2: pipeline parallelism needs the Megatron backend "
                                   "(actor.strategy=megatron); the FSDP backend uses parallel.pp=1"),

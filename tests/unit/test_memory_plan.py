@@ -146,7 +146,7 @@ def test_format_plan_table():
                                    device_source="trainer.memory_limit_gb=80"))
     assert text == """\
 memory plan per rank (GiB)
-                        item  generation  training
+                        size  generation  training
   parameters           0.230       0.230     0.230
   gradients            0.230           -     0.230
   optimizer state      0.460       0.460     0.460
