@@ -9,7 +9,6 @@ from spmd_rl.models.args import ModelArgs
 from spmd_rl.models.decoder import DecoderLayer, Transformer
 from spmd_rl.models.generic import GenericCausalLM
 from spmd_rl.models.hf_io import load_pretrained, load_state_dict, read_hf_config, save_pretrained
-from spmd_rl.models.kv_cache import KVCache
 
 NATIVE_MODEL_TYPES = {"llama", "qwen2", "qwen3", "mistral"}
 
@@ -17,7 +16,6 @@ __all__ = [
     "NATIVE_MODEL_TYPES",
     "DecoderLayer",
     "GenericCausalLM",
-    "KVCache",
     "ModelArgs",
     "Transformer",
     "build_model",

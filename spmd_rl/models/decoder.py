@@ -6,10 +6,15 @@ load with no renaming. One definition serves four call patterns of ``Transformer
 1. packed training: ``input_ids [1, N]``, ``position_ids [1, N]`` restarting at 0 per sequence,
    ``cu_seqlens [S+1]``; each token attends causally within its own sequence, no padding.
 2. batch: ``input_ids [B, T]``, ``position_ids [B, T]``; plain causal attention per row.
-3. prefill: mode 1 plus ``kv_cache`` and ``cache_rows [S]``: sequence ``s`` also writes its
-   keys/values into cache row ``cache_rows[s]`` at slots = its positions (starting at 0).
-4. decode: ``input_ids [B, 1]``, ``position_ids [B, 1]``, ``kv_cache``, ``cache_rows [B]``: the
-   new token is written at slot ``position_ids[b]`` and attends to slots ``0..position_ids[b]``.
+3. paged step (prefill chunks and decode tokens together): mode 1 plus a paged ``kv_cache``
+   (``.k[layer]``/``.v[layer]`` ``[num_blocks, block_size, Hkv, D]``, ``.write``; see
+   ``rollout/native/block_pool.py``) and ``block_tables [S, max_blocks]``. Sequence ``s`` feeds
+   the next chunk of its tokens at consecutive positions starting where its cached prefix ends;
+   their keys/values are written into its blocks and each token attends to the cached prefix
+   and causally to the chunk. The first ``num_decodes`` sequences hold one token each and go
+   through the paged decode kernel (PagedAttention, arXiv:2309.06180).
+4. paged decode: ``input_ids [B, 1]``, ``position_ids [B, 1]``, ``kv_cache``, ``block_tables [B, M]``:
+   the new token is written at position ``position_ids[b]`` and attends to positions ``0..position_ids[b]``.
 
 Numerics follow HF: RoPE cos/sin and RMSNorm are computed in fp32 and cast back to the
 activation dtype, so fp32 logits match transformers to ~1e-6.
@@ -24,10 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from spmd_rl.kernels.attention import causal_attention, decode_attention
+from spmd_rl.kernels.attention import causal_attention
+from spmd_rl.kernels.paged_attention import paged_decode_attention
 from spmd_rl.kernels.varlen_attention import varlen_attention
 from spmd_rl.models.args import ModelArgs
-from spmd_rl.models.kv_cache import KVCache
 from spmd_rl.models.rope import apply_rope, compute_cos_sin, compute_inv_freq
 
 
@@ -36,10 +41,12 @@ class AttentionInputs:
     """How the tokens of one forward call see each other and the KV cache (built once per call)."""
 
     cu_seqlens: torch.Tensor | None = None  # [S+1] packed sequence offsets (modes 1 and 3)
-    kv_cache: KVCache | None = None  # written in modes 3 and 4
-    write_rows: torch.Tensor | None = None  # [N] cache row of every token
-    write_slots: torch.Tensor | None = None  # [N] cache slot of every token
-    decode_lengths: torch.Tensor | None = None  # [B] valid slots per row after the write (mode 4)
+    kv_cache: object | None = None  # paged pool, written and read in modes 3 and 4
+    slot_mapping: torch.Tensor | None = None  # [N] flat pool slot (block * block_size + offset) of every token
+    block_tables: torch.Tensor | None = None  # [S, max_blocks] pool block of each block of each sequence
+    context_lens: torch.Tensor | None = None  # [S] int32 cached tokens per sequence after this call's writes
+    num_decodes: int = 0  # leading sequences (= leading tokens) with one token each: paged decode kernel
+    prefill_spans: list[tuple[int, int, int]] | None = None  # (first token, end token, context_len) of the rest
 
 
 class RMSNorm(nn.Module):
@@ -112,20 +119,46 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(B, T, -1))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-        cache = inputs.kv_cache
-        if cache is not None:
-            cache.write(self.layer_idx, inputs.write_rows, inputs.write_slots, k.flatten(0, 1), v.flatten(0, 1))
-        if inputs.decode_lengths is not None:
-            rows = inputs.write_rows
-            k_rows = cache.k[self.layer_idx][rows].to(q.dtype)  # [B, Hkv, S, D]
-            v_rows = cache.v[self.layer_idx][rows].to(q.dtype)
-            out = decode_attention(q[:, 0], k_rows, v_rows, inputs.decode_lengths, window=self.window)
-            return out.unsqueeze(1)
+        if inputs.kv_cache is not None:
+            return self._attend_paged(q, k, v, inputs)
         if inputs.cu_seqlens is not None:
             return self.packed_attention(q[0], k[0], v[0], inputs.cu_seqlens, window=self.window,
                                          backend=self.kernels).unsqueeze(0)
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, D]
         return causal_attention(qt, kt, vt, window=self.window).transpose(1, 2)
+
+    def _attend_paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        """Modes 3 and 4: store this call's keys/values in the pool, then attend. ``[B, T, H*, D]`` in and out.
+
+        Decode tokens (the first ``num_decodes``) read their whole context through the block
+        table with ``paged_decode_attention`` (Triton when this layer's kernels are, else the
+        torch reference). Prefill chunks: when none has a cached prefix (fresh prompts), their
+        own keys are their whole context and one packed varlen call does them all; otherwise
+        each chunk gathers its context ``[context_len, Hkv, D]`` from its blocks and attends
+        causally with the chunk's queries aligned to the end of the context.
+        """
+        B, T = q.shape[:2]
+        q, k, v = (t.flatten(0, 1) for t in (q, k, v))  # [N, heads, D]
+        cache, layer = inputs.kv_cache, self.layer_idx
+        cache.write(layer, inputs.slot_mapping, k, v)
+        out = torch.empty_like(q)
+        nd, spans = inputs.num_decodes, inputs.prefill_spans or []
+        if nd:
+            out[:nd] = paged_decode_attention(
+                q[:nd], cache.k[layer], cache.v[layer], inputs.block_tables[:nd], inputs.context_lens[:nd],
+                window=self.window, backend="triton" if self.kernels == "triton" else "torch",
+            )
+        if spans and all(ctx == end - start for start, end, ctx in spans):
+            cu = inputs.cu_seqlens[nd:] - nd  # the chunks' tokens start right after the nd decode tokens
+            out[nd:] = self.packed_attention(q[nd:], k[nd:], v[nd:], cu, window=self.window, backend=self.kernels)
+        elif spans:
+            block_size = cache.k[layer].shape[1]
+            for s, (start, end, ctx) in enumerate(spans, start=nd):
+                table = inputs.block_tables[s, : -(-ctx // block_size)].long()
+                k_ctx = cache.k[layer][table].flatten(0, 1)[:ctx]  # [ctx, Hkv, D]
+                v_ctx = cache.v[layer][table].flatten(0, 1)[:ctx]
+                out[start:end] = _prefix_causal_attention(q[start:end], k_ctx, v_ctx, self.window)
+        return out.view(B, T, *out.shape[1:])
 
 
 class MLP(nn.Module):
@@ -183,11 +216,12 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor,  # same shape as input_ids
         *,
         cu_seqlens: torch.Tensor | None = None,  # [S+1] int32
-        kv_cache: KVCache | None = None,
-        cache_rows: torch.Tensor | None = None,  # [S] prefill, [B] decode
+        kv_cache: object | None = None,  # paged pool (modes 3 and 4)
+        block_tables: torch.Tensor | None = None,  # [S, max_blocks] (mode 3) or [B, max_blocks] (mode 4) int32
+        num_decodes: int = 0,  # mode 3: leading single-token sequences
     ) -> torch.Tensor:
         """Final-norm hidden states ``[B, T, H]``; see the module docstring for the four modes."""
-        inputs = build_attention_inputs(input_ids, position_ids, cu_seqlens, kv_cache, cache_rows)
+        inputs = build_attention_inputs(input_ids, position_ids, cu_seqlens, kv_cache, block_tables, num_decodes)
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, h.dtype)
         for layer in self.model.layers:
@@ -238,26 +272,71 @@ def build_attention_inputs(
     input_ids: torch.Tensor,
     position_ids: torch.Tensor,
     cu_seqlens: torch.Tensor | None,
-    kv_cache: KVCache | None,
-    cache_rows: torch.Tensor | None,
+    kv_cache: object | None,
+    block_tables: torch.Tensor | None,
+    num_decodes: int = 0,
 ) -> AttentionInputs:
-    """Check the mode arguments and precompute where each token's k/v goes in the cache."""
+    """Check the mode arguments and precompute where each token's k/v goes in the paged cache.
+
+    Paged modes read the chunk bounds and context lengths back to the host (one sync per
+    forward call, none per layer) only when the call holds prefill chunks.
+    """
     if position_ids.shape != input_ids.shape:
         raise ValueError(f"position_ids {tuple(position_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
     if cu_seqlens is not None and input_ids.shape[0] != 1:
         raise ValueError(f"packed input must be [1, N], got {tuple(input_ids.shape)}")
-    if (kv_cache is None) != (cache_rows is None):
-        raise ValueError("kv_cache and cache_rows must be given together")
+    if (kv_cache is None) != (block_tables is None):
+        raise ValueError("kv_cache and block_tables must be given together")
     if kv_cache is None:
         return AttentionInputs(cu_seqlens=cu_seqlens)
-    if cu_seqlens is not None:  # prefill: token i of sequence s goes to row cache_rows[s], slot = position
-        counts = (cu_seqlens[1:] - cu_seqlens[:-1]).to(cache_rows.device)  # [S] tokens per sequence
-        rows_of_token = torch.repeat_interleave(cache_rows, counts, output_size=input_ids.shape[1])
-        return AttentionInputs(cu_seqlens, kv_cache, rows_of_token, position_ids[0])
-    if input_ids.shape[1] != 1:
-        raise ValueError(f"decode takes one token per row ([B, 1]), got {tuple(input_ids.shape)}")
-    slots = position_ids[:, 0]
-    return AttentionInputs(None, kv_cache, cache_rows, slots, decode_lengths=slots + 1)
+    spans: list[tuple[int, int, int]] = []
+    if cu_seqlens is None:  # mode 4: one new token per row
+        if input_ids.shape[1] != 1:
+            raise ValueError(f"decode takes one token per row ([B, 1]), got {tuple(input_ids.shape)}")
+        pos = position_ids[:, 0]  # [B]
+        seq_of_token = torch.arange(pos.shape[0], device=pos.device)
+        num_decodes = pos.shape[0]
+        context_lens = pos + 1
+    else:  # mode 3: every sequence feeds >= 1 token; its last position + 1 is its context length
+        num_seqs = cu_seqlens.shape[0] - 1
+        if not 0 <= num_decodes <= num_seqs:
+            raise ValueError(f"num_decodes must be in [0, {num_seqs}] (the number of packed sequences), "
+                             f"got {num_decodes}")
+        pos = position_ids[0]  # [N]
+        cu = cu_seqlens.to(pos.device)
+        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=pos.device), cu[1:] - cu[:-1],
+                                               output_size=pos.shape[0])
+        context_lens = pos[cu[1:].long() - 1] + 1  # [S]
+        if num_decodes < num_seqs:
+            bounds, ctx = cu.tolist(), context_lens.tolist()
+            if bounds[num_decodes] != num_decodes:
+                raise ValueError(f"the first num_decodes={num_decodes} sequences must hold one token each")
+            spans = [(bounds[s], bounds[s + 1], ctx[s]) for s in range(num_decodes, num_seqs)]
+    if block_tables.dim() != 2 or block_tables.shape[0] != context_lens.shape[0]:
+        raise ValueError(f"block_tables must be [{context_lens.shape[0]}, max_blocks] (one row per sequence), "
+                         f"got {tuple(block_tables.shape)}")
+    block_size = kv_cache.k[0].shape[1]
+    blocks = block_tables[seq_of_token, torch.div(pos, block_size, rounding_mode="floor")].long()
+    slot_mapping = blocks * block_size + pos % block_size  # [N]
+    return AttentionInputs(cu_seqlens, kv_cache, slot_mapping, block_tables, context_lens.to(torch.int32),
+                           num_decodes, spans)
+
+
+def _prefix_causal_attention(
+    q: torch.Tensor,  # [L, Hq, D] a chunk's queries, the last L positions of its context
+    k: torch.Tensor,  # [C, Hkv, D] the whole context (cached prefix + the chunk itself)
+    v: torch.Tensor,  # [C, Hkv, D]
+    window: int | None,
+) -> torch.Tensor:
+    """Causal attention of a chunk over its context, the chunk's queries aligned to the end
+    (query i sits at position C - L + i) -> ``[L, Hq, D]``; optional sliding window."""
+    L, C = q.shape[0], k.shape[0]
+    distance = torch.arange(C - L, C, device=q.device)[:, None] - torch.arange(C, device=q.device)[None, :]
+    mask = distance >= 0  # [L, C] True = attend
+    if window is not None:
+        mask &= distance < window
+    qt, kt, vt = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, len, D]
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
 
 
 def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:

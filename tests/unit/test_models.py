@@ -13,7 +13,6 @@ from safetensors import safe_open
 from spmd_rl.errors import UserError
 from spmd_rl.models import (
     GenericCausalLM,
-    KVCache,
     ModelArgs,
     Transformer,
     build_model,
@@ -22,6 +21,7 @@ from spmd_rl.models import (
     read_hf_config,
     save_pretrained,
 )
+from spmd_rl.rollout.native.block_pool import KVPool
 
 torch.set_num_threads(1)
 
@@ -203,41 +203,81 @@ def test_packed_forward_matches_per_sequence_batch_forward(window):
 
 @pytest.mark.parametrize("changes", [{}, {"model_type": "qwen3", "qk_norm": True, "attention_bias": False},
                                      {"model_type": "mistral", "attention_bias": False, "sliding_window": 4}])
-def test_prefill_then_decode_reproduces_full_forward(changes):
+def test_paged_prefill_then_decode_reproduces_full_forward(changes):
     model = build_model(None, args=tiny_args(**changes), seed=5)
     full_len = [9, 6, 11]
     prompt_len = [3, 5, 1]
-    rows = torch.tensor([2, 0, 3])  # deliberately not 0..S-1
+    # Block size 2, scattered and out-of-order blocks per sequence (pool of 20 blocks); entries
+    # past a sequence's last block are never read.
+    tables = torch.tensor([[7, 2, 9, 0, 11, 0], [4, 1, 8, 0, 0, 0], [19, 3, 6, 5, 13, 16]], dtype=torch.int32)
     seqs = [torch.randint(0, 300, (L,), generator=torch.Generator().manual_seed(10 + L)) for L in full_len]
     with torch.no_grad():
         want = [model.compute_logits(model(s[None], torch.arange(len(s))[None]))[0] for s in seqs]
-        cache = KVCache.for_model(model.args, max_batch=4, max_seq_len=16, dtype=torch.float32, device="cpu")
+        cache = KVPool.for_model(model.args, num_blocks=20, block_size=2, dtype=torch.float32, device="cpu")
         cu = torch.tensor([0, *torch.tensor(prompt_len).cumsum(0).tolist()], dtype=torch.int32)
         ids = torch.cat([s[:p] for s, p in zip(seqs, prompt_len)])[None]
         pos = torch.cat([torch.arange(p) for p in prompt_len])[None]
-        logits = model.compute_logits(model(ids, pos, cu_seqlens=cu, kv_cache=cache, cache_rows=rows))[0]
+        logits = model.compute_logits(model(ids, pos, cu_seqlens=cu, kv_cache=cache, block_tables=tables))[0]
         for s, p in enumerate(prompt_len):
             assert (logits[cu[s] : cu[s + 1]] - want[s][:p]).abs().max().item() < 1e-5
-        # Teacher-forced decode: rows advance together while they have tokens left.
+        # Teacher-forced decode (mode 4): rows advance together while they have tokens left.
         for step in range(max(full_len) - min(prompt_len)):
             active = [s for s in range(3) if prompt_len[s] + step < full_len[s]]
             t = [prompt_len[s] + step for s in active]
             step_ids = torch.stack([seqs[s][i] for s, i in zip(active, t)])[:, None]
             step_logits = model.compute_logits(
-                model(step_ids, torch.tensor(t)[:, None], kv_cache=cache, cache_rows=rows[active])
+                model(step_ids, torch.tensor(t)[:, None], kv_cache=cache, block_tables=tables[active])
             )[:, 0]
             for j, (s, i) in enumerate(zip(active, t)):
                 assert (step_logits[j] - want[s][i]).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("changes", [{}, {"model_type": "mistral", "attention_bias": False, "sliding_window": 3}])
+def test_paged_mixed_step_with_chunked_prefill(changes):
+    """One packed call holding two decode tokens, a prompt continued after a cached prefix and a
+    fresh prompt gives the full forward's logits; then the fresh-prompt fast path alone."""
+    model = build_model(None, args=tiny_args(**changes), seed=3)
+    seqs = [torch.randint(0, 300, (L,), generator=torch.Generator().manual_seed(L)) for L in (7, 5, 12, 6)]
+    with torch.no_grad():
+        want = [model.compute_logits(model(s[None], torch.arange(len(s))[None]))[0] for s in seqs]
+        cache = KVPool.for_model(model.args, num_blocks=16, block_size=4, dtype=torch.float32, device="cpu")
+        tables = torch.tensor([[3, 9, 0], [12, 1, 0], [5, 14, 7], [2, 8, 0]], dtype=torch.int32)
+
+        def run(parts, rows, num_decodes):  # parts: (seq index, start, end)
+            ids = torch.cat([seqs[s][a:b] for s, a, b in parts])[None]
+            pos = torch.cat([torch.arange(a, b) for _, a, b in parts])[None]
+            cu = torch.tensor([0, *torch.tensor([b - a for _, a, b in parts]).cumsum(0).tolist()], dtype=torch.int32)
+            out = model(ids, pos, cu_seqlens=cu, kv_cache=cache, block_tables=tables[rows], num_decodes=num_decodes)
+            return model.compute_logits(out)[0], cu
+
+        # Step 1 (all fresh prompts, one packed call): seqs 0, 1 up to their last token, seq 2's first chunk.
+        logits, cu = run([(0, 0, 6), (1, 0, 4), (2, 0, 5)], [0, 1, 2], 0)
+        for k, (s, a, b) in enumerate([(0, 0, 6), (1, 0, 4), (2, 0, 5)]):
+            assert (logits[cu[k] : cu[k + 1]] - want[s][a:b]).abs().max().item() < 1e-5
+        # Step 2: decodes of seqs 0 and 1, seq 2's second chunk over its cached prefix, fresh seq 3.
+        parts = [(0, 6, 7), (1, 4, 5), (2, 5, 12), (3, 0, 6)]
+        logits, cu = run(parts, [0, 1, 2, 3], 2)
+        for k, (s, a, b) in enumerate(parts):
+            assert (logits[cu[k] : cu[k + 1]] - want[s][a:b]).abs().max().item() < 1e-5
+        with pytest.raises(ValueError, match="the first num_decodes=3 sequences must hold one token each"):
+            run(parts, [0, 1, 2, 3], 3)
+        with pytest.raises(ValueError, match=r"num_decodes must be in \[0, 4\] \(the number of packed sequences\), "
+                                             r"got 5"):
+            run(parts, [0, 1, 2, 3], 5)
+
+
 def test_forward_rejects_inconsistent_mode_arguments():
     model = build_model(None, args=tiny_args(), seed=0)
-    cache = KVCache.for_model(model.args, 2, 8, torch.float32, "cpu")
+    cache = KVPool.for_model(model.args, 4, 4, torch.float32, "cpu")
     ids, pos = batch_inputs(B=2, T=3)
-    with pytest.raises(ValueError, match="kv_cache and cache_rows must be given together"):
+    with pytest.raises(ValueError, match="kv_cache and block_tables must be given together"):
         model(ids, pos, kv_cache=cache)
+    tables = torch.zeros(2, 1, dtype=torch.int32)
     with pytest.raises(ValueError, match=r"decode takes one token per row \(\[B, 1\]\), got \(2, 3\)"):
-        model(ids, pos, kv_cache=cache, cache_rows=torch.tensor([0, 1]))
+        model(ids, pos, kv_cache=cache, block_tables=tables)
+    with pytest.raises(ValueError, match=r"block_tables must be \[2, max_blocks\] \(one row per sequence\), "
+                                         r"got \(3, 1\)"):
+        model(ids[:, :1], pos[:, :1], kv_cache=cache, block_tables=torch.zeros(3, 1, dtype=torch.int32))
 
 
 # ---------------------------------------------------------------- init

@@ -1,13 +1,22 @@
 """The embedded generation engine over the native decoder (CPU and GPU).
 
-v0 is static batching on a contiguous KV cache: requests (prompt x sample) are processed in
-chunks of ``max_num_seqs``; each chunk is prefilled as one packed (padding-free) batch, then
-decoded one token per step for the rows still running. Logprobs of sampled tokens come from
-the same math the trainer uses, so the two agree up to forward-pass numerics.
+Continuous batching over a paged KV cache (PagedAttention, arXiv:2309.06180; Orca-style
+iteration-level scheduling with chunked prefill, arXiv:2308.16369): each step runs one packed
+forward holding the decode token of every running sequence and the prompt chunks that fit the
+token budget (``scheduler.py``), with keys/values in a preallocated block pool
+(``block_pool.py``). The n samples of a prompt share its prefill and its KV blocks. Logprobs of
+sampled tokens come from the same math the trainer uses, so the two agree up to forward-pass
+numerics.
+
+Reproducibility: every sequence samples with its own generator seeded from (prompt seed,
+sample index), and is only ever fed its own tokens, so its tokens do not depend on the batch,
+the budgets, preemptions or prefix sharing (up to floating-point rounding of different batch
+shapes, which greedy argmax and sampling are insensitive to in practice).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -15,9 +24,18 @@ import torch
 from tqdm.auto import tqdm
 
 from spmd_rl.errors import UserError
+from spmd_rl.kernels.backend import resolve_kernel_backend
 from spmd_rl.models.decoder import Transformer
-from spmd_rl.models.kv_cache import KVCache
 from spmd_rl.rollout.engine import validate_prompts
+from spmd_rl.rollout.native.block_pool import (
+    BlockAllocator,
+    KVPool,
+    blocks_for_tokens,
+    check_block_size,
+    num_blocks_for_budget,
+)
+from spmd_rl.rollout.native.scheduler import Chunk, Scheduler, Sequence, StepPlan
+from spmd_rl.rollout.native.weight_loader import check_still_shared, load_in_buckets, share_parameters
 from spmd_rl.rollout.sampling import (
     make_generators,
     resolve_prompt_seeds,
@@ -30,20 +48,18 @@ from spmd_rl.rollout.types import Completion, SamplingParams
 
 @dataclass
 class _Request:
-    """One sequence being generated: sample ``sample_index`` of prompt ``prompt_index``."""
+    """Sample ``sample_index`` of prompt ``prompt_index``: its scheduler sequence and what it reports."""
 
     prompt_index: int
     sample_index: int
-    prompt: list[int]  # [prompt_len]
+    prompt_len: int
+    seq: Sequence
     seed: int
-    token_ids: list[int] = field(default_factory=list)  # [num_generated]
     logprobs: list[float] = field(default_factory=list)  # [num_generated]
     finish_reason: str | None = None  # None while running
 
-    @property
-    def length(self) -> int:
-        """Tokens so far, prompt + response."""
-        return len(self.prompt) + len(self.token_ids)
+    def completion(self) -> Completion:
+        return Completion(self.seq.tokens[self.prompt_len :], self.logprobs, self.finish_reason)
 
 
 class NativeEngine:
@@ -51,11 +67,28 @@ class NativeEngine:
 
     Args:
         model: the engine's own decoder instance (moved to ``device``/``dtype`` when given).
-        max_num_seqs: sequences generated together, i.e. rows of the KV cache.
-        max_seq_len: prompt + response budget per sequence (slots per cache row); a response
-            that reaches it ends with ``finish_reason="length"``.
+        max_num_seqs: most sequences running at once.
+        max_seq_len: prompt + response budget per sequence; a response that reaches it ends
+            with ``finish_reason="length"``.
         device, dtype: where and in which precision to run; default: the model's.
-        show_progress: show a tqdm bar of finished sequences.
+        show_progress: tqdm bar of finished requests and tokens/s (rank 0 only).
+        block_size: token slots per KV block (a power of two).
+        num_blocks: pool size in blocks; None sizes it from the memory budget below, capped at
+            what ``max_num_seqs`` sequences of ``max_seq_len`` tokens could ever use.
+        kv_cache_gb: KV pool budget on CPU, in GiB.
+        gpu_memory_utilization: KV pool budget on GPU, as a fraction of the device memory free
+            when the pool is (re)allocated (after the weights and what training still holds).
+        max_num_batched_tokens: most tokens per forward step (decode tokens + prefill chunks).
+        enable_prefix_sharing: prefill each prompt once for its n samples, which share its blocks.
+        update_weights_bucket_mb: :meth:`update_weights` holds at most this many MiB of incoming
+            tensors at once.
+        kernels: ``auto | triton | torch`` for the packed prefill and paged decode attention.
+        share_weights_with: the trainer's decoder; ``model`` then takes its very parameters
+            (zero-copy; ``model`` may be built on the meta device) and :meth:`update_weights`
+            is a no-op. Valid only when that module is unsharded (no FSDP/TP, and never sharded
+            after the engine is built: :meth:`update_weights` raises if its parameters were
+            replaced) and already in the engine's dtype and device; pass a different module
+            object than it, so the engine's attention kernel setting stays its own.
     """
 
     def __init__(
@@ -67,6 +100,15 @@ class NativeEngine:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         show_progress: bool = False,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        kv_cache_gb: float = 1.0,
+        gpu_memory_utilization: float = 0.5,
+        max_num_batched_tokens: int = 4096,
+        enable_prefix_sharing: bool = True,
+        update_weights_bucket_mb: float = 256,
+        kernels: str = "auto",
+        share_weights_with: torch.nn.Module | None = None,
     ) -> None:
         if not isinstance(model, Transformer):
             raise UserError(
@@ -77,13 +119,47 @@ class NativeEngine:
             raise UserError(
                 f"rollout needs max_num_seqs >= 1 and max_seq_len >= 2, got {max_num_seqs} and {max_seq_len}"
             )
-        first = next(model.parameters())
-        self.device = torch.device(device) if device is not None else first.device
-        self.dtype = dtype if dtype is not None else first.dtype
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        check_block_size(block_size)
+        for ok, message in (
+            (max_num_batched_tokens >= 1, f"rollout.max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}"),
+            (kv_cache_gb > 0, f"rollout.kv_cache_gb must be > 0 (GiB of KV cache on CPU), got {kv_cache_gb}"),
+            (0 < gpu_memory_utilization <= 1,
+             f"rollout.gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}"),
+            (num_blocks is None or num_blocks >= 1,
+             f"num_blocks must be None (size from memory) or >= 1, got {num_blocks}"),
+            (update_weights_bucket_mb > 0,
+             f"rollout.update_weights_bucket_mb must be > 0 (MiB per weight bucket), got {update_weights_bucket_mb}"),
+        ):
+            if not ok:
+                raise UserError(message)
+        self.shares_weights = share_weights_with is not None
+        self._weight_source = share_weights_with
+        if self.shares_weights:
+            share_parameters(model, share_weights_with)
+            first = next(model.parameters())
+            if device is not None and not _same_device(torch.device(device), first.device):
+                raise UserError(f"share_weights_with: the trainer's weights are on {first.device}, the engine was "
+                                f"asked for {device}; leave share_weights_with unset to copy weights instead")
+            if dtype is not None and dtype != first.dtype:
+                raise UserError(f"share_weights_with: the trainer's weights are {first.dtype}, the engine was asked "
+                                f"for {dtype}; leave share_weights_with unset to copy weights instead")
+            self.device, self.dtype = first.device, first.dtype
+            self.model = model.eval()
+        else:
+            first = next(model.parameters())
+            self.device = torch.device(device) if device is not None else first.device
+            self.dtype = dtype if dtype is not None else first.dtype
+            self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.model.set_kernels(resolve_kernel_backend(kernels, self.device))
         self.max_num_seqs, self.max_seq_len = max_num_seqs, max_seq_len
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.kv_cache_gb, self.gpu_memory_utilization = kv_cache_gb, gpu_memory_utilization
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_prefix_sharing = enable_prefix_sharing
+        self.bucket_bytes = int(update_weights_bucket_mb * 2**20)
         self.show_progress = show_progress
-        self.kv_cache: KVCache | None = None  # allocated on wake_up / first generate
+        self.kv_cache: KVPool | None = None  # allocated on wake_up / first generate
+        self.last_stats: dict[str, float] = {}  # counters of the last generate, for rollout/* metrics
 
     # ---------------------------------------------------------------- protocol
 
@@ -94,118 +170,191 @@ class NativeEngine:
         params: SamplingParams,
         seeds: list[int] | None = None,
     ) -> list[list[Completion]]:
-        """See :meth:`RolloutEngine.generate`."""
+        """See :meth:`RolloutEngine.generate`. Fills :attr:`last_stats`."""
         validate_prompts(prompts, self.max_seq_len)
         prompt_seeds = resolve_prompt_seeds(len(prompts), params, seeds)
-        requests = [
-            _Request(i, j, list(prompt), sample_seed(prompt_seeds[i], j))
-            for i, prompt in enumerate(prompts)
-            for j in range(params.n)
-        ]
         self.wake_up()
-        with tqdm(total=len(requests), desc="rollout", unit="seq", disable=not self.show_progress) as bar:
-            for start in range(0, len(requests), self.max_num_seqs):
-                self._run_chunk(requests[start : start + self.max_num_seqs], params, bar)
+        started = time.perf_counter()
+        allocator = BlockAllocator(self.kv_cache.num_blocks)
+        sched = Scheduler(allocator, self.block_size, self.max_num_seqs, self.max_num_batched_tokens)
+        requests = self._add_requests(sched, prompts, params, prompt_seeds)
+        generators = make_generators([r.seed for r in requests], self.device)
+        stop_ids = set(params.stop_token_ids)
+        generated, steps = 0, 0
+        show = self.show_progress and _rank0()
+        with tqdm(total=len(requests), desc="rollout", unit="seq", disable=not show) as bar:
+            while sched.has_unfinished():
+                plan = sched.schedule()
+                if not plan.chunks:  # cannot happen while every sequence fits the pool alone; never spin
+                    raise RuntimeError(f"rollout scheduler made no progress ({len(sched.waiting)} waiting, "
+                                       f"{allocator.num_free}/{allocator.num_blocks} blocks free)")
+                steps += 1
+                finished, new = self._step(plan, sched, requests, generators, params, stop_ids)
+                generated += new
+                bar.update(finished)
+                bar.set_postfix(tok_s=f"{generated / max(time.perf_counter() - started, 1e-9):.0f}", refresh=False)
+        self.last_stats = {
+            "num_preemptions": sched.num_preemptions,
+            "prefix_hit_blocks": sched.prefix_hit_blocks,
+            "peak_blocks_used": allocator.peak_used,
+            "num_blocks": allocator.num_blocks,
+            "generated_tokens": generated,
+            "num_steps": steps,
+            "seconds": time.perf_counter() - started,
+        }
         results: list[list[Completion]] = [[] for _ in prompts]
         for req in requests:  # ordered by (prompt, sample)
-            results[req.prompt_index].append(Completion(req.token_ids, req.logprobs, req.finish_reason))
+            results[req.prompt_index].append(req.completion())
         return results
 
-    @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy tensors into the model's parameters in place, by name.
+        """Copy tensors into the model's parameters by name, at most one bucket
+        (``update_weights_bucket_mb``) of incoming tensors held at once.
 
-        Raises ``ValueError`` for an unknown name or a shape mismatch. With tied embeddings
-        ``lm_head.weight`` is the embedding itself: it is accepted (or skipped) either way.
+        A no-op when the engine shares the trainer's parameters (``share_weights_with``): the
+        iterator is then not consumed, only checked to be still the same objects (ValueError if
+        the trainer's module was sharded or re-loaded since). Raises ``ValueError`` for an
+        unknown name or a shape mismatch. With tied embeddings ``lm_head.weight`` is the
+        embedding itself: it is accepted (or skipped) either way.
         """
-        params = dict(self.model.named_parameters(remove_duplicate=False))
+        if self.shares_weights:
+            check_still_shared(self.model, self._weight_source)
+            return
         tied = bool(getattr(self.model.args, "tie_word_embeddings", False))
-        for name, tensor in named_tensors:
-            param = params.get(name)
-            if param is None:
-                if name == "lm_head.weight" and tied:
-                    continue
-                raise ValueError(f"update_weights: the model has no parameter named {name!r}")
-            if param.shape != tensor.shape:
-                raise ValueError(
-                    f"update_weights: {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
-                )
-            param.copy_(tensor)  # casts dtype and moves device as needed
+        load_in_buckets(self.model, named_tensors, self.bucket_bytes, tied_lm_head=tied)
 
     def sleep(self) -> None:
-        """Free the KV cache (and the allocator's cached blocks on GPU); weights stay."""
+        """Free the KV pool (and the allocator's cached blocks on GPU); weights stay."""
         self.kv_cache = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def wake_up(self) -> None:
-        """Allocate the KV cache if it is not there (``max_num_seqs`` x ``max_seq_len``)."""
-        if self.kv_cache is None:
-            with torch.inference_mode():
-                self.kv_cache = KVCache.for_model(
-                    self.model.args, self.max_num_seqs, self.max_seq_len, self.dtype, self.device
-                )
+        """Allocate the KV pool if it is not there (see ``num_blocks`` for its size)."""
+        if self.kv_cache is not None:
+            return
+        num_blocks = self.num_blocks
+        if num_blocks is None:
+            most_ever = self.max_num_seqs * blocks_for_tokens(self.max_seq_len - 1, self.block_size)
+            num_blocks = num_blocks_for_budget(
+                self.model.args, self.block_size, self.dtype, self.device, kv_cache_gb=self.kv_cache_gb,
+                gpu_memory_utilization=self.gpu_memory_utilization, max_blocks=most_ever,
+            )
+        with torch.inference_mode():
+            self.kv_cache = KVPool.for_model(self.model.args, num_blocks, self.block_size, self.dtype, self.device)
 
     # ---------------------------------------------------------------- generation
 
-    def _run_chunk(self, requests: list[_Request], params: SamplingParams, bar: tqdm) -> None:
-        """Generate every request of a chunk to completion; request k uses cache row k."""
-        generators = make_generators([r.seed for r in requests], self.device)
-        rows = list(range(len(requests)))
-        hidden = self._prefill([r.prompt for r in requests])  # [S, H]
-        while rows:
-            tokens, logprobs = self._sample(hidden, params, [generators[r] for r in rows])
-            for row, token, logprob in zip(rows, tokens, logprobs):
-                self._append(requests[row], token, logprob, params)
-            bar.update(sum(requests[r].finish_reason is not None for r in rows))
-            rows = [r for r in rows if requests[r].finish_reason is None]
-            if rows:
-                # Feed each running row its newest token, at position length - 1.
-                last = [requests[r].token_ids[-1] for r in rows]
-                hidden = self._decode(last, [requests[r].length - 1 for r in rows], rows)
+    def _add_requests(
+        self, sched: Scheduler, prompts: list[list[int]], params: SamplingParams, prompt_seeds: list[int]
+    ) -> list[_Request]:
+        """One request per (prompt, sample), in that order; the samples of a prompt join the
+        scheduler as a leader and followers when prefix sharing is on and they fit together."""
+        requests: list[_Request] = []
+        share = self.enable_prefix_sharing and 1 < params.n <= self.max_num_seqs
+        for i, prompt in enumerate(prompts):
+            max_len = min(len(prompt) + params.max_new_tokens, self.max_seq_len)
+            group = [
+                _Request(i, j, len(prompt), Sequence(len(requests) + j, list(prompt), max_len),
+                         sample_seed(prompt_seeds[i], j))
+                for j in range(params.n)
+            ]
+            requests.extend(group)
+            if share:
+                sched.add(group[0].seq, followers=[r.seq for r in group[1:]])
+            else:
+                for r in group:
+                    sched.add(r.seq)
+        return requests
 
-    def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        """Packed forward over all prompts, filling cache rows 0..S-1. Returns the final-norm
-        hidden state of each prompt's last token ``[S, H]``."""
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)  # [S]
-        cu_seqlens = torch.zeros(len(prompts) + 1, dtype=torch.int32, device=self.device)
-        cu_seqlens[1:] = lengths.cumsum(0)
-        input_ids = torch.tensor([t for p in prompts for t in p], device=self.device)[None]  # [1, N]
-        # Positions restart at 0 for every packed sequence.
-        starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)  # [N]
-        position_ids = (torch.arange(input_ids.shape[1], device=self.device) - starts)[None]  # [1, N]
+    def _step(
+        self,
+        plan: StepPlan,
+        sched: Scheduler,
+        requests: list[_Request],
+        generators: list[torch.Generator],
+        params: SamplingParams,
+        stop_ids: set[int],
+    ) -> tuple[int, int]:
+        """Run one planned step: block copies, the packed forward, sampling. Returns
+        ``(requests finished, tokens generated)``."""
+        if plan.copies:
+            self.kv_cache.copy_blocks(plan.copies)
+        # Single-token chunks first: the decoder sends them through the paged decode kernel.
+        chunks = [c for c in plan.chunks if c.num_tokens == 1] + [c for c in plan.chunks if c.num_tokens > 1]
+        num_decodes = sum(c.num_tokens == 1 for c in plan.chunks)
+        hidden = self._forward(chunks, num_decodes)  # [N, H]
+        rows, seqs = [], []  # hidden row each sampled sequence reads (forks share their leader's)
+        last = 0
+        for c in chunks:
+            last += c.num_tokens
+            if c.samples:
+                for s in (c.seq, *c.forks):
+                    rows.append(last - 1)
+                    seqs.append(s)
+        if not seqs:
+            return 0, 0
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]).float()  # [R, V]
+        tokens = sample_tokens(logits, params, [generators[s.seq_id] for s in seqs])  # [R]
+        logprobs = sampled_logprobs(logits, tokens, params.temperature)  # [R]
+        finished = 0
+        for s, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
+            req = requests[s.seq_id]
+            sched.append_token(s, token)
+            req.logprobs.append(logprob)
+            if token in stop_ids:
+                req.finish_reason = "stop"
+            elif len(s.tokens) >= s.max_len:  # max_new_tokens or max_seq_len reached
+                req.finish_reason = "length"
+            if req.finish_reason is not None:
+                sched.finish(s)
+                finished += 1
+        return finished, len(seqs)
+
+    def _forward(self, chunks: list[Chunk], num_decodes: int) -> torch.Tensor:
+        """One packed forward over the chunks (decode tokens first). Returns hidden states ``[N, H]``."""
+        ids: list[int] = []
+        positions: list[int] = []
+        cu = [0]
+        for c in chunks:
+            end = c.start + c.num_tokens
+            ids.extend(c.seq.tokens[c.start : end])
+            positions.extend(range(c.start, end))
+            cu.append(cu[-1] + c.num_tokens)
+        width = max(len(c.seq.block_table) for c in chunks)
+        tables = [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks]
+        dev = self.device
         hidden = self.model(
-            input_ids,
-            position_ids,
-            cu_seqlens=cu_seqlens,
+            torch.tensor(ids, device=dev)[None],
+            torch.tensor(positions, device=dev)[None],
+            cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=dev),
             kv_cache=self.kv_cache,
-            cache_rows=torch.arange(len(prompts), device=self.device),
-        )  # [1, N, H]
-        return hidden[0, cu_seqlens[1:].long() - 1]
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            num_decodes=num_decodes,
+        )
+        return hidden[0]
 
-    def _decode(self, last_tokens: list[int], positions: list[int], rows: list[int]) -> torch.Tensor:
-        """One decode step: feed each row's last token at its position. Returns ``[B, H]``."""
-        input_ids = torch.tensor(last_tokens, device=self.device)[:, None]  # [B, 1]
-        position_ids = torch.tensor(positions, device=self.device)[:, None]  # [B, 1]
-        cache_rows = torch.tensor(rows, device=self.device)  # [B]
-        hidden = self.model(input_ids, position_ids, kv_cache=self.kv_cache, cache_rows=cache_rows)
-        return hidden[:, 0]
 
-    def _sample(
-        self, hidden: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
-    ) -> tuple[list[int], list[float]]:
-        """Next token and its logprob for each row of ``hidden [B, H]``."""
-        logits = self.model.compute_logits(hidden).float()  # [B, V]
-        tokens = sample_tokens(logits, params, generators)  # [B]
-        logprobs = sampled_logprobs(logits, tokens, params.temperature)  # [B]
-        return tokens.tolist(), logprobs.tolist()
+def native_engine_options(rollout_cfg, kernels: str = "auto") -> dict:
+    """The :class:`NativeEngine` keyword arguments that come from the ``rollout`` config
+    section (and ``model.kernels``), for ``build_engine("native", model, **options, ...)``."""
+    return dict(
+        block_size=rollout_cfg.block_size,
+        kv_cache_gb=rollout_cfg.kv_cache_gb,
+        gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
+        max_num_batched_tokens=rollout_cfg.max_num_batched_tokens,
+        enable_prefix_sharing=rollout_cfg.enable_prefix_sharing,
+        update_weights_bucket_mb=rollout_cfg.update_weights_bucket_mb,
+        kernels=kernels,
+    )
 
-    def _append(self, req: _Request, token: int, logprob: float, params: SamplingParams) -> None:
-        """Record a sampled token and decide whether the request is finished."""
-        req.token_ids.append(token)
-        req.logprobs.append(logprob)
-        if token in params.stop_token_ids:
-            req.finish_reason = "stop"
-        elif len(req.token_ids) >= params.max_new_tokens or req.length >= self.max_seq_len:
-            # A next token would need a cache slot past max_seq_len.
-            req.finish_reason = "length"
+
+def _same_device(asked: torch.device, have: torch.device) -> bool:
+    """``cuda`` matches any ``cuda:i``; an explicit index must match."""
+    return asked.type == have.type and (asked.index is None or asked.index == have.index)
+
+
+def _rank0() -> bool:
+    """True outside torch.distributed or on global rank 0 (the one that shows progress)."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
