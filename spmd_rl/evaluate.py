@@ -34,7 +34,7 @@ from spmd_rl.errors import exit_on_user_error
 from spmd_rl.models import build_model
 from spmd_rl.rewards import build_scorer
 from spmd_rl.rollout.engine import build_engine
-from spmd_rl.trainer.components import stop_token_ids
+from spmd_rl.trainer.components import engine_options, stop_token_ids
 from spmd_rl.trainer.validation import ResponseRecord, generate_and_score, shard_prompts, summarize, validation_sampling
 
 
@@ -67,8 +67,7 @@ def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device) -> d
     model = build_model(cfg.model.path, device=device, dtype=dtype, prefer_native=cfg.model.implementation != "generic",
                         seed=cfg.trainer.seed, trust_remote_code=cfg.model.trust_remote_code)
     model.requires_grad_(False).eval()
-    engine = build_engine(cfg.rollout.engine, model, max_num_seqs=cfg.rollout.max_num_seqs,
-                          max_seq_len=data.max_prompt_length + data.max_response_length, device=device)
+    engine = build_engine(cfg.rollout.engine, model, device=device, **engine_options(cfg, tokenizer))
     scorer = build_scorer(cfg.reward)
     params = validation_sampling(cfg, stop_token_ids(tokenizer, model))
     if rank == 0:

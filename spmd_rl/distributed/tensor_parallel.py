@@ -77,3 +77,27 @@ def local_vocab_shard(weight: torch.Tensor, tp_mesh_dim: str = "tp") -> tuple[to
     # torch splits Shard(0) like torch.chunk: every rank but possibly the last has ceil(V / tp) rows.
     rows_per_rank = -(-weight.shape[0] // tp_mesh.size())
     return local, tp_mesh.get_local_rank() * rows_per_rank, tp_mesh.get_group()
+
+
+def gather_vocab_logits(local_logits: torch.Tensor, group, vocab_size: int) -> torch.Tensor:
+    """``[B, V_local]`` logits of this rank's vocab slice -> the full ``[B, V]`` on every rank
+    (for sampling, which needs the whole distribution). Slices follow torch's Shard(0) split."""
+    import torch.distributed as dist
+
+    size = dist.get_world_size(group)
+    rows_per_rank = -(-vocab_size // size)
+    padded = torch.nn.functional.pad(local_logits, (0, rows_per_rank - local_logits.shape[-1]))
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)[..., :vocab_size]
+
+
+def full_to_local(param: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(destination, source)`` for copying a full-shape tensor into ``param``: for a DTensor the
+    local shard and this rank's slice of ``full`` (cut locally, no communication), else both as is."""
+    if not isinstance(param, DTensor):
+        return param, full
+    from torch.distributed.tensor import distribute_tensor
+
+    local = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return param.to_local(), local.to_local()

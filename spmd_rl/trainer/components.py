@@ -137,8 +137,7 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
     report_memory_plan(cfg, decoder, dims, device, log)  # rank 0 prints it; UserError if it cannot fit
     engine_dtype = torch.bfloat16 if device.type == "cuda" and cfg.model.dtype != "float32" else torch.float32
     engine_model = copy.deepcopy(decoder).to(engine_dtype).eval()
-    engine = build_engine(cfg.rollout.engine, engine_model, max_num_seqs=cfg.rollout.max_num_seqs,
-                          max_seq_len=data.max_prompt_length + data.max_response_length, device=device)
+    engine = build_engine(cfg.rollout.engine, engine_model, device=device, **engine_options(cfg, tokenizer, dims, mesh))
     param_dtype = torch.bfloat16 if device.type == "cuda" and cfg.model.dtype != "float32" else None
     kernels = kernel_backend(cfg.model.kernels, device)
     fsdp_mesh = dims.fsdp_mesh(mesh)
@@ -205,6 +204,32 @@ def kernel_backend(choice: str, device: torch.device) -> str:
         return resolve_kernel_backend(choice, device)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def engine_options(cfg: Config, tokenizer, dims=None, mesh=None) -> dict:
+    """Constructor keywords of the configured engine, from the ``rollout`` section.
+
+    The native engine generates tensor-parallel over the trainer's ``tp`` ranks; HF generates
+    with the full model on each rank; vLLM/SGLang get their own TP size and memory fraction."""
+    r, data = cfg.rollout, cfg.data
+    options = dict(max_num_seqs=r.max_num_seqs, max_seq_len=data.max_prompt_length + data.max_response_length)
+    tp = dims.tp if dims is not None else 1
+    if r.engine == "native":
+        from spmd_rl.rollout.native.engine import native_engine_options
+
+        options.update(native_engine_options(r, cfg.model.kernels), tokenizer=tokenizer,
+                       tp_mesh=mesh["tp"] if tp > 1 else None)
+    elif r.engine == "hf":
+        options["tokenizer"] = tokenizer
+    elif r.engine == "vllm":
+        options.update(tensor_parallel_size=tp, gpu_memory_utilization=r.gpu_memory_utilization,
+                       update_weights_bucket_mb=r.update_weights_bucket_mb, seed=cfg.trainer.seed,
+                       tokenizer=cfg.model.tokenizer_path)
+    elif r.engine == "sglang":
+        options.update(tp_size=tp, mem_fraction_static=r.gpu_memory_utilization,
+                       update_weights_bucket_mb=r.update_weights_bucket_mb, seed=cfg.trainer.seed,
+                       tokenizer=cfg.model.tokenizer_path)
+    return options
 
 
 def _model_parallel_note(dims) -> str:

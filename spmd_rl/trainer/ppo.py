@@ -35,7 +35,7 @@ from spmd_rl.trainer.minibatch import balance_groups
 from spmd_rl.trainer.offload import HostOffload, build_host_offload
 from spmd_rl.trainer.perf_metrics import mfu_metrics, step_flops
 from spmd_rl.trainer.rollout_metrics import compute_rollout_metrics
-from spmd_rl.trainer.validation import run_validation
+from spmd_rl.trainer.validation import run_validation, shared_sampling_options
 
 
 class PPOTrainer:
@@ -121,6 +121,7 @@ class PPOTrainer:
                 moved = offload.offload()
             c.engine.wake_up()
         batch, rollout_metrics = self.rollout()
+        rollout_metrics.update(engine_metrics(c.engine, c.dp_group))
         c.engine.sleep()  # free generation memory before training
         if offload.active:
             with self.timer("reload"):
@@ -289,9 +290,8 @@ class PPOTrainer:
 
     def sampling(self) -> SamplingParams:
         r = self.cfg.rollout
-        return SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                              max_new_tokens=self.cfg.data.max_response_length,
-                              stop_token_ids=self.c.stop_token_ids)
+        return SamplingParams(n=r.n, temperature=r.temperature, max_new_tokens=self.cfg.data.max_response_length,
+                              stop_token_ids=self.c.stop_token_ids, **shared_sampling_options(r))
 
     def validate(self) -> dict[str, float]:
         return run_validation(self.cfg, self.c)
@@ -357,3 +357,10 @@ class PPOTrainer:
     @staticmethod
     def _num_tokens(batch: RolloutBatch) -> int:
         return sum(len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids))
+
+
+def engine_metrics(engine, dp_group) -> dict[str, float]:
+    """``rollout/*`` counters of the engine's last generate (native engine), averaged over dp."""
+    stats = getattr(engine, "last_stats", None) or {}
+    keys = ("num_preemptions", "prefix_hit_blocks", "peak_blocks_used", "generated_tokens", "num_steps")
+    return reduce_metrics({f"rollout/{k}": float(stats[k]) for k in keys if k in stats}, dp_group)

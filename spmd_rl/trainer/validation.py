@@ -40,8 +40,15 @@ def validation_sampling(cfg, stop_token_ids: list[int]) -> SamplingParams:
     """``rollout.val_n`` samples per prompt at ``rollout.val_temperature``, up to
     ``data.max_response_length`` tokens."""
     r = cfg.rollout
-    return SamplingParams(n=r.val_n, temperature=r.val_temperature, top_p=r.top_p, top_k=r.top_k,
-                          max_new_tokens=cfg.data.max_response_length, stop_token_ids=stop_token_ids)
+    return SamplingParams(n=r.val_n, temperature=r.val_temperature, max_new_tokens=cfg.data.max_response_length,
+                          stop_token_ids=stop_token_ids, **shared_sampling_options(r))
+
+
+def shared_sampling_options(rollout_cfg) -> dict:
+    """The sampling options training and validation share (truncation, penalties, stop strings)."""
+    r = rollout_cfg
+    return dict(top_p=r.top_p, top_k=r.top_k, min_p=r.min_p, repetition_penalty=r.repetition_penalty,
+                presence_penalty=r.presence_penalty, frequency_penalty=r.frequency_penalty, stop=list(r.stop))
 
 
 def shard_prompts(dataset, rank: int, world_size: int) -> list[PromptSample]:
@@ -81,20 +88,22 @@ def group_by_prompt(records: list[ResponseRecord]) -> list[PromptGroup]:
             for rs in groups.values()]
 
 
-def summarize(records: list[ResponseRecord], n: int, *,
-              keep_records: bool = False) -> tuple[dict[str, float], list[ResponseRecord] | None]:
+def summarize(records: list[ResponseRecord], n: int, *, keep_records: bool = False,
+              group=None) -> tuple[dict[str, float], list[ResponseRecord] | None]:
     """Metrics over the records of every rank (a collective: all ranks call it).
 
     Each rank reduces its own whole prompts to partial sums and only those travel. With
     ``keep_records`` rank 0 also receives every rank's records, sorted by prompt index (samples
     of a prompt in order); other ranks, and every rank without it, get None.
     """
-    world_size = dist.get_world_size()
+    world_size = dist.get_world_size(group)
     parts: list = [None] * world_size
-    dist.all_gather_object(parts, accumulate(group_by_prompt(records)))
+    dist.all_gather_object(parts, accumulate(group_by_prompt(records)), group=group)
     metrics = validation_metrics(merge_totals(parts), n)
     if not keep_records:
         return metrics, None
+    if group is not None:
+        raise ValueError("keep_records gathers to global rank 0: call summarize without a group")
     is_root = dist.get_rank() == 0
     gathered: list | None = [None] * world_size if is_root else None
     dist.gather_object(records, gathered, dst=0)
@@ -107,7 +116,9 @@ def summarize(records: list[ResponseRecord], n: int, *,
 def validate(cfg, c, *, keep_records: bool = False) -> tuple[dict[str, float], list[ResponseRecord] | None]:
     """In-loop validation of the trainer's policy: push its weights into the engine, generate and
     score this rank's share of ``c.val_dataset``, then :func:`summarize`."""
-    mine = shard_prompts(c.val_dataset, c.rank, dist.get_world_size())
+    # Shards by data-parallel rank: the tp/sp ranks of one dp rank generate the same prompts
+    # (a tensor-parallel engine needs that) and count once.
+    mine = shard_prompts(c.val_dataset, c.dp_rank, c.dp_size)
     c.engine.wake_up()
     # Gathering sharded weights is a collective: a rank with no prompt (fewer prompts than
     # ranks) still takes part.
@@ -115,7 +126,8 @@ def validate(cfg, c, *, keep_records: bool = False) -> tuple[dict[str, float], l
     records = generate_and_score(c.engine, c.tokenizer, c.scorer, mine, validation_sampling(cfg, c.stop_token_ids),
                                  c.seed)
     c.engine.sleep()
-    return summarize(records, cfg.rollout.val_n, keep_records=keep_records)
+    group = None if keep_records else c.dp_group
+    return summarize(records, cfg.rollout.val_n, keep_records=keep_records, group=group)
 
 
 def run_validation(cfg, c) -> dict[str, float]:

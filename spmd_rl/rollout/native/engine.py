@@ -36,13 +36,8 @@ from spmd_rl.rollout.native.block_pool import (
 )
 from spmd_rl.rollout.native.scheduler import Chunk, Scheduler, Sequence, StepPlan
 from spmd_rl.rollout.native.weight_loader import check_still_shared, load_in_buckets, share_parameters
-from spmd_rl.rollout.sampling import (
-    make_generators,
-    resolve_prompt_seeds,
-    sample_seed,
-    sample_tokens,
-    sampled_logprobs,
-)
+from spmd_rl.rollout.sampling import make_generators, resolve_prompt_seeds, sample_seed, sample_with_logprobs
+from spmd_rl.rollout.stop import StopChecker
 from spmd_rl.rollout.types import Completion, SamplingParams
 
 
@@ -55,11 +50,19 @@ class _Request:
     prompt_len: int
     seq: Sequence
     seed: int
-    logprobs: list[float] = field(default_factory=list)  # [num_generated]
+    logprobs: list[float] = field(default_factory=list)  # [num_generated] trainer-side distribution
+    sampled_logprobs: list[float] = field(default_factory=list)  # [num_generated] distribution drawn from
+    raw_logprobs: list[float] | None = None  # [num_generated] T = 1, unprocessed (when asked for)
     finish_reason: str | None = None  # None while running
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+
+    @property
+    def response(self) -> list[int]:
+        return self.seq.tokens[self.prompt_len :]
 
     def completion(self) -> Completion:
-        return Completion(self.seq.tokens[self.prompt_len :], self.logprobs, self.finish_reason)
+        return Completion(self.response, self.logprobs, self.finish_reason, sampled_logprobs=self.sampled_logprobs,
+                          raw_logprobs=self.raw_logprobs, stop_reason=self.stop_reason)
 
 
 class NativeEngine:
@@ -89,6 +92,12 @@ class NativeEngine:
             after the engine is built: :meth:`update_weights` raises if its parameters were
             replaced) and already in the engine's dtype and device; pass a different module
             object than it, so the engine's attention kernel setting stays its own.
+        tokenizer: needed only for stop strings (``SamplingParams.stop``).
+        tp_mesh: a 1-D mesh to generate tensor-parallel over (the trainer's ``tp`` dimension):
+            projections are sharded like the trainer's (column/row parallel, one all-reduce per
+            attention and per MLP), each rank holds ``kv_heads/tp`` heads of KV cache, and the
+            vocab-sharded logits are gathered for sampling. Every rank of the mesh must call
+            :meth:`generate` with the same prompts and seeds.
     """
 
     def __init__(
@@ -109,6 +118,8 @@ class NativeEngine:
         update_weights_bucket_mb: float = 256,
         kernels: str = "auto",
         share_weights_with: torch.nn.Module | None = None,
+        tokenizer=None,
+        tp_mesh=None,
     ) -> None:
         if not isinstance(model, Transformer):
             raise UserError(
@@ -150,6 +161,18 @@ class NativeEngine:
             self.device = torch.device(device) if device is not None else first.device
             self.dtype = dtype if dtype is not None else first.dtype
             self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.tp_group = None
+        if tp_mesh is not None and tp_mesh.size() > 1:
+            if self.shares_weights:
+                raise UserError("share_weights_with cannot be combined with tensor-parallel generation; "
+                                "leave share_weights_with unset")
+            from spmd_rl.distributed.tensor_parallel import apply_tp
+
+            apply_tp(self.model, tp_mesh)
+            self.tp_group = tp_mesh.get_group()
+        tp = 1 if self.tp_group is None else tp_mesh.size()
+        self._kv_args = self.model.args.replace(num_kv_heads=self.model.args.num_kv_heads // tp)  # this rank's heads
+        self.tokenizer = tokenizer
         self.model.set_kernels(resolve_kernel_backend(kernels, self.device))
         self.max_num_seqs, self.max_seq_len = max_num_seqs, max_seq_len
         self.block_size, self.num_blocks = block_size, num_blocks
@@ -180,6 +203,9 @@ class NativeEngine:
         requests = self._add_requests(sched, prompts, params, prompt_seeds)
         generators = make_generators([r.seed for r in requests], self.device)
         stop_ids = set(params.stop_token_ids)
+        if params.stop and self.tokenizer is None:
+            raise UserError("stop strings need a tokenizer: build the native engine with tokenizer=...")
+        self._stop_checker = StopChecker(self.tokenizer, params.stop) if params.stop else None
         generated, steps = 0, 0
         show = self.show_progress and _rank0()
         with tqdm(total=len(requests), desc="rollout", unit="seq", disable=not show) as bar:
@@ -237,11 +263,11 @@ class NativeEngine:
         if num_blocks is None:
             most_ever = self.max_num_seqs * blocks_for_tokens(self.max_seq_len - 1, self.block_size)
             num_blocks = num_blocks_for_budget(
-                self.model.args, self.block_size, self.dtype, self.device, kv_cache_gb=self.kv_cache_gb,
+                self._kv_args, self.block_size, self.dtype, self.device, kv_cache_gb=self.kv_cache_gb,
                 gpu_memory_utilization=self.gpu_memory_utilization, max_blocks=most_ever,
             )
         with torch.inference_mode():
-            self.kv_cache = KVPool.for_model(self.model.args, num_blocks, self.block_size, self.dtype, self.device)
+            self.kv_cache = KVPool.for_model(self._kv_args, num_blocks, self.block_size, self.dtype, self.device)
 
     # ---------------------------------------------------------------- generation
 
@@ -294,22 +320,42 @@ class NativeEngine:
                     seqs.append(s)
         if not seqs:
             return 0, 0
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]).float()  # [R, V]
-        tokens = sample_tokens(logits, params, [generators[s.seq_id] for s in seqs])  # [R]
-        logprobs = sampled_logprobs(logits, tokens, params.temperature)  # [R]
+        logits = self._logits(hidden[torch.tensor(rows, device=self.device)])  # [R, V]
+        penalised = params.has_penalties
+        out = sample_with_logprobs(
+            logits, params, [generators[s.seq_id] for s in seqs],
+            generated=[requests[s.seq_id].response for s in seqs] if penalised else None,
+            prompts=[s.tokens[: requests[s.seq_id].prompt_len] for s in seqs] if penalised else None)
+        raw = out.raw_logprobs.tolist() if out.raw_logprobs is not None else [None] * len(seqs)
         finished = 0
-        for s, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
+        for s, token, logprob, sampled, raw_lp in zip(seqs, out.tokens.tolist(), out.logprobs.tolist(),
+                                                     out.sampled_logprobs.tolist(), raw):
             req = requests[s.seq_id]
             sched.append_token(s, token)
             req.logprobs.append(logprob)
+            req.sampled_logprobs.append(sampled)
+            if raw_lp is not None:
+                req.raw_logprobs = (req.raw_logprobs or []) + [raw_lp]
             if token in stop_ids:
-                req.finish_reason = "stop"
+                req.finish_reason, req.stop_reason = "stop", token
+            elif self._stop_checker is not None and (hit := self._stop_checker.check(req.response)) is not None:
+                req.finish_reason, req.stop_reason = "stop", hit.stop  # checked every token: nothing to cut
             elif len(s.tokens) >= s.max_len:  # max_new_tokens or max_seq_len reached
                 req.finish_reason = "length"
             if req.finish_reason is not None:
                 sched.finish(s)
                 finished += 1
         return finished, len(seqs)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 ``[R, V]`` logits; under tensor parallelism each rank projects onto its vocab
+        slice and the slices are gathered, so every rank samples from the same full logits."""
+        if self.tp_group is None:
+            return self.model.compute_logits(hidden).float()
+        from spmd_rl.distributed.tensor_parallel import gather_vocab_logits, local_vocab_shard
+
+        weight, _, _ = local_vocab_shard(self.model.lm_head_weight())
+        return gather_vocab_logits((hidden @ weight.t()).float(), self.tp_group, self.model.args.vocab_size)
 
     def _forward(self, chunks: list[Chunk], num_decodes: int) -> torch.Tensor:
         """One packed forward over the chunks (decode tokens first). Returns hidden states ``[N, H]``."""

@@ -84,7 +84,12 @@ def load_in_buckets(
 
 def _copy_all(params: list[torch.Tensor], tensors: list[torch.Tensor]) -> None:
     """``params[i].copy_(tensors[i])`` for all i: one fused copy when every pair shares a device
-    (dtype casts included), else one copy per tensor."""
+    (dtype casts included), else one copy per tensor. A tensor-parallel (DTensor) parameter
+    takes its own slice of the full tensor."""
+    if DTensor is not None and any(isinstance(p, DTensor) for p in params):
+        from spmd_rl.distributed.tensor_parallel import full_to_local
+
+        params, tensors = map(list, zip(*(full_to_local(p, t) for p, t in zip(params, tensors))))
     if all(p.device == t.device for p, t in zip(params, tensors)):
         torch._foreach_copy_(params, tensors)
     else:
