@@ -131,8 +131,8 @@ class Attention(nn.Module):
         """Modes 3 and 4: store this call's keys/values in the pool, then attend. ``[B, T, H*, D]`` in and out.
 
         Decode tokens (the first ``num_decodes``) read their whole context through the block
-        table with ``paged_decode_attention`` (Triton when this layer's kernels are, else the
-        torch reference). Prefill chunks: when none has a cached prefix (fresh prompts), their
+        table with ``paged_decode_attention`` (Triton when this layer's kernels are, else torch's
+        fused SDPA over the gathered blocks). Prefill chunks: when none has a cached prefix (fresh prompts), their
         own keys are their whole context and one packed varlen call does them all; otherwise
         each chunk gathers its context ``[context_len, Hkv, D]`` from its blocks and attends
         causally with the chunk's queries aligned to the end of the context.
@@ -146,7 +146,7 @@ class Attention(nn.Module):
         if nd:
             out[:nd] = paged_decode_attention(
                 q[:nd], cache.k[layer], cache.v[layer], inputs.block_tables[:nd], inputs.context_lens[:nd],
-                window=self.window, backend="triton" if self.kernels == "triton" else "torch",
+                window=self.window, backend="triton" if self.kernels == "triton" else "sdpa",
             )
         if spans and all(ctx == end - start for start, end, ctx in spans):
             cu = inputs.cu_seqlens[nd:] - nd  # the chunks' tokens start right after the nd decode tokens

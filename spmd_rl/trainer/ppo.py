@@ -360,7 +360,7 @@ class PPOTrainer:
 
 
 def engine_metrics(engine, dp_group) -> dict[str, float]:
-    """``rollout/*`` counters of the engine's last generate (native engine), averaged over dp."""
+    """``rollout/*`` counters of the engine's last generate (native engine): per-rank numbers, averaged over dp."""
     stats = getattr(engine, "last_stats", None) or {}
     keys = ("num_preemptions", "prefix_hit_blocks", "peak_blocks_used", "generated_tokens", "num_steps")
     return reduce_metrics({f"rollout/{k}": float(stats[k]) for k in keys if k in stats}, dp_group)

@@ -205,7 +205,7 @@ def test_bandwidth_bytes():
 
 def test_bad_inputs():
     q, kp, vp, table, lengths = make_paged(3, [3, 5], 4, 2, 16, 4, torch.float32)
-    with pytest.raises(ValueError, match="backend must be one of triton, torch; got 'cuda'"):
+    with pytest.raises(ValueError, match="backend must be one of triton, torch, sdpa; got 'cuda'"):
         paged_decode_attention(q, kp, vp, table, lengths, backend="cuda")
     with pytest.raises(ValueError, match=r"query heads \(4\) must be a multiple of kv heads \(3\)"):
         three_heads = kp[:, :, :1].expand(-1, -1, 3, -1)
@@ -245,3 +245,19 @@ def test_cuda_long_context_bf16(num_splits):
     ref = oracle(q, kp, vp, table, lengths)
     out = paged_decode_attention(q.cuda(), kp.cuda(), vp.cuda(), table.cuda(), lengths.cuda(), num_splits=num_splits)
     assert rel_err(out.cpu(), ref) <= 1e-2
+
+
+def test_sdpa_path_matches_reference_on_finite_pools():
+    """The engine's CPU path (fused SDPA over gathered blocks) equals the reference when the pool
+    holds finite numbers (the engine zero-initialises it), with GQA, ragged lengths and a window."""
+    g = torch.Generator().manual_seed(3)
+    num_blocks, block_size, Hkv, G, D = 12, 4, 2, 3, 8
+    k_pool = torch.randn(num_blocks, block_size, Hkv, D, generator=g)
+    v_pool = torch.randn(num_blocks, block_size, Hkv, D, generator=g)
+    q = torch.randn(3, Hkv * G, D, generator=g)
+    tables = torch.tensor([[5, 2, 9], [0, 11, 3], [7, 0, 0]], dtype=torch.int32)
+    lengths = torch.tensor([10, 12, 1], dtype=torch.int32)
+    for window in (None, 5):
+        ref = paged_decode_attention(q, k_pool, v_pool, tables, lengths, backend="torch", window=window)
+        out = paged_decode_attention(q, k_pool, v_pool, tables, lengths, backend="sdpa", window=window)
+        assert (out - ref).abs().max().item() < 1e-6

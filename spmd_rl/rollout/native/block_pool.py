@@ -111,8 +111,10 @@ class KVPool:
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         # empty, not zeros: slots are always written before they are read (the attention masks
         # slots past each sequence's length), and untouched CPU pages cost no memory.
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Zeros, not empty: the torch decode path reads masked slots (times a zero weight), which
+        # must hold finite numbers.
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
 
     @classmethod
