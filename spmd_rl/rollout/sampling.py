@@ -196,20 +196,23 @@ def _truncate(penalised: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 # ---------------------------------------------------------------------------- sampling
 
 
-def _exponential_race(probs: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
-    """One draw per row of ``probs [B, V]``: ``argmax(p / E)``, ``E ~ Exp(1)``, is an exact draw
-    from ``p``. Row ``b``'s noise comes from ``generators[b]`` (torch's global RNG when None)."""
-    noise = torch.empty_like(probs)
+def _inverse_cdf_draw(probs: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """One exact draw per row of ``probs [B, V]``: the first token whose cumulative probability
+    exceeds ``u * total``, ``u ~ U[0, 1)``. Row ``b``'s ``u`` comes from ``generators[b]`` (torch's
+    global RNG when None): one scalar per row per step, so a step costs ``B`` tiny draws rather
+    than ``B x V`` noise values (the exponential race), and a row's token still depends on its
+    own seed only. The cumulative sum is in float64 so a token's share of ``[0, total)`` is
+    its probability to ~1e-16; a 0-probability token owns an empty interval and is never drawn."""
+    rows = probs.shape[0]
     if generators is None:
-        noise.exponential_()
+        u = torch.rand(rows, dtype=torch.float64, device=probs.device)
     else:
-        if len(generators) != probs.shape[0]:
-            raise ValueError(f"got {len(generators)} generators for {probs.shape[0]} rows")
-        for row, gen in enumerate(generators):
-            noise[row].exponential_(generator=gen)
-    # E == 0 would turn a masked 0-probability token into 0/0 = nan, which argmax would pick.
-    noise.clamp_min_(torch.finfo(noise.dtype).tiny)
-    return (probs / noise).argmax(dim=-1)
+        if len(generators) != rows:
+            raise ValueError(f"got {len(generators)} generators for {rows} rows")
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device) for g in generators])
+    cdf = probs.double().cumsum(dim=-1)  # [B, V]
+    target = u.to(cdf.device) * cdf[:, -1]  # [B], inside [0, total)
+    return torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1).clamp_max(probs.shape[1] - 1)
 
 
 def sample_tokens(
@@ -225,15 +228,15 @@ def sample_tokens(
     """Sample one token per row. Returns token ids ``[B]`` (int64, on the logits' device).
 
     Greedy (``temperature == 0``) is the argmax of the penalised logits and uses no randomness.
-    Otherwise one draw from ``softmax(process_logits(...))`` by the exponential race; row ``b``'s
-    noise comes from ``generators[b]`` so each row's draw depends on its own seed only (one
-    ``Exp(1)`` per vocabulary entry per step, whatever the options). With ``generators=None`` the
+    Otherwise one draw from ``softmax(process_logits(...))`` by inverse-CDF sampling; row ``b``'s
+    uniform comes from ``generators[b]`` so each row's draw depends on its own seed only (one
+    uniform per row per step, whatever the options). With ``generators=None`` the
     noise comes from torch's global RNG. The keyword arguments are as in :func:`process_logits`.
     """
     penalised = _penalise(logits, params, generated, prompts, prompt_counts, output_counts)
     if params.greedy:
         return penalised.argmax(dim=-1)
-    return _exponential_race(_truncate(penalised, params).softmax(dim=-1), generators)
+    return _inverse_cdf_draw(_truncate(penalised, params).softmax(dim=-1), generators)
 
 
 def sampled_logprobs(
@@ -286,10 +289,13 @@ def sample_with_logprobs(
     if params.greedy:
         tokens = penalised.argmax(dim=-1)
     else:
-        tokens = _exponential_race(processed.softmax(dim=-1), generators)
-    processed_lp, _ = logprobs_from_logits(processed, tokens)
+        tokens = _inverse_cdf_draw(processed.softmax(dim=-1), generators)
+    trainer_lp = sampled_logprobs(logits, tokens, params.temperature)
+    untouched = not params.has_penalties and params.top_k == -1 and params.top_p == 1.0 and params.min_p == 0.0
+    # With nothing processed the sampled distribution is the trainer's: one log-softmax, not two.
+    processed_lp = trainer_lp if untouched else logprobs_from_logits(processed, tokens)[0]
     raw = logprobs_from_logits(logits, tokens)[0] if params.return_raw_logprobs else None
-    return SampledTokens(tokens, sampled_logprobs(logits, tokens, params.temperature), processed_lp, raw)
+    return SampledTokens(tokens, trainer_lp, processed_lp, raw)
 
 
 # ---------------------------------------------------------------------------- seeds

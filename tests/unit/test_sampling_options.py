@@ -183,15 +183,15 @@ def test_sample_with_logprobs_reports_three_distributions():
     torch.testing.assert_close(plain.sampled_logprobs, plain.logprobs, atol=1e-6, rtol=0)
 
 
-def test_default_params_draw_what_they_drew_before():
-    """Defaults keep the previous behaviour: the race over softmax(logits / T) with the same noise."""
+def test_default_params_draw_by_inverse_cdf_with_one_uniform_per_row():
+    """The draw is pinned: row b takes the first token whose float64 cumulative probability of
+    softmax(logits / T) exceeds u_b * total, u_b the next uniform of its own generator."""
     torch.manual_seed(0)
     logits = torch.randn(5, 30)
     gens = make_generators([1, 2, 3, 4, 5], "cpu")
-    noise = torch.empty(5, 30)
-    for row, gen in enumerate(make_generators([1, 2, 3, 4, 5], "cpu")):
-        noise[row].exponential_(generator=gen)
-    expected = ((logits / 0.8).softmax(-1) / noise).argmax(-1)
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in make_generators([1, 2, 3, 4, 5], "cpu")])
+    cdf = (logits / 0.8).softmax(-1).double().cumsum(-1)
+    expected = torch.tensor([int((cdf[b] > u[b] * cdf[b, -1]).nonzero()[0]) for b in range(5)])
     assert torch.equal(sample_tokens(logits, SamplingParams(temperature=0.8), gens), expected)
 
 
