@@ -66,11 +66,15 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def reference(workdir):
+    return run(workdir, 1)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_parallel_update_equals_one_rank(workdir, case):
+def test_parallel_update_equals_one_rank(workdir, reference, case):
     world_size, extra = CASES[case]
-    reference = run(workdir, 1)
     got = run(workdir, world_size, *extra)
     assert got["params"].keys() == reference["params"].keys()
     worst = max((got["params"][k] - reference["params"][k]).abs().max().item() for k in reference["params"])
