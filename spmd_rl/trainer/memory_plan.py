@@ -22,8 +22,9 @@ larger of the two. Items, per rank, with ``P`` parameters, ``shard = dp_shard x 
                   logits and probabilities, ``(8 V / tp + 4)`` bytes per response token; the fused
                   Triton kernel recomputes them and holds one gradient chunk of at most 2^28
                   elements;
-* rollout weights ``b_e P``: the generation engine's own full copy (no FSDP/TP) in its dtype;
-* KV cache        ``max_num_seqs x (max_prompt + max_response) x layers x 2 x kv_heads x head_dim x b_e``;
+* rollout weights ``b_e P / tp``: the generation engine's own copy (tensor-parallel with the trainer) in its dtype;
+* KV cache        ``max_num_seqs x (max_prompt + max_response) x layers x 2 x kv_heads x head_dim x b_e / tp``,
+                  at most ``rollout.kv_cache_gb`` on CPU (the engine's paged pool size);
 * reference / critic parameters (and the critic's gradients and optimizer state) the same way.
 
 Activations (Korthikanti et al. 2022, arXiv:2205.05198, section 4, redone for this decoder:
@@ -167,6 +168,16 @@ def logits_bytes(args: ModelArgs, response_tokens: int, dtype_bytes: int, *, ker
     return response_tokens * (8 * vocab + 4)
 
 
+def engine_kv_bytes(cfg, args: ModelArgs, max_seq_len: int, dtype_bytes: int, tp: int, device_type: str) -> int:
+    """The paged pool the engine will allocate per rank: enough for ``max_num_seqs`` full-length
+    sequences (kv heads split over tp), but on CPU never more than ``rollout.kv_cache_gb`` (on GPU
+    the pool takes ``gpu_memory_utilization`` of what is free at wake-up, at most this bound)."""
+    bound = kv_cache_bytes(args, cfg.rollout.max_num_seqs, max_seq_len, dtype_bytes) // tp
+    if device_type == "cpu":
+        return min(bound, int(cfg.rollout.kv_cache_gb * GIB))
+    return bound
+
+
 def kv_cache_bytes(args: ModelArgs, max_num_seqs: int, max_seq_len: int, dtype_bytes: int) -> int:
     """The native engine's cache: ``[max_num_seqs, kv_heads, max_seq_len, head_dim]`` keys and values per layer."""
     return max_num_seqs * max_seq_len * args.num_layers * 2 * args.num_kv_heads * args.head_dim * dtype_bytes
@@ -237,11 +248,11 @@ def plan_memory(cfg, model_args: ModelArgs, dims, device_bytes: int | None, *, d
         MemoryItem("logits", logits_bytes(model_args, response_tokens, b, kernels=kernels, tp=tp), False, True,
                    ("" if kernels == "triton" else "set model.kernels=triton (fused logprob, CUDA) or ")
                    + batch_knob("actor")),
-        MemoryItem("rollout weights", P * b_engine, True, True,
-                   "the engine holds a full copy of the policy: keep model.dtype=auto (bf16 on GPU) "
-                   "or use a smaller model"),
-        MemoryItem("KV cache", kv_cache_bytes(model_args, cfg.rollout.max_num_seqs, seq_len, b_engine), True, False,
-                   "lower rollout.max_num_seqs (or data.max_prompt_length + data.max_response_length)"),
+        MemoryItem("rollout weights", math.ceil(P * b_engine / tp), True, True,
+                   "the engine holds a copy of the policy (1/tp of it per rank): keep model.dtype=auto "
+                   "(bf16 on GPU), raise parallel.tp or use a smaller model"),
+        MemoryItem("KV cache", engine_kv_bytes(cfg, model_args, seq_len, b_engine, tp, device_type), True, False,
+                   "lower rollout.kv_cache_gb / rollout.gpu_memory_utilization or rollout.max_num_seqs"),
     ]
     if cfg.needs_reference:
         on_device = not (cfg.ref.offload and device_type == "cuda")

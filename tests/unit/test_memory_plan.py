@@ -133,9 +133,9 @@ def test_sharding_and_gpu_dtypes():
     plan = plan_memory(cfg, QWEN05, dims(dp_shard=4, tp=2), None, device_type="cuda")
     P = 494_032_768
     assert plan.item("optimizer state").bytes == -(-P // 8) * 8
-    assert plan.item("rollout weights").bytes == P * 2  # bf16 engine copy, not sharded
-    # 64 seqs x 1024 slots x 24 layers x 2 (k, v) x 2 kv heads x 64 x 2 bytes = 768 MiB
-    assert plan.item("KV cache").bytes == 768 * 1024**2
+    assert plan.item("rollout weights").bytes == P * 2 // 2  # bf16 engine copy, tensor-parallel like the trainer (tp=2)
+    # 64 seqs x 1024 slots x 24 layers x 2 (k, v) x 2 kv heads x 64 x 2 bytes = 768 MiB, half per tp rank
+    assert plan.item("KV cache").bytes == 768 * 1024**2 // 2
     # Fused Triton logprob on CUDA: one bf16 chunk of 4 x 512 tokens x 75968 vocab rows (< 2^28)
     assert plan.item("logits").bytes == 4 * 512 * 75968 * 2
 
@@ -177,7 +177,7 @@ def test_impossible_configs_name_the_biggest_item_and_its_knob():
                QWEN05, dims(dp_shard=8), 8)
     # 2048 seqs x 1536 slots x 24 layers x 2 x 2 kv heads x 64 x 2 bytes = 36 GiB
     with pytest.raises(UserError, match=r"^memory plan: generation needs 37\.61 GiB per rank > 30\.00 GiB .* "
-                       r"biggest item: KV cache 36\.00 GiB: lower rollout\.max_num_seqs"):
+                       r"biggest item: KV cache 36\.00 GiB: lower rollout\.kv_cache_gb"):
         _check(config(*long, "rollout.max_num_seqs=2048"), QWEN05, dims(dp_shard=8), 30)
     # A 7B-like model on one rank: the optimizer state dominates generation -> offload it.
     big = QWEN05.replace(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
