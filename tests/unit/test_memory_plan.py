@@ -199,3 +199,11 @@ def test_budget_is_unchecked_on_cpu_unless_a_limit_is_set():
         int(1.5 * GIB), "trainer.memory_limit_gb=1.5")
     with pytest.raises(ConfigError, match=r"trainer\.memory_limit_gb: must be >= 0 GiB"):
         config("trainer.memory_limit_gb=-1")
+
+
+def test_cpu_kv_cache_is_capped_by_the_engine_pool_budget():
+    """On CPU the engine's pool never exceeds rollout.kv_cache_gb, so neither does the plan's item."""
+    cfg = config("data.max_prompt_length=512", "data.max_response_length=512", "rollout.max_num_seqs=64",
+                 "rollout.kv_cache_gb=0.25")
+    plan = plan_memory(cfg, QWEN05, dims(), None, device_type="cpu")
+    assert plan.item("KV cache").bytes == GIB // 4  # the full-length bound (1.5 GiB in fp32) is larger
