@@ -42,8 +42,9 @@ class ParallelDims:
                 "change parallel.* or the number of processes (torchrun --nproc-per-node)"
             )
         if self.pp > 1:
-            raise UserError(f"parallel.pp={self.pp}: pipeline parallelism needs the Megatron backend "
-                            "(actor.strategy=megatron); the FSDP backend uses parallel.pp=1")
+            raise UserError(f"parallel.pp={self.pp}: pipeline parallelism belongs to the Megatron backend, which "
+                            "this version does not train with yet; use parallel.pp=1 (tp, sp and dp_shard scale the "
+                            "FSDP backend)")
 
     @property
     def dp_size(self) -> int:

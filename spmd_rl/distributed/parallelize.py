@@ -15,6 +15,7 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a native or HF decoder (``model.layers``), also when wrapped by
     the trainer's ``PolicyModel`` / ``ValueModel`` (``.decoder``)."""
     model = getattr(model, "decoder", model)
+    model = getattr(model, "hf_model", model)  # the generic transformers path (GenericCausalLM)
     inner = getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
     if layers is None and hasattr(inner, "get_decoder"):

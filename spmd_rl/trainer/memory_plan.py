@@ -168,13 +168,16 @@ def logits_bytes(args: ModelArgs, response_tokens: int, dtype_bytes: int, *, ker
     return response_tokens * (8 * vocab + 4)
 
 
-def engine_kv_bytes(cfg, args: ModelArgs, max_seq_len: int, dtype_bytes: int, tp: int, device_type: str) -> int:
-    """The paged pool the engine will allocate per rank: enough for ``max_num_seqs`` full-length
-    sequences (kv heads split over tp), but on CPU never more than ``rollout.kv_cache_gb`` (on GPU
-    the pool takes ``gpu_memory_utilization`` of what is free at wake-up, at most this bound)."""
+def engine_kv_bytes(cfg, args: ModelArgs, max_seq_len: int, dtype_bytes: int, tp: int, device_type: str,
+                    device_bytes: int | None = None) -> int:
+    """The KV cache the engine will allocate per rank: enough for ``max_num_seqs`` full-length
+    sequences (kv heads split over tp), but never more than ``rollout.kv_cache_gb`` on CPU or
+    ``rollout.gpu_memory_utilization`` of the device on GPU (the engines size their cache so)."""
     bound = kv_cache_bytes(args, cfg.rollout.max_num_seqs, max_seq_len, dtype_bytes) // tp
     if device_type == "cpu":
         return min(bound, int(cfg.rollout.kv_cache_gb * GIB))
+    if device_bytes is not None:  # the engines size their cache from a fraction of the device
+        return min(bound, int(cfg.rollout.gpu_memory_utilization * device_bytes))
     return bound
 
 
@@ -251,7 +254,7 @@ def plan_memory(cfg, model_args: ModelArgs, dims, device_bytes: int | None, *, d
         MemoryItem("rollout weights", math.ceil(P * b_engine / tp), True, True,
                    "the engine holds a copy of the policy (1/tp of it per rank): keep model.dtype=auto "
                    "(bf16 on GPU), raise parallel.tp or use a smaller model"),
-        MemoryItem("KV cache", engine_kv_bytes(cfg, model_args, seq_len, b_engine, tp, device_type), True, False,
+        MemoryItem("KV cache", engine_kv_bytes(cfg, model_args, seq_len, b_engine, tp, device_type, device_bytes), True, False,
                    "lower rollout.kv_cache_gb / rollout.gpu_memory_utilization or rollout.max_num_seqs"),
     ]
     if cfg.needs_reference:
@@ -322,7 +325,11 @@ def report_memory_plan(cfg, decoder, dims, device: torch.device, log) -> MemoryP
     if cfg.critic.enable and cfg.critic.model_path:
         from spmd_rl.models.hf_io import read_hf_config
 
-        critic_args = ModelArgs.from_hf_config(read_hf_config(cfg.critic.model_path))
+        try:
+            critic_args = ModelArgs.from_hf_config(read_hf_config(cfg.critic.model_path))
+        except (UserError, ValueError, KeyError, OSError):
+            # A critic only the generic transformers path loads: estimate it with the policy's shape.
+            log("memory plan: the critic's shape is unknown to the native decoder; sized like the policy")
     budget, source = device_budget(cfg, device)
     plan = plan_memory(cfg, args, dims, budget, device_type=device.type, critic_args=critic_args, device_source=source)
     log(format_plan(plan))

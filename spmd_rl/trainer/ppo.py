@@ -194,7 +194,7 @@ class PPOTrainer:
         """ReMax (Li et al. 2023, arXiv:2310.10505): the reward of each prompt's greedy response,
         repeated for its n sampled responses."""
         params = SamplingParams(n=1, temperature=0.0, max_new_tokens=self.cfg.data.max_response_length,
-                                stop_token_ids=self.c.stop_token_ids)
+                                stop_token_ids=self.c.stop_token_ids, **shared_sampling_options(self.cfg.rollout))
         greedy = self.c.engine.generate([p.prompt_ids for p in prompts], params)
         scores, _ = self.c.shaped_scores(prompts, [g[0].token_ids for g in greedy])  # shaped like the samples
         return scores.repeat_interleave(n)

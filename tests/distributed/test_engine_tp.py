@@ -69,3 +69,26 @@ def test_tp2_generation_equals_single_process(tmp_path):
                     assert ids == ref_ids and reason == ref_reason, name
                     assert max(abs(a - b) for a, b in zip(lp, ref_lp)) < 1e-5, name
     assert ref_before["greedy"] != ref_after["greedy"]  # the weight update changed the outputs
+
+
+def _pool_worker(rank, world_size, out_path):
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    # Each rank could afford a different pool (on GPU: its own free memory); the group must agree,
+    # or the ranks would schedule different steps and their collectives would not pair up.
+    budget_gb = [2e-5, 1e-5][rank]
+    engine = NativeEngine(build_model(None, args=ARGS, seed=0), max_num_seqs=4, max_seq_len=40, block_size=4,
+                          kv_cache_gb=budget_gb, max_num_batched_tokens=16, tp_mesh=mesh)
+    out = engine.generate(PROMPTS, CASES["sampled"])
+    sizes = [None] * world_size
+    dist.all_gather_object(sizes, (engine.kv_cache.num_blocks, engine.last_stats["num_steps"], flatten({"s": out})))
+    if rank == 0:
+        torch.save(sizes, out_path)
+
+
+def test_tp_ranks_agree_on_the_pool_size(tmp_path):
+    run_on_ranks(_pool_worker, 2, str(tmp_path / "pool.pt"))
+    (blocks0, steps0, out0), (blocks1, steps1, out1) = torch.load(tmp_path / "pool.pt", weights_only=False)
+    # 512 bytes per block (4 slots x 2 layers x 2 (k, v) x 1 kv head x 8 x 4 bytes): rank 0 could take
+    # 40 (its 41 capped at 4 seqs x 10 blocks), rank 1 only 1e-5 GiB // 512 = 20; both take 20.
+    assert blocks0 == blocks1 == int(1e-5 * 1024**3) // 512 == 20
+    assert steps0 == steps1 and out0 == out1

@@ -36,6 +36,7 @@ from spmd_rl.rewards.custom import load_custom_reward_function
 from spmd_rl.rewards.scorer import RewardScorer
 from spmd_rl.rollout.engine import build_engine
 from spmd_rl.trainer.checkpoint import Checkpointer
+from spmd_rl.trainer.components import engine_options
 
 torch.set_num_threads(1)
 
@@ -201,9 +202,14 @@ CASES: dict[str, tuple[Callable[[Path, Path], object], str]] = {
                                "or set actor.activation_checkpointing=true (sized for full-length sequences; "
                                "trainer.memory_limit_gb sets the budget)"),
     "min-p-out-of-range": (config("rollout.min_p=1.5"), "rollout.min_p: must be in [0, 1] (0 = off)"),
+    "sglang-with-tensor-parallel": (lambda tmp, tok: engine_options(load_config(Config, None, [*REQUIRED, "rollout.engine=sglang"]),
+                                                                    None, SimpleNamespace(tp=2)),
+                                    "rollout.engine=sglang with parallel.tp=2 is not supported: SGLang runs one engine "
+                                    "per tensor-parallel group; use rollout.engine=native or vllm, or parallel.tp=1"),
     "pipeline-without-megatron": (lambda tmp, tok: ParallelDims(1, -1, 1, 1, 2, world_size=2),
-                                  "parallel.pp=2: pipeline parallelism needs the Megatron backend "
-                                  "(actor.strategy=megatron); the FSDP backend uses parallel.pp=1"),
+                                  "parallel.pp=2: pipeline parallelism belongs to the Megatron backend, which this "
+                                  "version does not train with yet; use parallel.pp=1 (tp, sp and dp_shard scale the "
+                                  "FSDP backend)"),
     "tp-not-dividing-heads": (lambda tmp, tok: check_tp_divisible(SimpleNamespace(
                                   num_heads=14, num_kv_heads=2, intermediate_size=4864), 4),
                               "parallel.tp=4 must divide the model's attention heads 14, key/value heads 2: "

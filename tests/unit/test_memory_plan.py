@@ -175,10 +175,14 @@ def test_impossible_configs_name_the_biggest_item_and_its_knob():
                        r"actor\.max_tokens_per_micro_batch \(sized"):
         _check(config(*long, "actor.max_tokens_per_micro_batch=65536", "actor.activation_checkpointing=true"),
                QWEN05, dims(dp_shard=8), 8)
-    # 2048 seqs x 1536 slots x 24 layers x 2 x 2 kv heads x 64 x 2 bytes = 36 GiB
-    with pytest.raises(UserError, match=r"^memory plan: generation needs 37\.61 GiB per rank > 30\.00 GiB .* "
-                       r"biggest item: KV cache 36\.00 GiB: lower rollout\.kv_cache_gb"):
-        _check(config(*long, "rollout.max_num_seqs=2048"), QWEN05, dims(dp_shard=8), 30)
+    # 2048 seqs x 1536 slots x 24 layers x 2 x 2 kv heads x 64 x 2 bytes = 36 GiB, but the engine takes at
+    # most gpu_memory_utilization of the device: 0.5 x 30 GiB fits, 0.99 x 30 = 29.70 GiB does not.
+    _check(config(*long, "rollout.max_num_seqs=2048"), QWEN05, dims(dp_shard=8), 30)
+    with pytest.raises(UserError, match=r"^memory plan: generation needs 31\.31 GiB per rank > 30\.00 GiB .* "
+                       r"biggest item: KV cache 29\.70 GiB: lower rollout\.kv_cache_gb / "
+                       r"rollout\.gpu_memory_utilization"):
+        _check(config(*long, "rollout.max_num_seqs=2048", "rollout.gpu_memory_utilization=0.99"), QWEN05,
+               dims(dp_shard=8), 30)
     # A 7B-like model on one rank: the optimizer state dominates generation -> offload it.
     big = QWEN05.replace(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
                          head_dim=128, tie_word_embeddings=False)

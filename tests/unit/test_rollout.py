@@ -439,3 +439,26 @@ def test_hf_engine_syncs_from_generic_policy(hf_model):
     sync_weights(policy, engine)
     assert tokens_of(engine.generate(PROMPTS, params)) == tokens_of(target)
     assert tokens_of(target) != tokens_of(HFEngine(copy.deepcopy(hf_model)).generate(PROMPTS, params))
+
+
+def test_generic_policy_exposes_its_blocks_for_fsdp_and_checkpointing(hf_model):
+    """The generic transformers path has per-block FSDP units and activation checkpointing too:
+    a checkpointed forward+backward equals the plain one."""
+    from transformers import LlamaForCausalLM
+
+    from spmd_rl.distributed.activation_checkpoint import apply_ac
+    from spmd_rl.distributed.parallelize import decoder_blocks
+    from spmd_rl.models import GenericCausalLM
+    from spmd_rl.trainer.policy import PolicyModel, build_scoring_inputs
+
+    torch.manual_seed(3)
+    plain = PolicyModel(GenericCausalLM(LlamaForCausalLM(hf_model.config).float()))
+    wrapped = copy.deepcopy(plain)
+    assert len(decoder_blocks(plain)) == hf_model.config.num_hidden_layers
+    apply_ac(wrapped, "full")
+    inputs = build_scoring_inputs([[1, 2, 3], [4, 5]], [[6, 7], [8, 9, 10]], "cpu")
+    for model in (plain, wrapped):
+        model(inputs)[0].sum().backward()
+    grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in wrapped.named_parameters()}
+    for name, p in plain.named_parameters():
+        assert torch.allclose(grads[name], p.grad, atol=1e-6), name

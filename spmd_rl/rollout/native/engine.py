@@ -266,6 +266,12 @@ class NativeEngine:
                 self._kv_args, self.block_size, self.dtype, self.device, kv_cache_gb=self.kv_cache_gb,
                 gpu_memory_utilization=self.gpu_memory_utilization, max_blocks=most_ever,
             )
+            if self.tp_group is not None:
+                # Every rank of a tp group must schedule identically (each step is a set of
+                # collectives), so all take the smallest pool any of them can afford.
+                agreed = torch.tensor([num_blocks], device=self.device)
+                torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN, group=self.tp_group)
+                num_blocks = int(agreed.item())
         with torch.inference_mode():
             self.kv_cache = KVPool.for_model(self._kv_args, num_blocks, self.block_size, self.dtype, self.device)
 
