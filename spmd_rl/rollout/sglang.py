@@ -25,10 +25,10 @@ import torch
 
 from spmd_rl.errors import UserError
 from spmd_rl.rollout.engine import validate_prompts
-from spmd_rl.rollout.sampling import resolve_prompt_seeds, sample_seed
 from spmd_rl.rollout.types import Completion, SamplingParams
 from spmd_rl.rollout.vllm import (
     bucket_by_size,
+    expand_requests,
     check_cuda_device,
     dtype_name,
     engine_model_folder,
@@ -281,17 +281,11 @@ class SGLangEngine:
         if not self._weights_valid:
             raise RuntimeError("the SGLang engine has no real weights (dummy ones, or released by sleep()); "
                                "call update_weights before generate")
-        prompt_seeds = resolve_prompt_seeds(len(prompts), params, seeds)
-        samples = 1 if params.greedy else params.n
-        input_ids, sampling = [], []
-        for prompt, seed in zip(prompts, prompt_seeds):
-            max_tokens = params.max_new_tokens
-            if self.max_seq_len is not None:
-                max_tokens = min(max_tokens, self.max_seq_len - len(prompt))
-            for j in range(samples):
-                input_ids.append(list(prompt))
-                sampling.append(to_sglang_sampling_params(
-                    params, max_new_tokens=max_tokens, seed=sample_seed(seed, j) if self.deterministic else None))
+        samples, input_ids, sampling = 1 if params.greedy else params.n, [], []
+        for prompt, max_tokens, seed in expand_requests(prompts, params, seeds, self.max_seq_len):
+            input_ids.append(list(prompt))
+            sampling.append(to_sglang_sampling_params(
+                params, max_new_tokens=max_tokens, seed=seed if self.deterministic else None))
         outputs = self.engine.generate(input_ids=input_ids, sampling_params=sampling, return_logprob=True)
         return from_sglang_outputs(outputs, params, samples_per_prompt=samples)
 

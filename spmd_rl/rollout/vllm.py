@@ -106,6 +106,20 @@ def engine_param_name(hf_name: str) -> str:
     return hf_name
 
 
+def expand_requests(prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None,
+                    max_seq_len: int | None) -> list[tuple[list[int], int, int]]:
+    """One ``(prompt, max new tokens, seed)`` request per sample, in ``[prompt][sample]`` order:
+    the external engines get each sample as its own request so sample j of a prompt is seeded
+    like the native engine's; greedy prompts are generated once (and copied n times later)."""
+    samples = 1 if params.greedy else params.n
+    out = []
+    for prompt, seed in zip(prompts, resolve_prompt_seeds(len(prompts), params, seeds)):
+        max_tokens = params.max_new_tokens if max_seq_len is None else min(params.max_new_tokens,
+                                                                            max_seq_len - len(prompt))
+        out.extend((prompt, max_tokens, sample_seed(seed, j)) for j in range(samples))
+    return out
+
+
 def bucket_by_size(
     named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -472,17 +486,11 @@ class VLLMEngine:
         if not self._weights_valid:
             raise RuntimeError("the vLLM engine has no real weights (dummy ones, or discarded by sleep(level=2)); "
                                "call update_weights before generate")
-        prompt_seeds = resolve_prompt_seeds(len(prompts), params, seeds)
-        samples = 1 if params.greedy else params.n
-        requests, sampling = [], []
-        for prompt, seed in zip(prompts, prompt_seeds):
-            max_tokens = params.max_new_tokens
-            if self.max_seq_len is not None:
-                max_tokens = min(max_tokens, self.max_seq_len - len(prompt))
-            for j in range(samples):
-                requests.append({"prompt_token_ids": list(prompt)})
-                sampling.append(self._vllm.SamplingParams(**to_vllm_sampling_params(
-                    params, n=1, seed=sample_seed(seed, j), max_tokens=max_tokens)))
+        samples, requests, sampling = 1 if params.greedy else params.n, [], []
+        for prompt, max_tokens, seed in expand_requests(prompts, params, seeds, self.max_seq_len):
+            requests.append({"prompt_token_ids": list(prompt)})
+            sampling.append(self._vllm.SamplingParams(**to_vllm_sampling_params(
+                params, n=1, seed=seed, max_tokens=max_tokens)))
         outputs = self.llm.generate(requests, sampling_params=sampling, use_tqdm=self.show_progress)
         return from_vllm_outputs(outputs, params, samples_per_prompt=samples)
 
