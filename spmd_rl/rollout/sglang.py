@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 from spmd_rl.errors import UserError
-from spmd_rl.rollout.engine import validate_prompts
 from spmd_rl.rollout.types import Completion, SamplingParams
 from spmd_rl.rollout.vllm import (
     bucket_by_size,
+    check_request,
     expand_requests,
     check_cuda_device,
     dtype_name,
@@ -272,10 +272,7 @@ class SGLangEngine:
         self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None
     ) -> list[list[Completion]]:
         """See :meth:`RolloutEngine.generate`."""
-        validate_prompts(prompts, self.max_seq_len)
-        if params.stop and not self.has_tokenizer:
-            raise UserError("stop strings need a tokenizer in the SGLang engine; pass its tokenizer folder "
-                            "(SGLangEngine(tokenizer=...)) or use stop_token_ids")
+        check_request(prompts, params, self.max_seq_len, self.has_tokenizer, "SGLang", "SGLangEngine")
         check_sglang_logprob_request(params)
         self.wake_up()
         if not self._weights_valid:

@@ -106,6 +106,16 @@ def engine_param_name(hf_name: str) -> str:
     return hf_name
 
 
+def check_request(prompts: list[list[int]], params: SamplingParams, max_seq_len: int | None,
+                  has_tokenizer: bool, engine: str, cls: str) -> None:
+    """UserError for what an external engine cannot answer: a bad prompt, or stop strings
+    without the tokenizer that matches them."""
+    validate_prompts(prompts, max_seq_len)
+    if params.stop and not has_tokenizer:
+        raise UserError(f"stop strings need a tokenizer in the {engine} engine; pass its tokenizer folder "
+                        f"({cls}(tokenizer=...)) or use stop_token_ids")
+
+
 def expand_requests(prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None,
                     max_seq_len: int | None) -> list[tuple[list[int], int, int]]:
     """One ``(prompt, max new tokens, seed)`` request per sample, in ``[prompt][sample]`` order:
@@ -477,10 +487,7 @@ class VLLMEngine:
         self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None
     ) -> list[list[Completion]]:
         """See :meth:`RolloutEngine.generate`."""
-        validate_prompts(prompts, self.max_seq_len)
-        if params.stop and not self.has_tokenizer:
-            raise UserError("stop strings need a tokenizer in the vLLM engine; pass its tokenizer folder "
-                            "(VLLMEngine(tokenizer=...)) or use stop_token_ids")
+        check_request(prompts, params, self.max_seq_len, self.has_tokenizer, "vLLM", "VLLMEngine")
         check_vllm_logprob_request(params)
         self.wake_up()
         if not self._weights_valid:
