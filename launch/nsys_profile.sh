@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run a training under Nsight Systems, capturing only chosen steps. Same arguments and
-# environment as launch/torchrun.sh; on every node:
+# environment as launch/train.sh; on every node:
 #
 #   NSYS_STEPS=3-5 NSYS_OUT=runs/x/nsys bash launch/nsys_profile.sh --config configs/x.yaml key=value ...
 #

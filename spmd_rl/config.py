@@ -112,9 +112,18 @@ class RolloutConfig:
     allocated (after the weights and what training still holds)."""
     enable_prefix_sharing: bool = True
     """Native engine: prefill each prompt once for its n samples, which share its KV blocks."""
+    enforce_eager: bool = False
+    """Native engine on GPU: run decode steps eagerly instead of replaying them as CUDA graphs
+    (captured per batch size 1, 2, 4, 8, 16, ... max_num_seqs on first use; needs the Triton
+    decode kernel, i.e. model.kernels auto|triton, and parallel.tp=1)."""
     update_weights_bucket_mb: int = 512
     """Weight sync: tensors are pushed into the engine (native copies, vLLM/SGLang pushes) in
     buckets of at most this many MiB."""
+    share_weights: bool = True
+    """Native engine: generate from the trainer's own parameters (no copy, no per-step sync) when the layouts
+    match: one FSDP shard holding whole tensors (dp_shard*sp == 1), tp == 1, engine dtype == the trainer's
+    parameter dtype (fp32: CPU, or model.dtype=float32 on GPU), no actor offload (actor.offload.params).
+    Otherwise weights are copied in buckets each step."""
     val_n: int = 1
     """Samples per prompt at validation."""
     val_temperature: float = 0.0
@@ -271,7 +280,8 @@ class OffloadConfig:
 class ActorConfig:
     strategy: Literal["fsdp", "megatron"] = "fsdp"
     """Training backend of the policy: fsdp = the native decoder under FSDP2 (+ TP/SP); megatron =
-    megatron-core's GPTModel (needs pip install -e '.[megatron]' and CUDA)."""
+    megatron-core's GPTModel (pip install -e '.[megatron]'); the TP/PP update is built and tested
+    (spmd_rl/models/megatron/) but the PPO loop does not drive it yet, so it is refused in one line."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and LR schedule of the policy."""
     ppo_mini_batch_size: int = 8

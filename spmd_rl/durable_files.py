@@ -4,6 +4,7 @@ one, never half of one."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -35,3 +36,16 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``out``; an existing ``out`` is moved aside first, then
+    deleted, so ``out`` is always either the old folder or the new one."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old)

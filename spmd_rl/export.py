@@ -15,7 +15,6 @@ OUT_DIR when complete, so OUT_DIR never holds half an export.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import warnings
@@ -27,7 +26,14 @@ import torch
 from spmd_rl.config import Config, load_config
 from spmd_rl.errors import UserError, exit_on_user_error
 from spmd_rl.models import NATIVE_MODEL_TYPES, ModelArgs, Transformer, read_hf_config
-from spmd_rl.models.hf_io import GENERATION_CONFIG_NAME, load_weights, save_generation_config, save_pretrained
+from spmd_rl.durable_files import replace_folder
+from spmd_rl.models.hf_io import (
+    generation_token_ids,
+    load_weights,
+    read_generation_config,
+    save_generation_config,
+    save_pretrained,
+)
 
 ACTOR_PREFIX = "actor/model"  # key of the actor's model state dict in a trainer checkpoint
 LEGACY_PREFIX = "model"  # checkpoints from before the critic existed stored the policy as model/optim
@@ -139,19 +145,6 @@ def decoder_state(state: dict[str, torch.Tensor], args: ModelArgs, source: str, 
     return state
 
 
-def generation_token_ids(args: ModelArgs, tokenizer, base: dict) -> dict:
-    """eos (every stop id of the source config, model config and tokenizer), bos and pad ids."""
-    eos: list[int] = []
-    for ids in (base.get("eos_token_id"), args.eos_token_id, tokenizer.eos_token_id):
-        for i in ids if isinstance(ids, list) else [ids]:
-            if i is not None and i not in eos:
-                eos.append(int(i))
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else args.bos_token_id
-    pad = next((i for i in (tokenizer.pad_token_id, args.pad_token_id, base.get("pad_token_id")) if i is not None),
-               eos[0] if eos else None)
-    return {"eos_token_id": eos[0] if len(eos) == 1 else (eos or None), "bos_token_id": bos, "pad_token_id": pad}
-
-
 def check_out_dir(out_dir: str | os.PathLike, overwrite: bool, checkpoint_dir: Path) -> Path:
     """UserError when writing ``out_dir`` would clobber something the user did not ask to replace."""
     out = Path(out_dir)
@@ -183,11 +176,7 @@ def export_checkpoint(
     # The training-time chat template goes with the export, so prompts render as they did in rollouts.
     tokenizer = load_tokenizer(cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code,
                                require_chat_template=False, chat_template=cfg.data.chat_template or None)
-    base_file = Path(cfg.model.path) / GENERATION_CONFIG_NAME
-    try:
-        base = json.loads(base_file.read_text()) if base_file.is_file() else {}
-    except json.JSONDecodeError as e:
-        raise UserError(f"{base_file} is not valid JSON ({e}); fix or delete it") from None
+    base = read_generation_config(cfg.model.path)
 
     prefix = LEGACY_PREFIX if LEGACY_PREFIX in checkpoint_state_names(ckpt) else ACTOR_PREFIX
     log(f"loading {prefix} from {ckpt} ({args.architecture}, {args.num_layers} layers)")
@@ -206,24 +195,12 @@ def export_checkpoint(
         save_pretrained(model, args, tmp, max_shard_bytes=max_shard_bytes, dtype=dtype)
         tokenizer.save_pretrained(str(tmp))
         save_generation_config(tmp, base=base, **generation_token_ids(args, tokenizer, base))
-        _swap_in(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # only left when something above failed
     shards = len(list(out.glob("*.safetensors")))
     log(f"done: {out} ({shards} safetensors file{'s' if shards > 1 else ''})")
     return out
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` to ``out``; an existing ``out`` is moved aside first, then deleted."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old)
 
 
 class _ArgumentParser(argparse.ArgumentParser):

@@ -89,7 +89,8 @@ def train_sft(cfg: SFTConfig, dims: ParallelDims, mesh, device: torch.device) ->
             logger.log(step, metrics)
     bar.close()
     logger.close()
-    export_model(policy.decoder, tokenizer, Path(cfg.trainer.output_dir) / "model", rank)
+    export_model(policy.decoder, tokenizer, Path(cfg.trainer.output_dir) / "model", rank,
+                 source_dir=cfg.model.path)
     return metrics
 
 

@@ -147,6 +147,7 @@ class Attention(nn.Module):
             out[:nd] = paged_decode_attention(
                 q[:nd], cache.k[layer], cache.v[layer], inputs.block_tables[:nd], inputs.context_lens[:nd],
                 window=self.window, backend="triton" if self.kernels == "triton" else "sdpa",
+                scratch=getattr(cache, "gather_scratch", None),  # the pool's reusable gather buffers
             )
         if spans and all(ctx == end - start for start, end, ctx in spans):
             cu = inputs.cu_seqlens[nd:] - nd  # the chunks' tokens start right after the nd decode tokens

@@ -216,3 +216,27 @@ def save_generation_config(
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return config
+
+
+def read_generation_config(model_dir: str | os.PathLike) -> dict:
+    """The ``generation_config.json`` of an HF folder ({} when it has none); UserError when it is not JSON."""
+    path = Path(model_dir) / GENERATION_CONFIG_NAME
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); fix or delete it") from None
+
+
+def generation_token_ids(args: ModelArgs, tokenizer, base: dict) -> dict:
+    """eos (every stop id of the source config, model config and tokenizer), bos and pad ids."""
+    eos: list[int] = []
+    for ids in (base.get("eos_token_id"), args.eos_token_id, tokenizer.eos_token_id):
+        for i in ids if isinstance(ids, list) else [ids]:
+            if i is not None and i not in eos:
+                eos.append(int(i))
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else args.bos_token_id
+    pad = next((i for i in (tokenizer.pad_token_id, args.pad_token_id, base.get("pad_token_id")) if i is not None),
+               eos[0] if eos else None)
+    return {"eos_token_id": eos[0] if len(eos) == 1 else (eos or None), "bos_token_id": bos, "pad_token_id": pad}

@@ -188,8 +188,17 @@ def _penalise(logits, params, generated, prompts, prompt_counts, output_counts) 
 
 def _truncate(penalised: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k/top-p, then min-p."""
+    return _cut(_scale(penalised, params), params)
+
+
+def _scale(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """``logits / T`` (T = 1 for greedy); the very tensor when T = 1."""
     temp = params.logprob_temperature
-    scaled = penalised if temp == 1.0 else penalised / temp
+    return logits if temp == 1.0 else logits / temp
+
+
+def _cut(scaled: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Top-k/top-p, then min-p; the very tensor when all three are off."""
     return apply_min_p(apply_top_k_top_p(scaled, params.top_k, params.top_p), params.min_p)
 
 
@@ -209,10 +218,22 @@ def _inverse_cdf_draw(probs: torch.Tensor, generators: list[torch.Generator] | N
     else:
         if len(generators) != rows:
             raise ValueError(f"got {len(generators)} generators for {rows} rows")
-        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device) for g in generators])
-    cdf = probs.double().cumsum(dim=-1)  # [B, V]
+        u = _uniforms(generators, probs.device)
+    # In place on a float64 copy: an out-of-place cumsum allocates (and page-faults in) a
+    # second [B, V] float64 buffer, several times the cost of the scan itself on CPU.
+    cdf = probs.to(torch.float64, copy=True).cumsum_(dim=-1)  # [B, V]
     target = u.to(cdf.device) * cdf[:, -1]  # [B], inside [0, total)
     return torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1).clamp_max(probs.shape[1] - 1)
+
+
+def _uniforms(generators: list[torch.Generator], device: torch.device) -> torch.Tensor:
+    """``[B]`` float64, element ``b`` drawn from ``generators[b]``: the very number
+    ``torch.rand(1, generator=g, dtype=torch.float64)`` gives, written in place into one buffer
+    (no per-row tensor and concatenation). On the generators' device (``device`` when there are none)."""
+    u = torch.empty(len(generators), dtype=torch.float64, device=generators[0].device if generators else device)
+    for element, g in zip(u.unbind(0), generators):
+        element.uniform_(generator=g)
+    return u
 
 
 def sample_tokens(
@@ -285,16 +306,21 @@ def sample_with_logprobs(
     is a point mass whose log-probability 0 says nothing), as vLLM reports it.
     """
     penalised = _penalise(logits, params, generated, prompts, prompt_counts, output_counts)
-    processed = _truncate(penalised, params)  # [B, V]
+    scaled = _scale(penalised, params)  # [B, V]
+    processed = _cut(scaled, params)  # [B, V]
     if params.greedy:
         tokens = penalised.argmax(dim=-1)
     else:
         tokens = _inverse_cdf_draw(processed.softmax(dim=-1), generators)
-    trainer_lp = sampled_logprobs(logits, tokens, params.temperature)
-    untouched = not params.has_penalties and params.top_k == -1 and params.top_p == 1.0 and params.min_p == 0.0
-    # With nothing processed the sampled distribution is the trainer's: one log-softmax, not two.
-    processed_lp = trainer_lp if untouched else logprobs_from_logits(processed, tokens)[0]
-    raw = logprobs_from_logits(logits, tokens)[0] if params.return_raw_logprobs else None
+    # One log-softmax per distinct distribution (each helper returns its input when it changes
+    # nothing): without penalties the scaled logits are the trainer's (sampled_logprobs), without
+    # truncation too the sampled one, and at T = 1 the raw one.
+    trainer_logits = scaled if penalised is logits else _scale(logits, params)
+    trainer_lp = logprobs_from_logits(trainer_logits, tokens)[0]
+    processed_lp = trainer_lp if processed is trainer_logits else logprobs_from_logits(processed, tokens)[0]
+    raw = None
+    if params.return_raw_logprobs:
+        raw = trainer_lp if trainer_logits is logits else logprobs_from_logits(logits, tokens)[0]
     return SampledTokens(tokens, trainer_lp, processed_lp, raw)
 
 

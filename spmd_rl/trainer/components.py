@@ -20,6 +20,7 @@ from spmd_rl.distributed.parallelize import apply_fsdp, apply_model_parallel
 from spmd_rl.errors import UserError
 from spmd_rl.kernels.backend import resolve_kernel_backend
 from spmd_rl.models import build_model
+from spmd_rl.models.decoder import Transformer
 from spmd_rl.observability.logger import MetricsLogger, build_metrics_logger
 from spmd_rl.rewards.overlong import overlong_penalty
 from spmd_rl.rewards.scorer import RewardScorer, build_scorer
@@ -104,7 +105,7 @@ class RunComponents:
         return trained
 
     def export_hf(self, out_dir: Path) -> None:
-        export_model(self.policy.decoder, self.tokenizer, out_dir, self.rank)
+        export_model(self.policy.decoder, self.tokenizer, out_dir, self.rank, source_dir=self.cfg.model.path)
 
 
 def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunComponents:
@@ -131,19 +132,29 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
     if cfg.actor.strategy == "megatron":
         from spmd_rl.models.megatron.backend import LOOP_PENDING_MESSAGE, check_megatron_available
 
-        check_megatron_available()  # one-line UserError without megatron-core or CUDA
+        check_megatron_available()  # one-line UserError without megatron-core
         raise UserError(LOOP_PENDING_MESSAGE)
     decoder = _load_decoder(cfg, cfg.model.path, device)
-    report_memory_plan(cfg, decoder, dims, device, log)  # rank 0 prints it; UserError if it cannot fit
     engine_dtype = torch.bfloat16 if device.type == "cuda" and cfg.model.dtype != "float32" else torch.float32
-    engine_model = copy.deepcopy(decoder).to(engine_dtype).eval()
-    engine = build_engine(cfg.rollout.engine, engine_model, device=device, **engine_options(cfg, tokenizer, dims, mesh))
+    # A generic (transformers) decoder takes the copy path, where the native engine refuses it in one line.
+    share = isinstance(decoder, Transformer) and engine_can_share_weights(cfg, dims, engine_dtype,
+                                                                          next(decoder.parameters()).dtype)
+    report_memory_plan(cfg, decoder, dims, device, log, engine_shares_weights=share)  # UserError if it cannot fit
+    if not share:
+        engine_model = copy.deepcopy(decoder).to(engine_dtype).eval()
+        engine = build_engine(cfg.rollout.engine, engine_model, device=device,
+                              **engine_options(cfg, tokenizer, dims, mesh))
     param_dtype = torch.bfloat16 if device.type == "cuda" and cfg.model.dtype != "float32" else None
     kernels = kernel_backend(cfg.model.kernels, device)
     fsdp_mesh = dims.fsdp_mesh(mesh)
     sp_group = apply_model_parallel(decoder, dims, mesh)  # TP/SP shard the decoder before FSDP
     wrap_decoder_blocks(decoder, compile=cfg.model.compile, activation_checkpointing=cfg.actor.activation_checkpointing)
     policy = apply_fsdp(PolicyModel(decoder, kernels, sp_group), fsdp_mesh, param_dtype=param_dtype)
+    if share:  # after fully_shard, which moves the parameters into FSDP's own storage
+        engine = build_engine("native", weightless_decoder(decoder), device=device, share_weights_with=policy.decoder,
+                              **engine_options(cfg, tokenizer, dims, mesh))
+        log("rollout engine: generates from the trainer's own parameters (zero-copy, no per-step weight copy; "
+            "rollout.share_weights=false copies them instead)")
 
     # Optimizer steps per RL step: one per mini-batch per PPO epoch.
     updates_per_step = cfg.actor.ppo_epochs * (data.train_batch_size // cfg.actor.ppo_mini_batch_size)
@@ -187,6 +198,25 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
         total_steps=total_steps, cfg=cfg,
         stop_token_ids=stop_token_ids(tokenizer, decoder), seed=cfg.trainer.seed, log=log,
     )
+
+
+def engine_can_share_weights(cfg: Config, dims, engine_dtype: torch.dtype, param_dtype: torch.dtype) -> bool:
+    """Whether the native engine can generate from the trainer's parameters in place: switched
+    on (``rollout.share_weights``), and the trainer's layout is the engine's: each FSDP shard
+    holds whole tensors (``dp_shard * sp == 1``; ``dp_replicate`` copies are whole too), no
+    tensor parallelism, the engine's dtype is the trainer's parameter dtype (the fp32 master
+    weights FSDP keeps), and the parameters never move to host memory (``actor.offload.params``
+    re-points their storage every step)."""
+    return (cfg.rollout.share_weights and cfg.rollout.engine == "native" and dims.dp_shard * dims.sp == 1
+            and dims.tp == 1 and engine_dtype == param_dtype and not cfg.actor.offload.params)
+
+
+def weightless_decoder(decoder: torch.nn.Module) -> torch.nn.Module:
+    """The trainer's decoder architecture on the meta device, for an engine that then takes the
+    trainer's parameters. The native decoder has no buffers (RoPE tables are computed per call),
+    so nothing is left on the meta device."""
+    with torch.device("meta"):
+        return Transformer(decoder.args)
 
 
 def _load_decoder(cfg: Config, path: str, device: torch.device) -> torch.nn.Module:

@@ -113,14 +113,16 @@ def overall(totals: dict[str, SourceTotals]) -> SourceTotals:
 
 
 def validation_metrics(totals: dict[str, SourceTotals], n: int) -> dict[str, float]:
-    """Logged names: ``val-core/<src>/acc/{mean,maj,best}@N`` per source, ``val-core/acc``
-    (overall mean@N), ``val/acc/{maj,best}@N`` (overall) and ``val/response_length/mean``."""
+    """Logged names: ``val-core/<src>/acc/{mean,maj,best}@N`` and ``val-core/<src>/response_length/mean``
+    per source, ``val-core/acc`` (overall mean@N), ``val/acc/{maj,best}@N`` (overall) and
+    ``val/response_length/mean``."""
     metrics: dict[str, float] = {}
     for source, t in totals.items():
         mean, maj, best = t.means()
         metrics[f"val-core/{source}/acc/mean@{n}"] = mean
         metrics[f"val-core/{source}/acc/maj@{n}"] = maj
         metrics[f"val-core/{source}/acc/best@{n}"] = best
+        metrics[f"val-core/{source}/response_length/mean"] = t.length_sum / max(t.responses, 1)
     everything = overall(totals)
     mean, maj, best = everything.means()
     metrics["val-core/acc"] = mean

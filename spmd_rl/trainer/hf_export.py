@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from spmd_rl.models.hf_io import save_pretrained
+from spmd_rl.durable_files import fsync_tree, replace_folder
+from spmd_rl.models.hf_io import generation_token_ids, read_generation_config, save_generation_config, save_pretrained
 
 
-def export_model(decoder, tokenizer, out_dir: Path, rank: int) -> None:
+def export_model(decoder, tokenizer, out_dir: Path, rank: int, source_dir: str | None = None) -> None:
     """Gather the full weights to CPU (every rank takes part), then rank 0 writes config.json,
-    safetensors and the tokenizer."""
+    safetensors, the tokenizer and generation_config.json (``source_dir``'s, with the run's stop
+    ids) into a temporary sibling that replaces ``out_dir`` once complete."""
     state = get_model_state_dict(decoder, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        save_pretrained(state, decoder.args, out_dir)
-        tokenizer.save_pretrained(str(out_dir))
-        print(f"wrote HF checkpoint to {out_dir}", flush=True)
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.export-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            save_pretrained(state, decoder.args, tmp)
+            tokenizer.save_pretrained(str(tmp))
+            base = read_generation_config(source_dir) if source_dir else {}
+            save_generation_config(tmp, base=base, **generation_token_ids(decoder.args, tokenizer, base))
+            fsync_tree(tmp)
+            replace_folder(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # only left when something above failed
+        print(f"wrote HF checkpoint to {out}", flush=True)
     dist.barrier()

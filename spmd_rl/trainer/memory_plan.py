@@ -23,6 +23,7 @@ larger of the two. Items, per rank, with ``P`` parameters, ``shard = dp_shard x 
                   Triton kernel recomputes them and holds one gradient chunk of at most 2^28
                   elements;
 * rollout weights ``b_e P / tp``: the generation engine's own copy (tensor-parallel with the trainer) in its dtype;
+                  0 when the engine reads the trainer's parameters in place (``rollout.share_weights``);
 * KV cache        ``max_num_seqs x (max_prompt + max_response) x layers x 2 x kv_heads x head_dim x b_e / tp``,
                   at most ``rollout.kv_cache_gb`` on CPU (the engine's paged pool size);
 * reference / critic parameters (and the critic's gradients and optimizer state) the same way.
@@ -80,6 +81,7 @@ class MemoryItem:
     training: bool  # resident during the actor update
     knob: str  # what to change when this item is what does not fit
     training_knob: str = ""  # the knob when training is the phase that does not fit (default: knob)
+    note: str = ""  # shown beside the item in the printed plan
 
 
 @dataclass(frozen=True)
@@ -190,13 +192,15 @@ def kv_cache_bytes(args: ModelArgs, max_num_seqs: int, max_seq_len: int, dtype_b
 
 
 def plan_memory(cfg, model_args: ModelArgs, dims, device_bytes: int | None, *, device_type: str = "cuda",
-                critic_args: ModelArgs | None = None, device_source: str = "device memory") -> MemoryPlan:
+                critic_args: ModelArgs | None = None, device_source: str = "device memory",
+                engine_shares_weights: bool = False) -> MemoryPlan:
     """The per-rank plan of the run ``cfg`` (a :class:`~spmd_rl.config.Config`) for a policy of
     shape ``model_args`` under ``dims`` (:class:`~spmd_rl.distributed.parallel_dims.ParallelDims`).
 
     ``device_type`` sets the dtypes as the trainer does (bf16 compute and generation on CUDA
     unless ``model.dtype=float32``; fp32 on CPU); ``critic_args`` is the value model's trunk
-    (default: the policy's shape)."""
+    (default: the policy's shape); ``engine_shares_weights``: the engine reads the trainer's
+    parameters in place (``components.engine_can_share_weights``) and holds no copy."""
     data, actor, critic_cfg = cfg.data, cfg.actor, cfg.critic
     bf16 = device_type == "cuda" and cfg.model.dtype != "float32"
     b = b_engine = 2 if bf16 else 4
@@ -251,9 +255,10 @@ def plan_memory(cfg, model_args: ModelArgs, dims, device_bytes: int | None, *, d
         MemoryItem("logits", logits_bytes(model_args, response_tokens, b, kernels=kernels, tp=tp), False, True,
                    ("" if kernels == "triton" else "set model.kernels=triton (fused logprob, CUDA) or ")
                    + batch_knob("actor")),
-        MemoryItem("rollout weights", math.ceil(P * b_engine / tp), True, True,
+        MemoryItem("rollout weights", 0 if engine_shares_weights else math.ceil(P * b_engine / tp), True, True,
                    "the engine holds a copy of the policy (1/tp of it per rank): keep model.dtype=auto "
-                   "(bf16 on GPU), raise parallel.tp or use a smaller model"),
+                   "(bf16 on GPU), raise parallel.tp or use a smaller model",
+                   note="shares the trainer's parameters" if engine_shares_weights else ""),
         MemoryItem("KV cache", engine_kv_bytes(cfg, model_args, seq_len, b_engine, tp, device_type, device_bytes), True, False,
                    "lower rollout.kv_cache_gb / rollout.gpu_memory_utilization or rollout.max_num_seqs"),
     ]
@@ -280,7 +285,7 @@ def format_plan(plan: MemoryPlan) -> str:
     for i in plan.items:
         gen = f"{i.bytes / GIB:10.3f}" if i.generation else f"{'-':>10}"
         train = f"{i.bytes / GIB:10.3f}" if i.training else f"{'-':>10}"
-        lines.append(f"  {i.name:{width}}{i.bytes / GIB:8.3f}  {gen}{train}")
+        lines.append(f"  {i.name:{width}}{i.bytes / GIB:8.3f}  {gen}{train}" + (f"  ({i.note})" if i.note else ""))
     gen, train = plan.phase_bytes("generation") / GIB, plan.phase_bytes("training") / GIB
     lines.append(f"  {'total':{width}}{'':8}  {gen:10.3f}{train:10.3f}")
     budget = "unchecked" if plan.device_bytes is None else f"{plan.device_bytes / GIB:.3f} GiB ({plan.device_source})"
@@ -314,7 +319,8 @@ def device_budget(cfg, device: torch.device) -> tuple[int | None, str]:
     return None, "unchecked on CPU: set trainer.memory_limit_gb"
 
 
-def report_memory_plan(cfg, decoder, dims, device: torch.device, log) -> MemoryPlan | None:
+def report_memory_plan(cfg, decoder, dims, device: torch.device, log, *,
+                       engine_shares_weights: bool = False) -> MemoryPlan | None:
     """Build, log (``log``: rank 0 prints) and check the plan of a run before the other models are
     built; None for a non-native decoder, whose shape the plan does not know."""
     args = getattr(decoder, "args", None)
@@ -331,7 +337,8 @@ def report_memory_plan(cfg, decoder, dims, device: torch.device, log) -> MemoryP
             # A critic only the generic transformers path loads: estimate it with the policy's shape.
             log("memory plan: the critic's shape is unknown to the native decoder; sized like the policy")
     budget, source = device_budget(cfg, device)
-    plan = plan_memory(cfg, args, dims, budget, device_type=device.type, critic_args=critic_args, device_source=source)
+    plan = plan_memory(cfg, args, dims, budget, device_type=device.type, critic_args=critic_args, device_source=source,
+                       engine_shares_weights=engine_shares_weights)
     log(format_plan(plan))
     check_plan(plan)
     return plan

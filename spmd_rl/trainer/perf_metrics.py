@@ -36,7 +36,8 @@ def step_flops(cfg: Config, c, batch: RolloutBatch, *, actor_updated: bool) -> d
 
 def mfu_metrics(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
     """Pop ``_flops/*`` from ``metrics``; return ``perf/mfu/<phase>`` and ``perf/mfu/step`` where
-    the device's peak is known (GPU table or ``SPMD_RL_PEAK_TFLOPS``)."""
+    the device's peak is known (GPU table or ``SPMD_RL_PEAK_TFLOPS``), with the update phases also
+    under their short names ``perf/mfu/actor`` and ``perf/mfu/critic``."""
     flops = {k.split("/", 1)[1]: metrics.pop(k) for k in sorted(metrics) if k.startswith("_flops/")}
     flops["step"] = sum(flops.values())
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -45,4 +46,7 @@ def mfu_metrics(metrics: dict[str, float], device: torch.device) -> dict[str, fl
         u = mfu(value, metrics.get(f"timing_s/{phase}", 0.0), device, world)
         if u is not None:
             out[f"perf/mfu/{phase}"] = u
+    for short, phase in (("actor", "update_actor"), ("critic", "update_critic")):
+        if f"perf/mfu/{phase}" in out:
+            out[f"perf/mfu/{short}"] = out[f"perf/mfu/{phase}"]
     return out

@@ -8,10 +8,12 @@ actor updates). ``learn`` takes any scored batch, which is what the invariance t
 from __future__ import annotations
 
 import math
+import os
 import signal
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from spmd_rl.algorithms.advantages import get_advantage_estimator
 from spmd_rl.algorithms.kl import apply_kl_penalty
@@ -19,11 +21,13 @@ from spmd_rl.algorithms.masked import masked_mean, masked_var
 from spmd_rl.config import Config, save_config
 from spmd_rl.config_loader import config_to_dict
 from spmd_rl.distributed.collectives import all_reduce_sum, reduce_metrics
+from spmd_rl.durable_files import write_text_atomic
 from spmd_rl.errors import UserError
 from spmd_rl.observability.memory import memory_metrics
 from spmd_rl.observability.profiler import StepProfiler
 from spmd_rl.observability.progress import progress_bar
 from spmd_rl.observability.timing import PhaseTimer
+from spmd_rl.preemption import PREEMPTED_FILE_ENV
 from spmd_rl.rollout.types import SamplingParams
 from spmd_rl.rollout.weight_sync import sync_weights
 from spmd_rl.trainer.actor import compute_logprobs, update_policy
@@ -51,6 +55,8 @@ class PPOTrainer:
         self.stop_requested = False  # set by SIGTERM (e.g. Slurm preemption)
         self.stop_requested_anywhere = False
         self.nonfinite_streak = 0  # consecutive RL steps with a skipped (NaN/Inf) optimizer step
+        # Reward failures counted before a resume (global): the scorers count from 0 in this process.
+        self.reward_counts_before = {"reward/errors": 0.0, "reward/timeouts": 0.0}
 
     @classmethod
     def build(cls, cfg: Config, dims, mesh, device) -> "PPOTrainer":
@@ -127,10 +133,9 @@ class PPOTrainer:
             with self.timer("reload"):
                 offload.reload()  # back on the device before the old logprobs
             rollout_metrics["perf/offloaded_gb"] = moved / 1024**3
-        metrics = {**rollout_metrics, **self.learn(batch),
-                   "reward/errors": all_reduce_sum(c.scorer.num_errors, c.dp_group),
-                   "reward/timeouts": all_reduce_sum(c.scorer.num_timeouts, c.dp_group)}
-        metrics["_tokens"] = all_reduce_sum(self._num_tokens(batch), c.dp_group) / c.dp_size
+        metrics = {**rollout_metrics, **self.learn(batch), **self.reward_counts()}
+        # Per device: tp/sp ranks of a dp group process the same tokens, so divide by all ranks.
+        metrics["_tokens"] = all_reduce_sum(self._num_tokens(batch), c.dp_group) / dist.get_world_size()
         metrics.update(step_flops(self.cfg, c, batch, actor_updated=self.actor_updates_now))
         return metrics
 
@@ -296,10 +301,17 @@ class PPOTrainer:
     def validate(self) -> dict[str, float]:
         return run_validation(self.cfg, self.c)
 
+    def reward_counts(self) -> dict[str, float]:
+        """Cumulative reward failures of the whole run, all ranks (a collective)."""
+        c, before = self.c, self.reward_counts_before
+        return {"reward/errors": before["reward/errors"] + all_reduce_sum(c.scorer.num_errors, c.dp_group),
+                "reward/timeouts": before["reward/timeouts"] + all_reduce_sum(c.scorer.num_timeouts, c.dp_group)}
+
     def save(self) -> None:
         c = self.c
         state = {"step": self.step, "sampler": c.sampler.state_dict(), "scheduler": c.scheduler.state_dict(),
-                 "config": config_to_dict(self.cfg)}  # the resolved config that produced this state
+                 "config": config_to_dict(self.cfg),  # the resolved config that produced this state
+                 "reward_counts": self.reward_counts(), "nonfinite_streak": self.nonfinite_streak}
         if c.critic_scheduler is not None:
             state["critic_scheduler"] = c.critic_scheduler.state_dict()
         if c.kl_ctrl is not None:
@@ -320,6 +332,8 @@ class PPOTrainer:
             c.critic_scheduler.load_state_dict(state["critic_scheduler"])
         if c.kl_ctrl is not None and "kl_ctrl" in state:
             c.kl_ctrl.load_state_dict(state["kl_ctrl"])
+        self.reward_counts_before = dict(state.get("reward_counts", self.reward_counts_before))
+        self.nonfinite_streak = state.get("nonfinite_streak", 0)
         c.logger.start_at(self.step)
         c.log(f"resumed from {path} at step {self.step}")
 
@@ -349,6 +363,10 @@ class PPOTrainer:
                 self.c.checkpointer.wait()  # committed before we say so
             self.c.log(f"SIGTERM: saved step {self.step} to {self.c.checkpointer.root}; exiting "
                        "(rerun with trainer.resume=auto to continue)")
+            marker = os.environ.get(PREEMPTED_FILE_ENV)
+            if marker and self.c.rank == 0:  # tells `python -m spmd_rl.preemption` the save is complete
+                Path(marker).parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(marker, f"saved step {self.step} to {self.c.checkpointer.root}\n")
         return self.stop_requested_anywhere
 
     def _due(self, freq: int) -> bool:
@@ -362,5 +380,5 @@ class PPOTrainer:
 def engine_metrics(engine, dp_group) -> dict[str, float]:
     """``rollout/*`` counters of the engine's last generate (native engine): per-rank numbers, averaged over dp."""
     stats = getattr(engine, "last_stats", None) or {}
-    keys = ("num_preemptions", "prefix_hit_blocks", "peak_blocks_used", "generated_tokens", "num_steps")
+    keys = ("num_preemptions", "prefix_hit_blocks", "peak_blocks_used", "generated_tokens", "num_steps", "graph_steps")
     return reduce_metrics({f"rollout/{k}": float(stats[k]) for k in keys if k in stats}, dp_group)

@@ -180,6 +180,8 @@ def test_checkpoints_weight_sync_and_export_ignore_the_wrappers(process_group, t
 
     # The HF export of the checkpointed policy is a plain HF folder with the loaded weights.
     class NoTokenizer:
+        eos_token_id, bos_token_id, pad_token_id = 2, None, None
+
         def save_pretrained(self, path):
             pass
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from spmd_rl.preemption import PREEMPTED_FILE_ENV
+
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[2]
 
@@ -61,11 +63,18 @@ def read_metrics(path):
 
 def test_two_rank_run_writes_metrics_and_resumes(sft_model):
     root = sft_model
-    first = run(torchrun("spmd_rl.train", 2, *grpo_args(root, 2, "trainer.resume=never")), REPO)
+    first = run(torchrun("spmd_rl.train", 2, *grpo_args(root, 2, "trainer.resume=never",
+                                                      "trainer.val_before_train=true")), REPO)
     rows = read_metrics(root / "grpo/metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert 0 <= rows[0]["val-core/synthetic/addition/acc/mean@2"] <= 1  # validation before any update
+    rows = rows[1:]
     for name in REQUIRED_METRICS:
         assert all(name in r for r in rows), name
+    every_step = {"gen", "reward", "old_log_prob", "adv", "update_actor", "update_weights", "step"}
+    for r in rows:
+        assert every_step <= {k.removeprefix("timing_s/") for k in r if k.startswith("timing_s/")}, r
+    assert "timing_s/save_checkpoint" in rows[1] and "timing_s/testing" in rows[1]  # save_freq=2, val_at_end
     # val_at_end ran with rollout.val_n=2 samples per held-out prompt
     assert 0 <= rows[-1]["val-core/synthetic/addition/acc/mean@2"] <= 1
     # The engine and the trainer score the same tokens with the same math (fp32, CPU).
@@ -77,7 +86,7 @@ def test_two_rank_run_writes_metrics_and_resumes(sft_model):
     second = run(torchrun("spmd_rl.train", 2, *grpo_args(root, 4, "trainer.resume=auto")), REPO)
     assert "resumed from" in second.stdout and "at step 2" in second.stdout
     rows = read_metrics(root / "grpo/metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     assert (ckpt / "latest").read_text() == "step_000004"
     assert (root / "grpo/config.yaml").is_file()
     state = torch.load(ckpt / "step_000004/trainer_state.pt", weights_only=True)
@@ -90,22 +99,35 @@ VOLATILE = ("timing_s/", "perf/")  # wall-clock numbers differ between any two r
 def test_resumed_run_logs_the_same_metrics_as_an_uninterrupted_one(sft_model):
     """Stop after step 2, resume to 4: rows 3 and 4 equal those of a straight 4-step run, bit for bit."""
     root = sft_model
+    # A reward that fails on some responses: the cumulative reward/errors must continue across the resume.
+    flaky = root / "flaky_reward.py"
+    flaky.write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+                     "    if len(solution_str) % 3 == 0:\n"
+                     "        raise ValueError('flaky')\n"
+                     "    return float(ground_truth in solution_str)\n")
+    reward = f"reward.custom_function.path={flaky}"
     straight = root / "straight"
-    run(torchrun("spmd_rl.train", 2, *grpo_args(root, 4, "trainer.resume=never", f"trainer.run_dir={straight}")), REPO)
+    run(torchrun("spmd_rl.train", 2, *grpo_args(root, 4, "trainer.resume=never", reward,
+                                                f"trainer.run_dir={straight}")), REPO)
     split = root / "split"
     # The split run also saves asynchronously, keeps one checkpoint and exports HF folders on the way.
-    options = ("trainer.async_save=true", "trainer.keep_last_k=1", "trainer.save_hf_every=1", f"trainer.run_dir={split}")
+    options = ("trainer.async_save=true", "trainer.keep_last_k=1", "trainer.save_hf_every=1", reward,
+               f"trainer.run_dir={split}")
     run(torchrun("spmd_rl.train", 2, *grpo_args(root, 2, "trainer.resume=never", *options)), REPO)
     run(torchrun("spmd_rl.train", 2, *grpo_args(root, 4, "trainer.resume=auto", *options)), REPO)
     assert sorted(p.name for p in (split / "checkpoints").iterdir()) == ["latest", "step_000004"]
     assert sorted(p.name for p in (split / "hf_steps").iterdir()) == [f"step_00000{i}" for i in (1, 2, 3, 4)]
-    assert (split / "hf_steps/step_000004/model.safetensors").is_file()
+    hf = split / "hf_steps/step_000004"
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json"} <= {
+        p.name for p in hf.iterdir()}
+    assert json.loads((hf / "generation_config.json").read_text())["eos_token_id"] is not None
     a = {r["step"]: r for r in read_metrics(straight / "metrics.jsonl")}
     b = {r["step"]: r for r in read_metrics(split / "metrics.jsonl")}
     for step in (3, 4):
         stable_a = {k: v for k, v in a[step].items() if not k.startswith(VOLATILE)}
         stable_b = {k: v for k, v in b[step].items() if not k.startswith(VOLATILE)}
         assert stable_a == stable_b, {k: (stable_a[k], stable_b.get(k)) for k in stable_a if stable_a[k] != stable_b.get(k)}
+    assert 0 < b[2]["reward/errors"] < b[4]["reward/errors"]  # the flaky reward did fail, before and after
 
 
 def test_bad_world_size_is_one_line(sft_model):
@@ -124,21 +146,25 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(sft_model):
 
     root = sft_model
     run_dir = root / "preempted"
-    proc = subprocess.Popen(torchrun("spmd_rl.train", 2, *grpo_args(root, 500, "trainer.resume=never",
-                                                                     "trainer.save_freq=0", f"trainer.run_dir={run_dir}")),
-                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    marker = root / "logs/preempted"
+    # As under Slurm: the signal goes to the launcher (torchrun, in the wrapper the sbatch script
+    # uses), which passes it on to its workers.
+    command = [sys.executable, "-m", "spmd_rl.preemption",
+               *torchrun("spmd_rl.train", 2, *grpo_args(root, 500, "trainer.resume=never", "trainer.save_freq=0",
+                                                          f"trainer.run_dir={run_dir}"))]
+    proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", PREEMPTED_FILE_ENV: str(marker)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
         time.sleep(0.5)
-    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    assert len(workers) == 2, workers
-    for pid in workers:
-        os.kill(int(pid), signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-2000:] + err[-2000:]
     assert "SIGTERM: saved step" in out
+    assert marker.read_text().startswith("saved step ")
+    # torchrun itself exits non-zero after the signal; the wrapper turns that into the job's success.
+    assert "preemption: SIGTERM ended the launcher after the run saved its checkpoint" in err
     last_step = read_metrics(metrics)[-1]["step"]
     assert 2 <= last_step < 500
     assert (run_dir / "checkpoints/latest").read_text() == f"step_{last_step:06d}"

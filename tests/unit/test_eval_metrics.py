@@ -58,6 +58,7 @@ EXPECTED = {
     "val-core/b/acc/mean@4": 0.5, "val-core/b/acc/maj@4": 0.625, "val-core/b/acc/best@4": 1.0,
     "val-core/acc": 2.0 / 5, "val/acc/maj@4": 2.25 / 5, "val/acc/best@4": 4 / 5,
     "val/response_length/mean": 40 / 20,
+    "val-core/a/response_length/mean": 22 / 12, "val-core/b/response_length/mean": 18 / 8,
 }
 
 

@@ -197,3 +197,28 @@ def test_env_override(monkeypatch):
 def test_mfu_rejects_bad_world_size():
     with pytest.raises(ValueError, match="world_size must be >= 1, got 0"):
         mfu(1.0, 1.0, "cpu", world_size=0)
+
+
+def test_step_flops_and_mfu_metrics(process_group, monkeypatch):
+    """The logged MFU of each phase is its model FLOPs over (its time x world x peak), with the
+    actor's update also as perf/mfu/actor."""
+    from types import SimpleNamespace
+
+    from spmd_rl.trainer.perf_metrics import mfu_metrics, step_flops
+
+    args = ModelArgs(architecture="LlamaForCausalLM", model_type="llama", vocab_size=64, hidden_size=32,
+                     intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    batch = SimpleNamespace(prompt_ids=[[1, 2, 3], [4, 5]], response_ids=[[6, 7], [8, 9, 10, 11]])
+    c = SimpleNamespace(policy=SimpleNamespace(decoder=SimpleNamespace(args=args)), ref=None, critic=None, dp_group=None)
+    cfg = SimpleNamespace(actor=SimpleNamespace(ppo_epochs=2))
+    flops = step_flops(cfg, c, batch, actor_updated=True)
+    forward = F.inference_flops(args, [5, 6], lm_head_tokens=6)
+    update = cfg.actor.ppo_epochs * F.training_flops(args, [5, 6], lm_head_tokens=6)
+    assert flops == {"_flops/gen": forward, "_flops/old_log_prob": forward, "_flops/update_actor": update}
+    monkeypatch.setenv(F.PEAK_TFLOPS_ENV, "1e-6")  # 1 MFLOP/s
+    metrics = {**flops, "timing_s/gen": 2.0, "timing_s/old_log_prob": 1.0, "timing_s/update_actor": 4.0}
+    out = mfu_metrics(metrics, torch.device("cpu"))
+    assert not any(k.startswith("_flops/") for k in metrics)  # popped
+    assert out["perf/mfu/gen"] == pytest.approx(forward / 2.0 / 1e6)
+    assert out["perf/mfu/actor"] == out["perf/mfu/update_actor"] == pytest.approx(update / 4.0 / 1e6)
+    assert "perf/mfu/step" not in out  # no timing_s/step in this dict: no step MFU

@@ -63,7 +63,8 @@ SRUN = ["srun", "--nodes", "4", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
 
 
 def torchrun_words(nproc: str = "8", endpoint: str = "node-a:29500", entry: str = "spmd_rl.train") -> list[str]:
-    return ["torchrun", "--nnodes", "4", "--nproc-per-node", nproc, "--rdzv-backend", "c10d",
+    # Each node's torchrun runs under the wrapper that reports a saved preemption as success.
+    return ["python", "-m", "spmd_rl.preemption", "torchrun", "--nnodes", "4", "--nproc-per-node", nproc, "--rdzv-backend", "c10d",
             "--rdzv-endpoint", endpoint, "--rdzv-id", "123", "--shutdown-timeout", "110", "-m", entry]
 
 
@@ -217,7 +218,7 @@ def test_sbatch_runs_torchrun_under_srun(tmp_path):
     # An srun stand-in for one node: it drops srun's own options and runs the task in place.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" != torchrun ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" != python ]]; do shift; done\nexec "$@"\n')
     (bin_dir / "srun").chmod(0o755)
     env = {"SLURM_NNODES": "1", "SLURM_JOB_ID": "77", "HEAD_NODE": "127.0.0.1", "GPUS_PER_NODE": "2",
            "SLURM_CPUS_PER_TASK": "4", "MASTER_PORT": str(free_port()),

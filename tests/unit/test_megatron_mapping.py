@@ -306,13 +306,14 @@ def test_config_kwargs_qwen2_5_0_5b():
         bias_activation_fusion=False, apply_rope_fusion=False, init_method_std=0.02,
         tensor_model_parallel_size=2, pipeline_model_parallel_size=2, sequence_parallel=False,
         params_dtype=torch.bfloat16, bf16=True, fp16=False, pipeline_dtype=torch.bfloat16,
-        variable_seq_lengths=True,
     )
     assert gpt_model_kwargs(args, tp=2) == dict(
         vocab_size=151936, max_sequence_length=32768, position_embedding_type="rope", rotary_percent=1.0,
         rotary_base=1000000, share_embeddings_and_output_weights=True, parallel_output=True,
         fp16_lm_cross_entropy=False,
     )
+    # tied over two stages: the last stage keeps its own output_layer copy (synced by gradient sums)
+    assert gpt_model_kwargs(args, tp=2, pp=2)["share_embeddings_and_output_weights"] is False
     # 151936 = 593.5 x 256, so padding to a multiple of 128 x tp 2 gives 594 x 256 = 152064;
     # 151936 = 148.375 x 1024, so 128 x tp 8 gives 149 x 1024 (tp 8 itself is refused below).
     assert gpt_model_kwargs(args, tp=2, make_vocab_size_divisible_by=128)["vocab_size"] == 152064
@@ -363,18 +364,30 @@ def test_check_megatron_available_messages(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", missing)
     with pytest.raises(UserError) as err:
         backend.check_megatron_available()
-    assert str(err.value) == ("actor.strategy=megatron needs megatron-core (pip install -e '.[megatron]') "
-                              "and a CUDA device")
+    assert str(err.value) == "actor.strategy=megatron needs megatron-core (pip install -e '.[megatron]')"
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.9.0")
     with pytest.raises(UserError) as err:
         backend.check_megatron_available()
     assert str(err.value) == ("actor.strategy=megatron supports megatron-core>=0.12,<0.17, found 0.9.0; "
                               "pip install -e '.[megatron]'")
+    # CUDA is not required (CPU runs through megatron/cpu.py): a supported version that does not
+    # import is the remaining failure
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.14.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    real_import = importlib.import_module
+
+    def broken(name, *a, **k):
+        if name == "megatron.core":
+            raise ImportError("No module named 'apex'\nmore")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
     with pytest.raises(UserError) as err:
         backend.check_megatron_available()
-    assert str(err.value) == backend.INSTALL_MESSAGE
+    assert str(err.value) == f"{backend.INSTALL_MESSAGE}; importing megatron.core failed: No module named 'apex'"
+    monkeypatch.setattr(importlib, "import_module", real_import)
+    if _HAVE_MEGATRON:
+        backend.check_megatron_available()  # no CUDA, no error
 
 
 def test_actor_strategy_config():
@@ -435,3 +448,42 @@ def test_gpt_model_logits_match_native_decoder():
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------ CPU execution, vocab padding
+
+
+def test_real_vocab_rows_cut_the_padding_off_the_last_shard():
+    from spmd_rl.models.megatron.policy import real_vocab_rows
+
+    # 97 tokens padded to 98 over tp=2: rank 1 holds ids 49..97, the last row is padding
+    assert real_vocab_rows(97, 49, 0) == (0, 49) and real_vocab_rows(97, 49, 1) == (49, 48)
+    assert real_vocab_rows(96, 48, 1) == (48, 48)  # no padding: whole shard
+    with pytest.raises(ValueError) as err:
+        real_vocab_rows(5, 2, 3)  # 5 tokens padded to 8 over tp=4: rank 3 holds only padding
+    assert str(err.value) == ("vocab_size=5 leaves TP rank 3 only padding rows (2 per rank); "
+                              "use a smaller tensor parallel size")
+
+
+@pytest.mark.skipif(not _HAVE_MEGATRON, reason="needs megatron-core (pip install -e '.[megatron]')")
+def test_enable_cpu_execution_is_idempotent_and_cpu_only(monkeypatch):
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    from spmd_rl.models.megatron.cpu import NoOpRNGTracker, causal_mask, enable_cpu_execution
+
+    # restore what the shims replace once the test ends
+    monkeypatch.setattr(torch.cuda, "current_device", torch.cuda.current_device)
+    monkeypatch.setattr(mcore_random, "_CUDA_RNG_STATE_TRACKER", mcore_random._CUDA_RNG_STATE_TRACKER)
+    monkeypatch.setattr(mcore_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED",
+                        mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    original = torch.cuda.current_device
+    assert enable_cpu_execution() is False and torch.cuda.current_device is original  # CUDA: untouched
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert enable_cpu_execution() is True
+    tracker = mcore_random.get_cuda_rng_tracker()
+    assert torch.cuda.current_device() == "cpu" and isinstance(tracker, NoOpRNGTracker)
+    assert enable_cpu_execution() is True and mcore_random.get_cuda_rng_tracker() is tracker
+    with tracker.fork():  # attention's dropout region: a no-op
+        pass
+    assert causal_mask(3).tolist() == [[[[False, True, True], [False, False, True], [False, False, False]]]]

@@ -317,5 +317,6 @@ def test_options_from_rollout_config():
                         update_weights_bucket_mb=64, gpu_memory_utilization=0.7)
     assert native_engine_options(cfg, kernels="torch") == dict(
         block_size=32, kv_cache_gb=2.0, gpu_memory_utilization=0.7, max_num_batched_tokens=512,
-        enable_prefix_sharing=False, update_weights_bucket_mb=64, kernels="torch",
+        enable_prefix_sharing=False, update_weights_bucket_mb=64, kernels="torch", decode_graphs="auto",
     )
+    assert native_engine_options(RolloutConfig(enforce_eager=True))["decode_graphs"] == "off"

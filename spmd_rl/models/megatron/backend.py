@@ -1,7 +1,8 @@
 """Build the policy as a megatron-core ``GPTModel`` (``actor.strategy=megatron``).
 
 megatron.core is imported inside the functions that need it, so this module imports anywhere;
-without megatron-core or CUDA :func:`check_megatron_available` raises a one-line ``UserError``.
+without megatron-core :func:`check_megatron_available` raises a one-line ``UserError``. Without
+CUDA the model runs on CPU (gloo) through the shims of :mod:`spmd_rl.models.megatron.cpu`.
 Targets megatron-core ``MEGATRON_CORE_VERSIONS`` (parallel_state / GPTModel / layer-spec API of
 0.12 to 0.16). Weight movement (HF checkpoint -> TP/PP shards, shards -> HF tensors for the
 rollout engine) is done with the pure functions of :mod:`spmd_rl.models.megatron.names`.
@@ -21,7 +22,9 @@ from packaging.specifiers import SpecifierSet
 from spmd_rl.errors import UserError
 from spmd_rl.models.args import ModelArgs
 from spmd_rl.models.megatron.config import check_megatron_compatible, gpt_model_kwargs, transformer_config_kwargs
+from spmd_rl.models.megatron.cpu import enable_cpu_execution
 from spmd_rl.models.megatron.names import (
+    OUTPUT_LAYER,
     hf_to_mcore,
     iter_hf_weights_from_mcore_shards,
     select_pp_stage,
@@ -31,7 +34,7 @@ from spmd_rl.models.megatron.names import (
 )
 
 MEGATRON_CORE_VERSIONS = ">=0.12,<0.17"
-INSTALL_MESSAGE = "actor.strategy=megatron needs megatron-core (pip install -e '.[megatron]') and a CUDA device"
+INSTALL_MESSAGE = "actor.strategy=megatron needs megatron-core (pip install -e '.[megatron]')"
 # The PPO loop trains the FSDP PolicyModel; the GPTModel actor is built but not yet driven by it.
 LOOP_PENDING_MESSAGE = ("actor.strategy=megatron: the PPO loop does not drive a megatron-core actor in this "
                         "version; use actor.strategy=fsdp")
@@ -40,7 +43,7 @@ _WRAPPER_PREFIX = "module."
 
 
 def check_megatron_available() -> None:
-    """UserError (one line) unless megatron-core in the supported range imports and CUDA is present."""
+    """UserError (one line) unless megatron-core in the supported range imports (CPU runs too)."""
     try:
         version = importlib.metadata.version("megatron-core")
     except importlib.metadata.PackageNotFoundError:
@@ -48,8 +51,6 @@ def check_megatron_available() -> None:
     if not SpecifierSet(MEGATRON_CORE_VERSIONS).contains(version, prereleases=True):
         raise UserError(f"actor.strategy=megatron supports megatron-core{MEGATRON_CORE_VERSIONS}, found {version}; "
                         "pip install -e '.[megatron]'")
-    if not torch.cuda.is_available():
-        raise UserError(INSTALL_MESSAGE)
     try:
         importlib.import_module("megatron.core")
     except ImportError as e:
@@ -69,6 +70,13 @@ class MegatronActor:
     fused_norms: bool  # TransformerEngine layer spec (norms inside linear_qkv / linear_fc1)
     vocab_rows: int  # padded vocabulary of the embedding / output layer
     tp_group: object | None = None
+    pp_group: object | None = None  # megatron's pipeline group of this rank (needed when pp_size > 1)
+
+    @property
+    def tied_copy(self) -> bool:
+        """Tied embeddings split over stages: the last stage's ``output_layer`` is a copy of the
+        first stage's embedding (kept equal by summing their gradients)."""
+        return self.args.tie_word_embeddings and self.pp_size > 1
 
     def load_hf_state(self, hf_state: dict[str, torch.Tensor]) -> None:
         """Copy an HF state dict's slice for this rank into the model."""
@@ -77,12 +85,18 @@ class MegatronActor:
                            vocab_rows=self.vocab_rows)
 
     def iter_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """This stage's parameters as full HF tensors, one at a time (a TP all-gather each; every
-        rank of the TP group must iterate). With pp > 1 each stage yields only its own layers."""
-        yield from iter_hf_weights_from_tp_group(
-            self.model.named_parameters(), self.args, tp_group=self.tp_group, tp_size=self.tp_size,
-            pp_rank=self.pp_rank, layers_per_stage=self.args.num_layers // self.pp_size,
-            fused_norms=self.fused_norms)
+        """The whole model's parameters as full HF tensors, one at a time, on every rank (each
+        rank's rollout engine holds the full model). Every rank must iterate: per parameter a
+        broadcast from its stage over the pipeline group (pp > 1), then a TP all-gather."""
+        per_stage = self.args.num_layers // self.pp_size
+        if self.pp_size == 1:
+            named = self.model.named_parameters()
+        else:
+            named = iter_stage_params_over_pp(self.model, self.pp_rank, self.pp_size, self.pp_group, per_stage,
+                                              skip=(OUTPUT_LAYER,) if self.tied_copy else ())
+        # names are global already: pp_rank=0 keeps them
+        yield from iter_hf_weights_from_tp_group(named, self.args, tp_group=self.tp_group, tp_size=self.tp_size,
+                                                 pp_rank=0, layers_per_stage=per_stage, fused_norms=self.fused_norms)
 
 
 def load_hf_into_stage(
@@ -125,8 +139,7 @@ def iter_hf_weights_from_tp_group(
     per_stage = layers_per_stage if layers_per_stage is not None else args.num_layers
     def gathered() -> Iterator[tuple[str, list[torch.Tensor]]]:
         for name, param in named_params:
-            while name.startswith(_WRAPPER_PREFIX):
-                name = name[len(_WRAPPER_PREFIX):]
+            name = _unwrapped(name)
             if name.endswith("_extra_state"):
                 continue
             local = param.detach()
@@ -139,13 +152,44 @@ def iter_hf_weights_from_tp_group(
     yield from iter_hf_weights_from_mcore_shards(gathered(), args, fused_norms=fused_norms)
 
 
+def iter_stage_params_over_pp(
+    model: torch.nn.Module, pp_rank: int, pp_size: int, pp_group, layers_per_stage: int, skip: tuple[str, ...] = ()
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(global mcore name, this TP rank's shard)`` of every stage's parameters, stage by stage,
+    on every rank of ``pp_group``: the owning stage broadcasts its names and shapes, then each
+    shard. Ranks of one pipeline group share the TP rank, so what arrives is this rank's shard
+    and the TP all-gather that follows is the usual one. Names in ``skip`` are left out."""
+    device = next(model.parameters()).device
+    for stage in range(pp_size):
+        src = dist.get_global_rank(pp_group, stage)
+        mine = stage == pp_rank
+        local = {stage_name_to_global(_unwrapped(n), stage, layers_per_stage): p
+                 for n, p in model.named_parameters()} if mine else {}
+        meta = [[(n, tuple(p.shape), p.dtype) for n, p in local.items() if n not in skip] if mine else None]
+        dist.broadcast_object_list(meta, src=src, group=pp_group)
+        for name, shape, dtype in meta[0]:
+            shard = local[name].detach().contiguous() if mine else torch.empty(shape, dtype=dtype, device=device)
+            dist.broadcast(shard, src=src, group=pp_group)
+            yield name, shard
+
+
+def _unwrapped(name: str) -> str:
+    while name.startswith(_WRAPPER_PREFIX):
+        name = name[len(_WRAPPER_PREFIX):]
+    return name
+
+
 def init_megatron_parallel(tp: int, pp: int, seed: int) -> None:
-    """megatron's parallel state and TP-aware CUDA RNG (torch.distributed must be initialised)."""
+    """megatron's parallel state and TP-aware CUDA RNG (torch.distributed must be initialised).
+
+    Without CUDA the CPU shims are applied instead of seeding CUDA RNGs; parameters are then
+    initialised from torch's default (CPU) generator, which the caller seeds."""
     from megatron.core import parallel_state, tensor_parallel
 
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    if not enable_cpu_execution():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
 def layer_spec(args: ModelArgs, use_te: bool | None = None):
@@ -153,8 +197,8 @@ def layer_spec(args: ModelArgs, use_te: bool | None = None):
     into linear_qkv / linear_fc1), else megatron's local spec with RMSNorm."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if use_te is None:
-        use_te = importlib.util.find_spec("transformer_engine") is not None
+    if use_te is None:  # TransformerEngine's layers need CUDA
+        use_te = torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=args.qk_norm), True
     try:
@@ -171,9 +215,10 @@ def build_gpt_model(
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
 
-    config = TransformerConfig(**transformer_config_kwargs(args, tp, pp, params_dtype=params_dtype))
+    config = TransformerConfig(**transformer_config_kwargs(args, tp, pp, params_dtype=params_dtype),
+                               use_cpu_initialization=not torch.cuda.is_available())
     spec, fused_norms = layer_spec(args, use_te)
-    model_kwargs = gpt_model_kwargs(args, tp)
+    model_kwargs = gpt_model_kwargs(args, tp, pp=pp)
     model = GPTModel(config=config, transformer_layer_spec=spec, **model_kwargs,
                      pre_process=parallel_state.is_pipeline_first_stage(),
                      post_process=parallel_state.is_pipeline_last_stage())
@@ -183,25 +228,35 @@ def build_gpt_model(
 def build_megatron_actor(cfg, *, hf_state: dict[str, torch.Tensor] | None = None) -> MegatronActor:
     """This rank's GPTModel stage of ``cfg.model.path`` with its weights (unless
     ``model.random_init``), TP/PP degrees from ``cfg.parallel``. Call after torch.distributed and
-    the CUDA device are set up; ``hf_state`` overrides reading the checkpoint."""
-    check_megatron_available()
-    from megatron.core import parallel_state
-
+    the device are set up; ``hf_state`` overrides reading the checkpoint."""
     from spmd_rl.models.hf_io import load_state_dict, read_hf_config
 
     args = ModelArgs.from_hf_config(read_hf_config(cfg.model.path))
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    dtype = torch.float32 if cfg.model.dtype == "float32" else torch.bfloat16
+    if hf_state is None and not cfg.model.random_init:
+        hf_state = load_state_dict(cfg.model.path)
+    return build_actor(args, cfg.parallel.tp, cfg.parallel.pp, seed=cfg.trainer.seed, params_dtype=dtype,
+                       hf_state=hf_state)
+
+
+def build_actor(args: ModelArgs, tp: int, pp: int, *, seed: int = 0, params_dtype: torch.dtype = torch.bfloat16,
+                hf_state: dict[str, torch.Tensor] | None = None) -> MegatronActor:
+    """This rank's GPTModel stage for ``args`` over a TP x PP grid (data parallel takes the
+    remaining ranks), loaded from ``hf_state`` when given. torch.distributed must be initialised."""
+    check_megatron_available()
+    from megatron.core import parallel_state
+
     try:
         check_megatron_compatible(args, tp, pp)
     except ValueError as e:
         raise UserError(f"actor.strategy=megatron: {e}") from None
-    init_megatron_parallel(tp, pp, cfg.trainer.seed)
-    dtype = torch.float32 if cfg.model.dtype == "float32" else torch.bfloat16
-    model, fused_norms, vocab_rows = build_gpt_model(args, tp, pp, params_dtype=dtype)
+    init_megatron_parallel(tp, pp, seed)
+    model, fused_norms, vocab_rows = build_gpt_model(args, tp, pp, params_dtype=params_dtype)
     actor = MegatronActor(
         model=model, args=args, tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp_size=tp,
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(), pp_size=pp, fused_norms=fused_norms,
-        vocab_rows=vocab_rows, tp_group=parallel_state.get_tensor_model_parallel_group())
-    if hf_state is not None or not cfg.model.random_init:
-        actor.load_hf_state(hf_state if hf_state is not None else load_state_dict(cfg.model.path))
+        vocab_rows=vocab_rows, tp_group=parallel_state.get_tensor_model_parallel_group(),
+        pp_group=parallel_state.get_pipeline_model_parallel_group())
+    if hf_state is not None:
+        actor.load_hf_state(hf_state)
     return actor

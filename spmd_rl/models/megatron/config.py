@@ -107,13 +107,20 @@ def transformer_config_kwargs(
     )
     if pp > 1:
         kwargs["pipeline_dtype"] = params_dtype  # megatron requires it for p2p buffers
-        kwargs["variable_seq_lengths"] = True  # packed RL batches differ in length per micro-batch
+        # No variable_seq_lengths: it only tells megatron's schedules to exchange shapes, and we run
+        # our own (schedule.py), where every stage knows them; megatron-core 0.16 also refuses it
+        # with its default (MoE allgather) token dispatcher, even for a dense model.
     return kwargs
 
 
-def gpt_model_kwargs(args: ModelArgs, tp: int = 1, *, make_vocab_size_divisible_by: int = 1) -> dict:
+def gpt_model_kwargs(args: ModelArgs, tp: int = 1, *, pp: int = 1, make_vocab_size_divisible_by: int = 1) -> dict:
     """Keyword arguments of ``megatron.core.models.gpt.GPTModel`` besides ``config``,
     ``transformer_layer_spec`` and the ``pre_process``/``post_process`` stage flags.
+
+    Tied embeddings are shared inside GPTModel only with ``pp == 1``. With ``pp > 1`` the last
+    stage holds its own ``output_layer`` copy either way; GPTModel's sharing would only add an
+    initial copy through ``.cuda()`` (CPU-hostile), and the policy keeps the copies equal by
+    summing their gradients over the embedding group (``grads.sync_tied_embedding_grads``).
 
     RoPE: HF ``linear`` scaling divides positions by the factor, which is megatron's
     ``seq_len_interpolation_factor``; ``llama3`` is megatron's ``rope_scaling`` with its factor.
@@ -126,7 +133,7 @@ def gpt_model_kwargs(args: ModelArgs, tp: int = 1, *, make_vocab_size_divisible_
         position_embedding_type="rope",
         rotary_percent=1.0,
         rotary_base=int(args.rope_theta) if float(args.rope_theta).is_integer() else args.rope_theta,
-        share_embeddings_and_output_weights=args.tie_word_embeddings,
+        share_embeddings_and_output_weights=args.tie_word_embeddings and pp == 1,
         parallel_output=True,
         fp16_lm_cross_entropy=False,
     )

@@ -116,6 +116,7 @@ class KVPool:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
+        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # see gather_scratch
 
     @classmethod
     def for_model(
@@ -136,6 +137,22 @@ class KVPool:
         vf = self.v[layer].view(-1, *self.v[layer].shape[2:])
         kf.index_copy_(0, slots, k.to(kf.dtype))
         vf.index_copy_(0, slots, v.to(vf.dtype))
+
+    def gather_scratch(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value buffers, each ``[num_blocks, block_size, Hkv, D]``, that the torch decode
+        path gathers sequences' blocks into (``paged_decode_attention_sdpa``).
+
+        One pair serves every layer and step, grown when a step needs more: on CPU a fresh
+        multi-MB tensor per layer and step costs more in page faults than the gather itself.
+        The contents are overwritten by the next call; it holds at most one layer's worth of
+        the longest step's gathered keys and values."""
+        if self._scratch is None or self._scratch[0].shape[0] < num_blocks:
+            like = self.k[0]
+            shape = (num_blocks, *like.shape[1:])
+            self._scratch = (torch.empty(shape, dtype=like.dtype, device=like.device),
+                             torch.empty(shape, dtype=like.dtype, device=like.device))
+        keys, values = self._scratch
+        return keys[:num_blocks], values[:num_blocks]
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy block ``src`` onto block ``dst`` in every layer, for each ``(src, dst)`` (copy-on-write)."""

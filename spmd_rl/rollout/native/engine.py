@@ -34,6 +34,7 @@ from spmd_rl.rollout.native.block_pool import (
     check_block_size,
     num_blocks_for_budget,
 )
+from spmd_rl.rollout.native.cuda_graph import DecodeGraphs, default_capture_sizes
 from spmd_rl.rollout.native.scheduler import Chunk, Scheduler, Sequence, StepPlan
 from spmd_rl.rollout.native.weight_loader import check_still_shared, load_in_buckets, share_parameters
 from spmd_rl.rollout.sampling import make_generators, resolve_prompt_seeds, sample_seed, sample_with_logprobs
@@ -88,16 +89,22 @@ class NativeEngine:
         kernels: ``auto | triton | torch`` for the packed prefill and paged decode attention.
         share_weights_with: the trainer's decoder; ``model`` then takes its very parameters
             (zero-copy; ``model`` may be built on the meta device) and :meth:`update_weights`
-            is a no-op. Valid only when that module is unsharded (no FSDP/TP, and never sharded
-            after the engine is built: :meth:`update_weights` raises if its parameters were
-            replaced) and already in the engine's dtype and device; pass a different module
-            object than it, so the engine's attention kernel setting stays its own.
+            is a no-op. Valid only when every parameter of that module is whole on this rank
+            (plain, or FSDP2 over a 1-rank shard mesh: the engine then reads FSDP's own shard
+            storage, which the optimizer updates in place), never re-sharded or moved after the
+            engine is built (:meth:`update_weights` checks and raises), and already in the
+            engine's dtype and device; pass a different module object than it, so the engine's
+            attention kernel setting stays its own.
         tokenizer: needed only for stop strings (``SamplingParams.stop``).
         tp_mesh: a 1-D mesh to generate tensor-parallel over (the trainer's ``tp`` dimension):
             projections are sharded like the trainer's (column/row parallel, one all-reduce per
             attention and per MLP), each rank holds ``kv_heads/tp`` heads of KV cache, and the
             vocab-sharded logits are gathered for sampling. Every rank of the mesh must call
             :meth:`generate` with the same prompts and seeds.
+        decode_graphs: how pure-decode steps run (``cuda_graph.py``). ``auto``: replayed as
+            CUDA graphs on a CUDA device with the Triton decode kernel and no tensor
+            parallelism, else eager; ``off``: always eager (vLLM's ``enforce_eager``);
+            ``static``: the graphs' padded fixed-buffer forward without capture, on any device.
     """
 
     def __init__(
@@ -120,6 +127,7 @@ class NativeEngine:
         share_weights_with: torch.nn.Module | None = None,
         tokenizer=None,
         tp_mesh=None,
+        decode_graphs: str = "auto",
     ) -> None:
         if not isinstance(model, Transformer):
             raise UserError(
@@ -140,6 +148,8 @@ class NativeEngine:
              f"num_blocks must be None (size from memory) or >= 1, got {num_blocks}"),
             (update_weights_bucket_mb > 0,
              f"rollout.update_weights_bucket_mb must be > 0 (MiB per weight bucket), got {update_weights_bucket_mb}"),
+            (decode_graphs in DECODE_GRAPH_MODES,
+             f"decode_graphs must be one of {', '.join(DECODE_GRAPH_MODES)}; got {decode_graphs!r}"),
         ):
             if not ok:
                 raise UserError(message)
@@ -173,7 +183,10 @@ class NativeEngine:
         tp = 1 if self.tp_group is None else tp_mesh.size()
         self._kv_args = self.model.args.replace(num_kv_heads=self.model.args.num_kv_heads // tp)  # this rank's heads
         self.tokenizer = tokenizer
-        self.model.set_kernels(resolve_kernel_backend(kernels, self.device))
+        self.kernels = resolve_kernel_backend(kernels, self.device)
+        self.model.set_kernels(self.kernels)
+        self.decode_graphs = _decode_graph_mode(decode_graphs, self.device, self.kernels, self.tp_group)
+        self._graphs: DecodeGraphs | None = None  # built with the KV pool, dropped with it
         self.max_num_seqs, self.max_seq_len = max_num_seqs, max_seq_len
         self.block_size, self.num_blocks = block_size, num_blocks
         self.kv_cache_gb, self.gpu_memory_utilization = kv_cache_gb, gpu_memory_utilization
@@ -198,7 +211,7 @@ class NativeEngine:
         prompt_seeds = resolve_prompt_seeds(len(prompts), params, seeds)
         self.wake_up()
         started = time.perf_counter()
-        allocator = BlockAllocator(self.kv_cache.num_blocks)
+        allocator = BlockAllocator(self._usable_blocks)
         sched = Scheduler(allocator, self.block_size, self.max_num_seqs, self.max_num_batched_tokens)
         requests = self._add_requests(sched, prompts, params, prompt_seeds)
         generators = make_generators([r.seed for r in requests], self.device)
@@ -206,7 +219,7 @@ class NativeEngine:
         if params.stop and self.tokenizer is None:
             raise UserError("stop strings need a tokenizer: build the native engine with tokenizer=...")
         self._stop_checker = StopChecker(self.tokenizer, params.stop) if params.stop else None
-        generated, steps = 0, 0
+        generated, steps, self._graph_steps = 0, 0, 0
         show = self.show_progress and _rank0()
         with tqdm(total=len(requests), desc="rollout", unit="seq", disable=not show) as bar:
             while sched.has_unfinished():
@@ -226,6 +239,7 @@ class NativeEngine:
             "num_blocks": allocator.num_blocks,
             "generated_tokens": generated,
             "num_steps": steps,
+            "graph_steps": self._graph_steps,
             "seconds": time.perf_counter() - started,
         }
         results: list[list[Completion]] = [[] for _ in prompts]
@@ -250,8 +264,10 @@ class NativeEngine:
         load_in_buckets(self.model, named_tensors, self.bucket_bytes, tied_lm_head=tied)
 
     def sleep(self) -> None:
-        """Free the KV pool (and the allocator's cached blocks on GPU); weights stay."""
+        """Free the KV pool (and the allocator's cached blocks on GPU); weights stay. Decode
+        graphs go with it: their kernels hold the pool's addresses."""
         self.kv_cache = None
+        self._graphs = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -272,8 +288,19 @@ class NativeEngine:
                 agreed = torch.tensor([num_blocks], device=self.device)
                 torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN, group=self.tp_group)
                 num_blocks = int(agreed.item())
+        # Fixed-buffer decode pads its batch with rows that write into one extra block no
+        # sequence is ever given.
+        extra = 0 if self.decode_graphs is None else 1
         with torch.inference_mode():
-            self.kv_cache = KVPool.for_model(self._kv_args, num_blocks, self.block_size, self.dtype, self.device)
+            self.kv_cache = KVPool.for_model(self._kv_args, num_blocks + extra, self.block_size, self.dtype,
+                                             self.device)
+        self._usable_blocks = num_blocks
+        if self.decode_graphs is not None:
+            self._graphs = DecodeGraphs(
+                self.model, self.kv_cache, max_blocks_per_seq=blocks_for_tokens(self.max_seq_len, self.block_size),
+                sizes=default_capture_sizes(self.max_num_seqs), scratch_block=num_blocks,
+                capture=self.decode_graphs == "graph",
+            )
 
     # ---------------------------------------------------------------- generation
 
@@ -313,38 +340,52 @@ class NativeEngine:
         if plan.copies:
             self.kv_cache.copy_blocks(plan.copies)
         # Single-token chunks first: the decoder sends them through the paged decode kernel.
-        chunks = [c for c in plan.chunks if c.num_tokens == 1] + [c for c in plan.chunks if c.num_tokens > 1]
-        num_decodes = sum(c.num_tokens == 1 for c in plan.chunks)
-        hidden = self._forward(chunks, num_decodes)  # [N, H]
+        chunks = [c for c in plan.chunks if c.num_tokens == 1]
+        num_decodes = len(chunks)
+        if num_decodes < len(plan.chunks):
+            chunks += [c for c in plan.chunks if c.num_tokens > 1]
+        if self._graphs is not None and num_decodes == len(chunks) <= self._graphs.max_batch:
+            hidden = self._graphs.run([c.seq.tokens[c.start] for c in chunks], [c.start for c in chunks],
+                                      [c.seq.block_table for c in chunks])  # [N, H]
+            self._graph_steps += 1
+        else:
+            hidden = self._forward(chunks, num_decodes)  # [N, H]
         rows, seqs = [], []  # hidden row each sampled sequence reads (forks share their leader's)
-        last = 0
+        last = -1
         for c in chunks:
             last += c.num_tokens
             if c.samples:
-                for s in (c.seq, *c.forks):
-                    rows.append(last - 1)
-                    seqs.append(s)
+                rows.append(last)
+                seqs.append(c.seq)
+                if c.forks:
+                    rows.extend([last] * len(c.forks))
+                    seqs.extend(c.forks)
         if not seqs:
             return 0, 0
-        logits = self._logits(hidden[torch.tensor(rows, device=self.device)])  # [R, V]
+        if rows != list(range(hidden.shape[0])):  # else each row samples once, in order: no gather
+            hidden = hidden[torch.tensor(rows, device=self.device)]
+        logits = self._logits(hidden)  # [R, V]
         penalised = params.has_penalties
         out = sample_with_logprobs(
             logits, params, [generators[s.seq_id] for s in seqs],
             generated=[requests[s.seq_id].response for s in seqs] if penalised else None,
             prompts=[s.tokens[: requests[s.seq_id].prompt_len] for s in seqs] if penalised else None)
-        raw = out.raw_logprobs.tolist() if out.raw_logprobs is not None else [None] * len(seqs)
+        raw = out.raw_logprobs.tolist() if out.raw_logprobs is not None else None
         finished = 0
-        for s, token, logprob, sampled, raw_lp in zip(seqs, out.tokens.tolist(), out.logprobs.tolist(),
-                                                     out.sampled_logprobs.tolist(), raw):
+        stop_checker = self._stop_checker
+        for i, (s, token, logprob, sampled) in enumerate(zip(seqs, out.tokens.tolist(), out.logprobs.tolist(),
+                                                             out.sampled_logprobs.tolist())):
             req = requests[s.seq_id]
             sched.append_token(s, token)
             req.logprobs.append(logprob)
             req.sampled_logprobs.append(sampled)
-            if raw_lp is not None:
-                req.raw_logprobs = (req.raw_logprobs or []) + [raw_lp]
+            if raw is not None:
+                if req.raw_logprobs is None:
+                    req.raw_logprobs = []
+                req.raw_logprobs.append(raw[i])
             if token in stop_ids:
                 req.finish_reason, req.stop_reason = "stop", token
-            elif self._stop_checker is not None and (hit := self._stop_checker.check(req.response)) is not None:
+            elif stop_checker is not None and (hit := stop_checker.check(req.response)) is not None:
                 req.finish_reason, req.stop_reason = "stop", hit.stop  # checked every token: nothing to cut
             elif len(s.tokens) >= s.max_len:  # max_new_tokens or max_seq_len reached
                 req.finish_reason = "length"
@@ -365,23 +406,28 @@ class NativeEngine:
 
     def _forward(self, chunks: list[Chunk], num_decodes: int) -> torch.Tensor:
         """One packed forward over the chunks (decode tokens first). Returns hidden states ``[N, H]``."""
+        dev = self.device
+        width = max(len(c.seq.block_table) for c in chunks)
+        tables = torch.tensor([c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks],
+                              dtype=torch.int32, device=dev)
+        if num_decodes == len(chunks):  # one token per sequence: the decoder's decode mode, no packing to describe
+            ids = torch.tensor([c.seq.tokens[c.start] for c in chunks], device=dev)[:, None]
+            positions = torch.tensor([c.start for c in chunks], device=dev)[:, None]
+            return self.model(ids, positions, kv_cache=self.kv_cache, block_tables=tables)[:, 0]
         ids: list[int] = []
-        positions: list[int] = []
+        pos: list[int] = []
         cu = [0]
         for c in chunks:
             end = c.start + c.num_tokens
             ids.extend(c.seq.tokens[c.start : end])
-            positions.extend(range(c.start, end))
+            pos.extend(range(c.start, end))
             cu.append(cu[-1] + c.num_tokens)
-        width = max(len(c.seq.block_table) for c in chunks)
-        tables = [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks]
-        dev = self.device
         hidden = self.model(
             torch.tensor(ids, device=dev)[None],
-            torch.tensor(positions, device=dev)[None],
+            torch.tensor(pos, device=dev)[None],
             cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=dev),
             kv_cache=self.kv_cache,
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            block_tables=tables,
             num_decodes=num_decodes,
         )
         return hidden[0]
@@ -398,7 +444,22 @@ def native_engine_options(rollout_cfg, kernels: str = "auto") -> dict:
         enable_prefix_sharing=rollout_cfg.enable_prefix_sharing,
         update_weights_bucket_mb=rollout_cfg.update_weights_bucket_mb,
         kernels=kernels,
+        decode_graphs="off" if rollout_cfg.enforce_eager else "auto",
     )
+
+
+DECODE_GRAPH_MODES = ("auto", "off", "static")
+
+
+def _decode_graph_mode(asked: str, device: torch.device, kernels: str, tp_group) -> str | None:
+    """``"graph"`` (capture), ``"static"`` (fixed buffers, no capture) or None (packed eager
+    steps). Capture needs CUDA, a decode path with no host sync (Triton) and no DTensor
+    collectives (tensor parallelism)."""
+    if asked == "static":
+        return "static"
+    if asked == "auto" and device.type == "cuda" and kernels == "triton" and tp_group is None:
+        return "graph"
+    return None
 
 
 def _same_device(asked: torch.device, have: torch.device) -> bool:

@@ -57,7 +57,7 @@ class Sequence:
         return 1 + len(self.followers)
 
 
-@dataclass
+@dataclass(slots=True)  # one per running sequence and step: cheap to build and read
 class Chunk:
     """Tokens ``seq.tokens[start : start + num_tokens]`` fed at positions ``start ..`` this step."""
 
@@ -161,10 +161,22 @@ class Scheduler:
         copies: list[tuple[int, int]] = []
         preempted: list[Sequence] = []
 
+        block_size, refcount = self.block_size, self.allocator.refcount
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_pending, budget)
+            start = seq.num_computed
+            n = min(len(seq.tokens) - start, budget)
+            table = seq.block_table
+            if start + n <= len(table) * block_size and not (start % block_size
+                                                              and refcount(table[start // block_size]) > 1):
+                # Common decode case: its blocks already hold the new tokens and the block written
+                # into is its own, so nothing is allocated, copied or preempted (what _take does then).
+                seq.num_computed = start + n
+                chunks.append(Chunk(seq, start, n, samples=start + n == len(seq.tokens)))
+                budget -= n
+                i += 1
+                continue
             # Make room by preempting the newest sequences; the newest may be seq itself.
             cow = self._shared_write_block(seq)
             while self._blocks_needed(seq, n, cow) > self.allocator.num_free:

@@ -9,9 +9,11 @@ model's own parameter order, which is the order ``named_parameters`` yields on t
 side) would not fit beside what is held. So at most one bucket of incoming tensors is alive
 at once, or a single tensor when it alone is bigger than a bucket.
 
-Sharing: when the trainer's module is unsharded and in the engine's dtype, the engine's
-decoder can hold the trainer's very Parameter objects; an optimizer step then updates both,
-and there is nothing to copy.
+Sharing: when every trainer parameter is whole on this rank and in the engine's dtype, the
+engine's decoder reads the trainer's storage: the very Parameter objects of a plain module, or
+the local tensors of FSDP2 DTensors whose one shard is the whole tensor (a 1-rank FSDP mesh, or
+HSDP with ``dp_shard=1``). The optimizer updates that storage in place, so there is nothing to
+copy.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import torch
 
 from spmd_rl.rollout.weight_sync import clean_param_name
 
-try:  # torch builds without distributed support have no DTensor
+try:  # torch builds without distributed support have no DTensor / FSDP2
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover
-    DTensor = None
+    DTensor = FSDPModule = None
 
 
 @torch.no_grad()
@@ -98,36 +101,83 @@ def _copy_all(params: list[torch.Tensor], tensors: list[torch.Tensor]) -> None:
 
 
 def share_parameters(model: torch.nn.Module, source: torch.nn.Module) -> None:
-    """Make every parameter of ``model`` the same Parameter object as ``source``'s of the same
-    name (wrapper prefixes ignored), so both modules read one copy of the weights.
+    """Make every parameter of ``model`` read the storage of ``source``'s parameter of the same
+    name (wrapper prefixes ignored), so both modules use one copy of the weights.
 
-    Valid only for an unsharded ``source`` (no FSDP/TP DTensors) whose parameters have the
-    shapes of ``model``'s; ValueError otherwise. ``model`` may live on the meta device: it
-    holds no weight memory of its own afterwards.
+    A plain source parameter is taken as is (the same Parameter object). An FSDP2/DTensor one is
+    valid only when its local tensor is the whole parameter; ``model`` then gets a Parameter
+    over that local tensor, which the trainer's optimizer updates in place. ValueError for a
+    real shard (FSDP over several ranks, TP), a missing name or another shape. ``model`` may
+    live on the meta device: it holds no weight memory of its own afterwards.
     """
+    reshard_fsdp(source)
     shared = {clean_param_name(n): p for n, p in source.named_parameters(remove_duplicate=False)}
+    taken: dict[int, torch.nn.Parameter] = {}  # id(source param) -> engine param: tied weights stay tied
     for name, param in list(model.named_parameters(remove_duplicate=False)):
         src = shared.get(name)
         if src is None:
             raise ValueError(f"share_weights_with: the trainer's module has no parameter named {name!r}; "
                              "pass the unwrapped decoder of the same architecture")
-        if DTensor is not None and isinstance(src, DTensor):
-            raise ValueError(f"share_weights_with needs an unsharded module, but {name!r} is sharded (FSDP/TP); "
-                             "leave share_weights_with unset to copy weights in buckets instead")
         if src.shape != param.shape:
             raise ValueError(f"share_weights_with: {name!r} has shape {tuple(src.shape)}, the engine's model "
                              f"expects {tuple(param.shape)}")
+        if id(src) not in taken:
+            taken[id(src)] = _engine_view(name, src)
         owner, _, attr = name.rpartition(".")
-        model.get_submodule(owner)._parameters[attr] = src
+        model.get_submodule(owner)._parameters[attr] = taken[id(src)]
+
+
+def _engine_view(name: str, src: torch.Tensor) -> torch.Tensor:
+    """What the engine holds for the trainer's ``src``: itself when plain, a no-grad Parameter
+    over its local tensor (same storage) when it is a DTensor holding the whole tensor."""
+    if DTensor is None or not isinstance(src, DTensor):
+        return src
+    local = src.to_local()
+    if local.shape != src.shape:
+        raise ValueError(f"share_weights_with needs every parameter whole on this rank, but {name!r} is sharded "
+                         f"(local {tuple(local.shape)} of {tuple(src.shape)}: FSDP over several ranks or TP); "
+                         "leave share_weights_with unset to copy weights in buckets instead")
+    return torch.nn.Parameter(local.detach(), requires_grad=False)
 
 
 def check_still_shared(model: torch.nn.Module, source: torch.nn.Module) -> None:
-    """ValueError when ``source`` no longer holds the Parameter objects ``model`` took from it
-    (e.g. FSDP's ``fully_shard`` or a re-load replaced them after sharing): the engine would
-    silently generate with stale weights."""
+    """ValueError when ``source`` no longer holds the storage ``model`` took from it (e.g. FSDP's
+    ``fully_shard``, a re-load or a host offload replaced it after sharing): the engine would
+    silently generate with stale weights.
+
+    Plain parameters must be the same objects; DTensor ones must still have a local tensor at
+    the engine parameter's address and shape. FSDP2 units are resharded first (see
+    :func:`reshard_fsdp`)."""
+    reshard_fsdp(source)
     current = {clean_param_name(n): p for n, p in source.named_parameters(remove_duplicate=False)}
     for name, param in model.named_parameters(remove_duplicate=False):
-        if current.get(name) is not param:
+        if not _reads(param, current.get(name)):
             raise ValueError(f"share_weights_with: the trainer's {name!r} is no longer the tensor the engine shares "
                              "(sharded or replaced after the engine was built); build the engine without "
                              "share_weights_with to copy weights instead")
+
+
+def _reads(param: torch.Tensor, src: torch.Tensor | None) -> bool:
+    """Whether the engine's ``param`` still reads the trainer's ``src``."""
+    if DTensor is not None and isinstance(src, DTensor):
+        local = src.to_local()
+        return local.data_ptr() == param.data_ptr() and local.shape == param.shape
+    return src is param
+
+
+def reshard_fsdp(module: torch.nn.Module) -> None:
+    """Put every FSDP2 unit of ``module``'s tree back in the sharded state, so that
+    ``named_parameters`` yields the sharded DTensors again. After a forward without backward the
+    root and the last block keep plain, gathered parameters (and their memory, which generation
+    wants back); the root may sit above ``module`` (the trainer's policy wraps the decoder), so it
+    is reached through the state all units share after the first forward: private API of torch
+    2.13 (``FSDPState._state_ctx.all_states``, ``_fsdp_param_groups``). A no-op for plain modules."""
+    if FSDPModule is None:
+        return
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.reshard()
+    if units:
+        for state in units[0]._get_fsdp_state()._state_ctx.all_states:
+            for group in state._fsdp_param_groups:
+                group.reshard()

@@ -1,0 +1,105 @@
+"""Gradients of a megatron-core policy stage: data-parallel sum, tied-embedding sync, the global
+norm over the TP x PP grid, clipping and the optimizer step.
+
+We drive GPTModel with plain torch autograd and a torch optimizer, not megatron's DDP and
+distributed optimizer, so the collectives megatron's ``finalize_model_grads`` would run are
+done here, with the same rules:
+
+* data parallel: the loss is already normalised by the global token (or sequence) count of the
+  mini-batch, so the gradients are summed over the dp group (gloo has no average);
+* tied embeddings split over stages: the first stage's embedding and the last stage's
+  ``output_layer`` copy get the sum of both gradients (megatron's embedding group), which is
+  the gradient of the single tied matrix, so the two copies stay equal after the step;
+* the norm counts every element once: TP-sharded tensors on every TP rank, replicated ones
+  (norms) on TP rank 0 only, the tied copy on the first stage only, then a sum over the
+  model-parallel (TP x PP) group (megatron's ``param_is_not_tensor_parallel_duplicate``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from spmd_rl.models.megatron.names import OUTPUT_LAYER
+
+
+def grads_of(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The gradient of every parameter, a zero tensor where backward left none (so every rank
+    of a group passes the same number of tensors to the collectives)."""
+    out = []
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        out.append(p.grad)
+    return out
+
+
+def all_reduce_grads(model: torch.nn.Module, group, world_size: int) -> None:
+    """Sum every gradient over ``group`` (one flat buffer: one collective)."""
+    if world_size == 1:
+        return
+    grads = grads_of(model)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def tied_embedding_weight(model: torch.nn.Module, first: bool, last: bool) -> torch.Tensor | None:
+    """This stage's copy of a tied embedding split over stages: the embedding on the first
+    stage, ``output_layer`` on the last (None elsewhere)."""
+    if first:
+        return model.embedding.word_embeddings.weight
+    return model.output_layer.weight if last else None
+
+
+def sync_tied_embedding_grads(weight: torch.Tensor, embedding_group) -> None:
+    """Sum the two copies' gradients over the embedding group (first and last stage)."""
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    dist.all_reduce(weight.grad, group=embedding_group)
+
+
+def counted_once(name: str, param: torch.Tensor, tp_rank: int, skip_tied_copy: bool) -> bool:
+    """Whether this rank's ``param`` enters the global norm (see the module doc)."""
+    if skip_tied_copy and name == OUTPUT_LAYER:
+        return False
+    return bool(getattr(param, "tensor_model_parallel", False)) or tp_rank == 0
+
+
+@torch.no_grad()
+def global_grad_norm(model: torch.nn.Module, *, tp_rank: int, model_parallel_group, skip_tied_copy: bool) -> float:
+    """L2 norm of the whole model's gradient, the same on every rank of the TP x PP grid."""
+    squares = torch.zeros((), dtype=torch.float64)
+    for name, p in model.named_parameters():
+        if p.grad is not None and counted_once(name, p, tp_rank, skip_tied_copy):
+            squares += torch.linalg.vector_norm(p.grad, dtype=torch.float32).double().square().cpu()
+    dist.all_reduce(squares, group=model_parallel_group)
+    return math.sqrt(squares.item())
+
+
+@torch.no_grad()
+def clip_grads_(model: torch.nn.Module, total_norm: float, max_norm: float) -> None:
+    """Scale gradients by ``max_norm / norm`` when the norm exceeds it (as ``torch.nn.utils.clip_grad_norm_``)."""
+    if max_norm > 0 and math.isfinite(total_norm) and total_norm > max_norm:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(max_norm / (total_norm + 1e-6))
+
+
+def optimizer_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: float, *, tp_rank: int,
+                   model_parallel_group, skip_tied_copy: bool) -> float:
+    """Clip by the global norm, step (skipped when the norm is not finite: every rank sees the
+    same norm, so all skip together), advance the schedule, clear gradients; return the norm."""
+    norm = global_grad_norm(model, tp_rank=tp_rank, model_parallel_group=model_parallel_group,
+                            skip_tied_copy=skip_tied_copy)
+    clip_grads_(model, norm, grad_clip)
+    if math.isfinite(norm):
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm

@@ -1,0 +1,260 @@
+"""The policy as megatron-core GPTModel stages: response logprobs and the PPO update.
+
+Mirrors ``spmd_rl.trainer.actor`` (``compute_logprobs`` / ``update_policy``): the same loss
+functions, global token normalisation, entropy bonus, KL loss and micro-batches, so one update
+gives the same parameters as the native policy (tests/distributed/test_megatron_actor.py).
+What differs is how a micro-batch runs:
+
+* rows are right-padded ``[S, T]`` (megatron's local attention has no padding-free mode) and
+  megatron works sequence-first: a stage maps ``[T, S, H]`` to ``[T, S, H]``;
+* the stages are driven by our GPipe schedule (:mod:`.schedule`), and only the last stage
+  scores tokens; it hands its logprobs / metrics to the rest of its pipeline group;
+* the lm-head is never applied as a layer: the final hidden states of the target positions go
+  with this TP rank's ``[V/tp, H]`` output-layer shard to the vocab-parallel logprob
+  (``kernels/logprob.py``), which never materialises ``[N, V]`` logits;
+* gradients are summed over data parallel and clipped by the TP x PP global norm
+  (:mod:`.grads`) instead of FSDP's reductions.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from spmd_rl.algorithms.kl import kl_penalty
+from spmd_rl.algorithms.losses import aggregate_loss, get_policy_loss
+from spmd_rl.config import ActorConfig
+from spmd_rl.kernels.logprob import logprobs_and_entropy
+from spmd_rl.models.megatron import grads
+from spmd_rl.models.megatron.backend import MegatronActor
+from spmd_rl.models.megatron.cpu import causal_mask
+from spmd_rl.models.megatron.schedule import StageLinks, run_gpipe, stage_links
+from spmd_rl.trainer.actor import grad_norm_metrics
+from spmd_rl.trainer.batch import RolloutBatch
+from spmd_rl.trainer.minibatch import global_counts, micro_batches, mini_batches, scatter_rows
+from spmd_rl.trainer.policy import ScoringInputs, build_scoring_inputs, pad_by_lengths
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """megatron's process groups this rank takes part in (built by ``initialize_model_parallel``)."""
+
+    dp: object
+    dp_size: int
+    model_parallel: object  # TP x PP: the gradient norm
+    embedding: object | None  # first + last stage, when tied embeddings are split over stages
+
+    @classmethod
+    def from_megatron(cls, actor: MegatronActor) -> "ParallelGroups":
+        from megatron.core import parallel_state as ps
+
+        embedding = None
+        if actor.tied_copy and ps.is_rank_in_embedding_group():
+            embedding = ps.get_embedding_group()
+        return cls(dp=ps.get_data_parallel_group(), dp_size=ps.get_data_parallel_world_size(),
+                   model_parallel=ps.get_model_parallel_group(), embedding=embedding)
+
+
+# ---------------------------------------------------------------------------------------------
+# One stage, one micro-batch
+
+
+def stage_forward(model: torch.nn.Module, inputs: ScoringInputs, received: torch.Tensor | None) -> torch.Tensor:
+    """This stage's output ``[T, S, H]`` for right-padded rows ``inputs.input_ids [S, T]``: the
+    embedding on the first stage, else the previous stage's output ``received``; then this
+    stage's layers (and the final norm on the last stage)."""
+    seq_len = inputs.input_ids.shape[1]
+    if received is None:
+        hidden = model.embedding(input_ids=inputs.input_ids, position_ids=inputs.position_ids)  # [T, S, H]
+    else:
+        model.set_input_tensor(received)  # the block reads it instead of hidden_states
+        hidden = None
+    rotary = model.rotary_pos_emb(seq_len)  # positions 0..T-1: those of every right-padded row
+    mask = causal_mask(seq_len, inputs.input_ids.device)  # explicit: megatron's default is built on "cuda"
+    return model.decoder(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary)
+
+
+def real_vocab_rows(vocab_size: int, shard_rows: int, tp_rank: int) -> tuple[int, int]:
+    """``(vocab_start, rows)``: the part of TP rank ``tp_rank``'s ``shard_rows``-row vocab shard
+    that holds real tokens. The rows past ``vocab_size`` are padding (zero weights, logit 0),
+    which would add ``exp(0 - max)`` to the softmax denominator: they are cut off, not masked."""
+    start = tp_rank * shard_rows
+    rows = min(shard_rows, vocab_size - start)
+    if rows < 1:
+        raise ValueError(f"vocab_size={vocab_size} leaves TP rank {tp_rank} only padding rows "
+                         f"({shard_rows} per rank); use a smaller tensor parallel size")
+    return start, rows
+
+
+def output_weight_shard(actor: MegatronActor) -> tuple[torch.Tensor, int]:
+    """``(real rows of this rank's [V/tp, H] output-layer shard, vocab_start)`` on the last stage.
+    With tied embeddings and one stage the output layer has no weight of its own."""
+    model = actor.model
+    weight = model.output_layer.weight
+    if weight is None:
+        weight = model.embedding.word_embeddings.weight
+    start, rows = real_vocab_rows(actor.args.vocab_size, weight.shape[0], actor.tp_rank)
+    return weight[:rows], start
+
+
+def stage_logprobs(actor: MegatronActor, hidden: torch.Tensor, inputs: ScoringInputs, *, temperature: float,
+                   with_entropy: bool, kernels: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(logprobs [M], entropy [M] or None)`` of the response tokens from the last stage's
+    output ``[T, S, H]``; the same on every rank of the TP group."""
+    flat = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])  # [S*T, H], row s at s*T
+    weight, vocab_start = output_weight_shard(actor)
+    tp_group = actor.tp_group if actor.tp_size > 1 else None
+    return logprobs_and_entropy(flat[inputs.target_positions], weight, inputs.targets, backend=kernels,
+                                temperature=temperature, with_entropy=with_entropy, vocab_start=vocab_start,
+                                tp_group=tp_group)
+
+
+# ---------------------------------------------------------------------------------------------
+# Micro-batches through the pipeline
+
+
+def _links(actor: MegatronActor) -> StageLinks:
+    param = next(actor.model.parameters())
+    return stage_links(actor.pp_group, actor.pp_rank, actor.pp_size, param.dtype, param.device)
+
+
+def _scoring_inputs(split, device) -> list[ScoringInputs]:
+    return [build_scoring_inputs(micro.prompt_ids, micro.response_ids, device, packed=False) for _, micro in split]
+
+
+def _shapes(inputs: list[ScoringInputs], hidden_size: int) -> list[tuple[int, int, int]]:
+    return [(x.input_ids.shape[1], x.input_ids.shape[0], hidden_size) for x in inputs]  # [T, S, H]
+
+
+def _broadcast_from_last_stage(actor: MegatronActor, tensor: torch.Tensor) -> torch.Tensor:
+    if actor.pp_size > 1:
+        dist.broadcast(tensor, src=dist.get_global_rank(actor.pp_group, actor.pp_size - 1), group=actor.pp_group)
+    return tensor
+
+
+def _broadcast_object_from_last_stage(actor: MegatronActor, obj):
+    if actor.pp_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(actor.pp_group, actor.pp_size - 1), group=actor.pp_group)
+    return box[0]
+
+
+@torch.no_grad()
+def compute_logprobs(actor: MegatronActor, batch: RolloutBatch, temperature: float, micro_batch_size: int, *,
+                     max_tokens: int = 0, kernels: str = "torch") -> torch.Tensor:
+    """``[B, T]`` logprobs of the batch's responses (the PPO "old" logprobs), on every rank;
+    micro-batches as ``spmd_rl.trainer.actor.compute_logprobs``."""
+    groups = ParallelGroups.from_megatron(actor)
+    device = next(actor.model.parameters()).device
+    split = micro_batches(batch, micro_batch_size, max_tokens, groups.dp)
+    inputs = _scoring_inputs(split, device)
+
+    def loss_step(i: int, hidden: torch.Tensor):
+        logprobs, _ = stage_logprobs(actor, hidden, inputs[i], temperature=temperature, with_entropy=False,
+                                     kernels=kernels)
+        return None, pad_by_lengths(logprobs, inputs[i].response_lengths, split[i][1].response_mask.shape[1])
+
+    chunks = run_gpipe(len(split), _shapes(inputs, actor.args.hidden_size),
+                       lambda i, received: stage_forward(actor.model, inputs[i], received), loss_step, _links(actor),
+                       forward_only=True)
+    width = batch.response_mask.shape[1]
+    if chunks:
+        out = scatter_rows(chunks, [rows for rows, _ in split], len(batch), width).float()
+    else:
+        out = torch.zeros(len(batch), width)
+    return _broadcast_from_last_stage(actor, out.to(device)).cpu()
+
+
+def update(actor: MegatronActor, optimizer, scheduler, batch: RolloutBatch, cfg: ActorConfig, *,
+           temperature: float, mini_batch_size: int, scale_factor: int, kernels: str = "torch",
+           generator: torch.Generator | None = None) -> dict[str, float]:
+    """PPO epochs over mini-batches of ``mini_batch_size`` responses (this rank's share), as
+    ``spmd_rl.trainer.actor.update_policy``; metrics are per dp rank (the caller averages over
+    dp) and the same on every rank of a pipeline."""
+    groups = ParallelGroups.from_megatron(actor)
+    loss_fn = get_policy_loss(cfg.policy_loss)
+    tied = None  # this stage's copy of a tied embedding split over stages
+    if groups.embedding is not None:
+        tied = grads.tied_embedding_weight(actor.model, actor.pp_rank == 0, actor.pp_rank == actor.pp_size - 1)
+    sums: dict[str, float] = defaultdict(float)
+    norms = []
+    for mini in mini_batches(batch, mini_batch_size, cfg.ppo_epochs):
+        for key, value in _mini_batch_step(actor, groups, loss_fn, mini, cfg, temperature, scale_factor, kernels,
+                                           generator).items():
+            sums[key] += value
+        grads.all_reduce_grads(actor.model, groups.dp, groups.dp_size)
+        if tied is not None:
+            grads.sync_tied_embedding_grads(tied, groups.embedding)
+        norms.append(grads.optimizer_step(actor.model, optimizer, scheduler, cfg.optim.grad_clip,
+                                          tp_rank=actor.tp_rank, model_parallel_group=groups.model_parallel,
+                                          skip_tied_copy=actor.tied_copy))
+    sums = _broadcast_object_from_last_stage(actor, dict(sums))
+    metrics = {k: v / len(norms) for k, v in sums.items()}
+    metrics.update(grad_norm_metrics(norms, "actor"))
+    metrics["actor/lr"] = scheduler.get_last_lr()[0]
+    return metrics
+
+
+def _mini_batch_step(actor: MegatronActor, groups: ParallelGroups, loss_fn, mini: RolloutBatch, cfg: ActorConfig,
+                     temperature: float, scale_factor: int, kernels: str, generator) -> dict[str, float]:
+    """Accumulate one mini-batch's gradients through the pipeline; return its metrics (last
+    stage only, as ``spmd_rl.trainer.actor._mini_batch_step`` computes them)."""
+    tokens, seqs = global_counts(mini, groups.dp)
+    agg = dict(global_tokens=tokens, global_seqs=seqs, scale_factor=scale_factor)
+    device = next(actor.model.parameters()).device
+    split = micro_batches(mini, cfg.micro_batch_size_per_device, cfg.max_tokens_per_micro_batch, groups.dp)
+    inputs = _scoring_inputs(split, device)
+    metrics: dict[str, float] = defaultdict(float)
+
+    def loss_step(i: int, hidden: torch.Tensor):
+        micro, width = split[i][1], split[i][1].response_mask.shape[1]
+        logprobs, entropy = stage_logprobs(actor, hidden, inputs[i], temperature=temperature, with_entropy=True,
+                                           kernels=kernels)
+        logprobs = pad_by_lengths(logprobs, inputs[i].response_lengths, width)
+        entropy = pad_by_lengths(entropy, inputs[i].response_lengths, width)
+        loss, micro_metrics = micro_batch_loss(logprobs, entropy, micro, cfg, loss_fn, agg, generator,
+                                               dp_size=groups.dp_size, num_micro=len(split), device=device)
+        for key, value in micro_metrics.items():
+            metrics[key] += value
+        return loss, None
+
+    run_gpipe(len(split), _shapes(inputs, actor.args.hidden_size),
+              lambda i, received: stage_forward(actor.model, inputs[i], received), loss_step, _links(actor),
+              forward_only=False)
+    if cfg.use_kl_loss and actor.pp_rank == actor.pp_size - 1:
+        metrics["actor/kl_coef"] = cfg.kl_loss_coef
+    return dict(metrics)
+
+
+def micro_batch_loss(logprobs: torch.Tensor, entropy: torch.Tensor, micro: RolloutBatch, cfg: ActorConfig, loss_fn,
+                     agg: dict, generator, *, dp_size: int, num_micro: int,
+                     device) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss to backpropagate for one micro-batch (policy loss - entropy bonus + KL loss,
+    normalised by the global mini-batch counts in ``agg``) and its metric contributions.
+
+    The loss is not multiplied by ``dp_size``: gradients are summed over dp, not averaged.
+    Loss-valued metrics are, so that the caller's mean over dp ranks is the global loss."""
+    mask = micro.response_mask.to(device)
+    pg_loss, loss_metrics = loss_fn(
+        logprobs, micro.old_logprobs.to(device), micro.advantages.to(device), mask,
+        clip_low=cfg.clip_ratio_low, clip_high=cfg.clip_ratio_high, clip_c=cfg.clip_ratio_c,
+        agg_mode=cfg.loss_agg_mode, generator=generator, **agg, **asdict(cfg.policy_loss_options))
+    loss = pg_loss
+    metrics = {"actor/pg_loss": pg_loss.item() * dp_size}
+    if cfg.entropy_coeff != 0:
+        loss = loss - cfg.entropy_coeff * aggregate_loss(entropy, mask, cfg.loss_agg_mode, **agg)
+    if cfg.use_kl_loss:
+        kl_loss = aggregate_loss(kl_penalty(logprobs, micro.ref_logprobs.to(device), cfg.kl_loss_type), mask,
+                                 cfg.loss_agg_mode, **agg)
+        loss = loss + cfg.kl_loss_coef * kl_loss
+        metrics["actor/kl_loss"] = kl_loss.item() * dp_size
+    # token-mean over the global mini-batch whatever loss_agg_mode is: comparable across runs
+    metrics["actor/entropy"] = aggregate_loss(entropy.detach(), mask, "token-mean",
+                                              global_tokens=agg["global_tokens"]).item() * dp_size
+    for name, value in loss_metrics.items():
+        metrics[f"actor/{name}"] = float(value) / num_micro
+    return loss, metrics

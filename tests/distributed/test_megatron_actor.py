@@ -1,0 +1,160 @@
+"""A megatron-core actor (GPTModel stages, TP/PP/DP on gloo) computes the single-process update.
+
+The global batch (8 responses of ragged length, old/reference logprobs, advantages) is built
+once from the native policy. Each case loads the same HF weights into megatron stages and runs
+``compute_logprobs`` and one PPO ``update`` (clipped surrogate + entropy bonus + KL loss, two
+micro-batches per rank, AdamW); the reference is ``spmd_rl.trainer.actor`` on one process. We
+compare the logprobs, the loss metrics, the gradient norm and every parameter after the step,
+converted back to HF names (``MegatronActor.iter_hf_weights``, which every rank must run, and
+which gives every rank the whole model). Tolerances cover fp32 reduction order: megatron runs
+right-padded rows where the reference packs them, and sums in another order; a missing
+all-reduce, a wrong normaliser or a softmax over the vocab padding moves logprobs or parameters
+by 1e-3 or more (measured: 1e-2 and 3e-3 for the padding, 2e-2 for an unsynced tied copy).
+"""
+
+import importlib.util
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from spmd_rl.config import ActorConfig, OptimConfig
+from spmd_rl.models import ModelArgs, build_model
+from spmd_rl.trainer.actor import compute_logprobs, update_policy
+from spmd_rl.trainer.batch import RolloutBatch
+from spmd_rl.trainer.optim import build_lr_scheduler, build_optimizer
+from spmd_rl.trainer.policy import PolicyModel
+from tests.distributed.launcher import run_on_ranks
+
+pytestmark = [pytest.mark.slow,  # 2-4 spawned ranks, each importing megatron-core
+              pytest.mark.skipif(importlib.util.find_spec("megatron") is None
+                                 or importlib.util.find_spec("megatron.core") is None,
+                                 reason="needs megatron-core (pip install -e '.[megatron]')")]
+torch.set_num_threads(1)
+
+LLAMA = ModelArgs(architecture="LlamaForCausalLM", model_type="llama", vocab_size=96, hidden_size=32,
+                  intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+# Tied, q/k/v bias, and a vocabulary that tp=2 must pad (97 -> 98): the padded row would add
+# exp(0 - max) to every softmax if it were not cut off.
+QWEN2_TIED = ModelArgs(architecture="Qwen2ForCausalLM", model_type="qwen2", vocab_size=97, hidden_size=32,
+                       intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                       tie_word_embeddings=True, attention_bias=True)
+# Adam's eps is raised from 1e-8 as in test_model_parallel.py: a gradient element at the 1e-9
+# noise floor (where reduction order alone decides its value) could otherwise take a full
+# lr-sized step either way.
+OPTIM = OptimConfig(lr=1e-2, weight_decay=0.1, grad_clip=0.5, eps=1e-4)
+ROWS, MICRO_BATCHES = 8, 2
+ACTOR = ActorConfig(optim=OPTIM, ppo_mini_batch_size=ROWS, entropy_coeff=0.01, use_kl_loss=True, kl_loss_coef=0.1,
+                    clip_ratio_low=0.1, clip_ratio_high=0.1)
+SCALE_FACTOR = 8
+LOGPROB_ATOL, PARAM_ATOL, PARAM_RTOL = 1e-5, 3e-6, 1e-5
+
+# name -> (model, tp, pp, world size); dp = world / (tp * pp)
+CASES = {
+    "tp2_pp2": (LLAMA, 2, 2, 4),
+    "tp2_tied_padded_vocab": (QWEN2_TIED, 2, 1, 2),
+    "dp2_pp2_tied": (QWEN2_TIED, 1, 2, 4),
+}
+
+
+def native_policy(args: ModelArgs) -> PolicyModel:
+    return PolicyModel(build_model(None, args=args, seed=0))
+
+
+def global_batch(args: ModelArgs) -> RolloutBatch:
+    """4 prompts x 2 responses; old logprobs are the policy's own, shifted so the ratio clips."""
+    g = torch.Generator().manual_seed(0)
+    prompts, responses = [], []
+    for _ in range(ROWS // 2):
+        prompt = torch.randint(0, args.vocab_size, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(2):
+            prompts.append(prompt)
+            length = int(torch.randint(1, 8, (1,), generator=g))
+            responses.append(torch.randint(0, args.vocab_size, (length,), generator=g).tolist())
+    width = max(map(len, responses))
+    mask = torch.zeros(ROWS, width)
+    for i, r in enumerate(responses):
+        mask[i, : len(r)] = 1
+    batch = RolloutBatch(prompt_ids=prompts, response_ids=responses, group_index=torch.arange(ROWS) // 2,
+                         response_mask=mask, rollout_logprobs=torch.zeros(ROWS, width), finish_reasons=["stop"] * ROWS)
+    logprobs = compute_logprobs(native_policy(args), batch, 1.0, ROWS, "cpu")
+    batch.old_logprobs = (logprobs + 0.15 * torch.randn(ROWS, width, generator=g)) * mask
+    batch.ref_logprobs = (logprobs + 0.3 * torch.randn(ROWS, width, generator=g)) * mask
+    batch.advantages = torch.randn(ROWS, 1, generator=g).expand(ROWS, width) * mask
+    return batch
+
+
+def _worker(rank, world_size, args, tp, pp, batch, out_path):
+    from megatron.core import parallel_state as ps
+
+    from spmd_rl.models.megatron.backend import build_actor
+    from spmd_rl.models.megatron.policy import compute_logprobs as megatron_logprobs
+    from spmd_rl.models.megatron.policy import update
+
+    hf_state = build_model(None, args=args, seed=0).state_dict()
+    actor = build_actor(args, tp, pp, seed=0, params_dtype=torch.float32, hf_state=hf_state)
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    share = ROWS // dp_size
+    mine = batch.select(range(dp_rank * share, (dp_rank + 1) * share))
+    cfg = _with_micro(ACTOR, share // MICRO_BATCHES)
+    logprobs = megatron_logprobs(actor, mine, 1.0, share // MICRO_BATCHES)
+    optimizer = build_optimizer(actor.model, OPTIM)
+    scheduler = build_lr_scheduler(optimizer, OPTIM, total_steps=1)
+    metrics = update(actor, optimizer, scheduler, mine, cfg, temperature=1.0, mini_batch_size=share,
+                     scale_factor=SCALE_FACTOR)
+    params = {name: t.clone() for name, t in actor.iter_hf_weights()}  # collective: every rank
+    checksum = [(name, t.double().sum().item()) for name, t in params.items()]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, (dp_rank, logprobs, metrics, checksum))
+    if rank == 0:
+        # every rank of a data-parallel group (all TP and PP ranks) must agree, and every rank
+        # (whichever stage it trains) must have received the same full model
+        for r, lp, m, sums in gathered:
+            first = next(g for g in gathered if g[0] == r)
+            assert torch.equal(lp, first[1]) and m == first[2], f"ranks of dp group {r} disagree"
+            assert sums == checksum, "iter_hf_weights gave ranks different models"
+        by_dp = {r: (lp, m) for r, lp, m, _ in gathered}
+        mean = {k: sum(by_dp[r][1][k] for r in by_dp) / dp_size for k in metrics}  # the trainer's mean over dp
+        torch.save({"logprobs": torch.cat([by_dp[r][0] for r in sorted(by_dp)]), "metrics": mean,
+                    "params": params}, out_path)
+    dist.barrier()
+
+
+def _with_micro(cfg: ActorConfig, micro: int) -> ActorConfig:
+    return replace(cfg, micro_batch_size_per_device=micro)
+
+
+def reference(args: ModelArgs, batch: RolloutBatch) -> dict:
+    policy = native_policy(args)
+    logprobs = compute_logprobs(policy, batch, 1.0, ROWS, "cpu")
+    optimizer = build_optimizer(policy, OPTIM)
+    scheduler = build_lr_scheduler(optimizer, OPTIM, total_steps=1)
+    metrics = update_policy(policy, optimizer, scheduler, batch, _with_micro(ACTOR, ROWS // MICRO_BATCHES),
+                            temperature=1.0, mini_batch_size=ROWS, scale_factor=SCALE_FACTOR, dp_group=None,
+                            dp_size=1, device="cpu")
+    params = {k: v.detach().clone() for k, v in policy.decoder.state_dict().items()}
+    if args.tie_word_embeddings:
+        params.pop("lm_head.weight")  # the tied copy: HF weights of a tied model carry only the embedding
+    return {"logprobs": logprobs, "metrics": metrics, "params": params}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_megatron_update_equals_single_process(tmp_path, process_group, case):
+    args, tp, pp, world_size = CASES[case]
+    batch = global_batch(args)
+    out = tmp_path / "out.pt"
+    run_on_ranks(_worker, world_size, args, tp, pp, batch, str(out))
+    got = torch.load(out, weights_only=True)
+    ref = reference(args, batch)
+
+    assert (got["logprobs"] - ref["logprobs"]).abs().max() < LOGPROB_ATOL
+    norm, ref_norm = got["metrics"]["actor/grad_norm"], ref["metrics"]["actor/grad_norm"]
+    assert ref_norm > ACTOR.optim.grad_clip and abs(norm - ref_norm) < 1e-5 * ref_norm  # clipping is active
+    for key in ("actor/pg_loss", "actor/kl_loss", "actor/entropy"):  # globally normalised: split-invariant
+        assert abs(got["metrics"][key] - ref["metrics"][key]) < 1e-5, key
+    assert sorted(got["params"]) == sorted(ref["params"])
+    for name, value in ref["params"].items():
+        assert torch.allclose(got["params"][name], value, atol=PARAM_ATOL, rtol=PARAM_RTOL), name
+    initial = build_model(None, args=args, seed=0).state_dict()
+    assert max((ref["params"][k] - initial[k]).abs().max().item() for k in ref["params"]) > 1e-3
