@@ -28,7 +28,7 @@ from spmd_rl.config import Config, ConfigError, load_config, parse_cli, save_con
 from spmd_rl.data.rl_dataset import RLDataset
 from spmd_rl.data.tokenizer import load_tokenizer
 from spmd_rl.distributed.collectives import all_reduce_sum
-from spmd_rl.distributed.init import destroy_distributed, init_distributed, resolve_device
+from spmd_rl.distributed.init import destroy_distributed, exit_worker, init_distributed, resolve_device
 from spmd_rl.durable_files import write_text_atomic
 from spmd_rl.errors import exit_on_user_error
 from spmd_rl.models import build_model
@@ -129,3 +129,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 if __name__ == "__main__":
     main()
+    exit_worker(0)

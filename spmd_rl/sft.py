@@ -16,7 +16,7 @@ from spmd_rl.data.sampler import PromptSampler
 from spmd_rl.data.sft_dataset import SFTDataset, SFTExample
 from spmd_rl.data.tokenizer import load_tokenizer
 from spmd_rl.distributed.collectives import all_reduce_sum
-from spmd_rl.distributed.init import destroy_distributed, init_parallel, resolve_device
+from spmd_rl.distributed.init import destroy_distributed, exit_worker, init_parallel, resolve_device
 from spmd_rl.distributed.parallel_dims import ParallelDims
 from spmd_rl.distributed.parallelize import apply_fsdp, apply_model_parallel
 from spmd_rl.errors import exit_on_user_error
@@ -109,3 +109,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 if __name__ == "__main__":
     main()
+    exit_worker(0)

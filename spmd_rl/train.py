@@ -9,7 +9,7 @@ import sys
 import torch.distributed
 
 from spmd_rl.config import Config, check_world_size, load_config, parse_cli
-from spmd_rl.distributed.init import destroy_distributed, init_parallel, resolve_device
+from spmd_rl.distributed.init import destroy_distributed, exit_worker, init_parallel, resolve_device
 from spmd_rl.errors import exit_on_user_error
 from spmd_rl.trainer.ppo import PPOTrainer
 
@@ -32,3 +32,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 if __name__ == "__main__":
     main()
+    exit_worker(0)

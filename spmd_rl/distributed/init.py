@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 from datetime import timedelta
 
 import torch
@@ -49,6 +51,19 @@ def init_distributed(device: torch.device, timeout_s: int = 1800) -> tuple[int, 
 def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_worker(code: int = 0):
+    """End a finished rank without Python's interpreter teardown.
+
+    A gloo worker thread can drop the last tensors of a finished collective a moment after the
+    main thread moved on; if that lands during interpreter finalization the thread cannot take
+    the GIL and the whole process aborts (SIGABRT, "terminate called without an active
+    exception") although the run succeeded. Callers have closed their files and trackers."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def init_parallel(parallel_cfg, device: torch.device, timeout_s: int = 1800):

@@ -14,13 +14,14 @@ def _worker(rank: int, world_size: int, port: int, fn, args):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from spmd_rl.distributed.init import destroy_distributed, init_distributed
+    from spmd_rl.distributed.init import destroy_distributed, exit_worker, init_distributed
 
     init_distributed(torch.device("cpu"))
     try:
         fn(rank, world_size, *args)
     finally:
         destroy_distributed()
+    exit_worker(0)  # a failure raised above and reached mp.spawn's error queue instead
 
 
 def run_on_ranks(fn, world_size: int, *args) -> None:

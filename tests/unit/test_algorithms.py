@@ -134,12 +134,15 @@ def test_masked_var_rejects_fewer_than_two_elements():
 def _whiten_worker(rank: int, init_file: str, x: torch.Tensor, mask: torch.Tensor, out_dir: str) -> None:
     import torch.distributed as dist
 
+    from spmd_rl.distributed.init import exit_worker
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     rows = slice(0, 3) if rank == 0 else slice(3, 8)  # unequal shards on purpose
     white = masked_whiten(x[rows], mask[rows], dp_group=dist.group.WORLD)
     torch.save(white, f"{out_dir}/white{rank}.pt")
     dist.destroy_process_group()
+    exit_worker(0)
 
 
 @pytest.mark.slow
