@@ -280,8 +280,8 @@ class OffloadConfig:
 class ActorConfig:
     strategy: Literal["fsdp", "megatron"] = "fsdp"
     """Training backend of the policy: fsdp = the native decoder under FSDP2 (+ TP/SP); megatron =
-    megatron-core's GPTModel (pip install -e '.[megatron]'); the TP/PP update is built and tested
-    (spmd_rl/models/megatron/) but the PPO loop does not drive it yet, so it is refused in one line."""
+    megatron-core's GPTModel over parallel.tp x parallel.pp (pip install -e '.[megatron]'); runs on
+    CPU/gloo too. Not combined with a critic, sequence parallelism, offload or an external engine."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and LR schedule of the policy."""
     ppo_mini_batch_size: int = 8
@@ -596,6 +596,9 @@ class Config:
             (actor.use_remove_padding or self.parallel.sp == 1, "actor.use_remove_padding",
              f"false (right-padded batches) needs parallel.sp=1, got {self.parallel.sp}: sequence parallelism "
              "splits packed rows; set actor.use_remove_padding=true"),
+            (self.parallel.pp == 1 or actor.strategy == "megatron", "parallel.pp",
+             f"{self.parallel.pp}: pipeline parallelism belongs to the Megatron backend; set actor.strategy=megatron "
+             "(pip install -e '.[megatron]') or parallel.pp=1 (tp, sp and dp_shard scale the FSDP backend)"),
             (self.critic.ppo_mini_batch_size == 0 or data.train_batch_size % self.critic.ppo_mini_batch_size == 0,
              "critic.ppo_mini_batch_size", f"{self.critic.ppo_mini_batch_size} must divide data.train_batch_size={data.train_batch_size}"),
         ])
@@ -654,6 +657,7 @@ class SFTConfig:
         rule_errors([
             (bool(self.model.path), "model.path", "is required: an HF folder (config.json, plus weights unless model.random_init=true)"),
             (bool(self.data.train_files), "data.train_files", "is required: a list of parquet files"),
+            (self.parallel.pp == 1, "parallel.pp", f"{self.parallel.pp}: SFT trains the FSDP backend; use parallel.pp=1"),
         ])
 
 

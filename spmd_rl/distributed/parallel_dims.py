@@ -18,8 +18,9 @@ warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mes
 class ParallelDims:
     """Degrees of each parallel dimension; ``dp_shard=-1`` takes what the others leave.
 
-    Mesh layout, outermost first: ``dp_replicate x dp_shard x sp x tp`` (tp innermost, so a tp
-    group sits on neighbouring ranks, i.e. inside one node). Ranks that differ only in ``sp`` or
+    Mesh layout, outermost first: ``[pp x] dp_replicate x dp_shard x sp x tp`` (tp innermost, so a
+    tp group sits on neighbouring ranks, i.e. inside one node; pp, only with the Megatron backend,
+    outermost as in megatron's own rank order). Ranks that differ only in ``sp`` or
     ``tp`` hold the same data; ``dp = dp_replicate x dp_shard`` ranks hold different data.
     FSDP shards parameters over ``dp_shard x sp`` and replicates over ``dp_replicate`` (HSDP)."""
 
@@ -41,10 +42,6 @@ class ParallelDims:
                 f"sp({self.sp}) * tp({self.tp}) * pp({self.pp}) != WORLD_SIZE({self.world_size}): "
                 "change parallel.* or the number of processes (torchrun --nproc-per-node)"
             )
-        if self.pp > 1:
-            raise UserError(f"parallel.pp={self.pp}: pipeline parallelism belongs to the Megatron backend, which "
-                            "this version does not train with yet; use parallel.pp=1 (tp, sp and dp_shard scale the "
-                            "FSDP backend)")
 
     @property
     def dp_size(self) -> int:
@@ -56,11 +53,13 @@ class ParallelDims:
         return self.dp_shard * self.sp > 1
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        """The named mesh: ``dp_replicate, dp_shard, sp, tp`` plus the flattened ``dp``
+        """The named mesh: ``[pp,] dp_replicate, dp_shard, sp, tp`` plus the flattened ``dp``
         (``dp_replicate x dp_shard``: data) and ``dp_shard_sp`` (``dp_shard x sp``: FSDP shards)."""
         names = ("dp_replicate", "dp_shard", "sp", "tp")
-        mesh = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.sp, self.tp),
-                                mesh_dim_names=names)
+        shape = (self.dp_replicate, self.dp_shard, self.sp, self.tp)
+        if self.pp > 1:
+            names, shape = ("pp", *names), (self.pp, *shape)
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
         mesh["dp_replicate", "dp_shard"]._flatten("dp")
         mesh["dp_shard", "sp"]._flatten("dp_shard_sp")
         return mesh

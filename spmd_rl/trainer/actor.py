@@ -101,29 +101,45 @@ def _mini_batch_step(policy, loss_fn, mini: RolloutBatch, cfg: ActorConfig, temp
     agg = dict(global_tokens=tokens, global_seqs=seqs, scale_factor=scale_factor)
     metrics: dict[str, float] = defaultdict(float)
     split = micro_batches(mini, cfg.micro_batch_size_per_device, cfg.max_tokens_per_micro_batch, dp_group)
-    num_micro = len(split)
     for _, micro in split:
-        mask = micro.response_mask.to(device)
         logprobs, entropy = forward_logprobs(policy, micro, temperature, device, with_entropy=True,
                                              packed=cfg.use_remove_padding)
-        pg_loss, loss_metrics = loss_fn(
-            logprobs, micro.old_logprobs.to(device), micro.advantages.to(device), mask,
-            clip_low=cfg.clip_ratio_low, clip_high=cfg.clip_ratio_high, clip_c=cfg.clip_ratio_c,
-            agg_mode=cfg.loss_agg_mode, generator=generator, **agg, **asdict(cfg.policy_loss_options))
-        loss = pg_loss
-        if cfg.entropy_coeff != 0:
-            loss = loss - cfg.entropy_coeff * aggregate_loss(entropy, mask, cfg.loss_agg_mode, **agg)
-        if cfg.use_kl_loss:
-            kl = kl_penalty(logprobs, micro.ref_logprobs.to(device), cfg.kl_loss_type)
-            kl_loss = aggregate_loss(kl, mask, cfg.loss_agg_mode, **agg)
-            loss = loss + cfg.kl_loss_coef * kl_loss
-            metrics["actor/kl_loss"] += kl_loss.item() * dp_size
+        loss, micro_metrics = micro_batch_loss(logprobs, entropy, micro, cfg, loss_fn, agg, generator,
+                                               dp_size=dp_size, num_micro=len(split), device=device)
         (loss * dp_size).backward()  # FSDP averages over dp; the global normaliser already did
-        metrics["actor/pg_loss"] += pg_loss.item() * dp_size
-        # token-mean over the global mini-batch whatever loss_agg_mode is: comparable across runs
-        metrics["actor/entropy"] += aggregate_loss(entropy.detach(), mask, "token-mean", global_tokens=tokens).item() * dp_size
-        for name, value in loss_metrics.items():
-            metrics[f"actor/{name}"] += float(value) / num_micro
+        for key, value in micro_metrics.items():
+            metrics[key] += value
     if cfg.use_kl_loss:
         metrics["actor/kl_coef"] = cfg.kl_loss_coef
     return dict(metrics)
+
+
+def micro_batch_loss(logprobs: torch.Tensor, entropy: torch.Tensor, micro: RolloutBatch, cfg: ActorConfig, loss_fn,
+                     agg: dict, generator, *, dp_size: int, num_micro: int,
+                     device) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch's loss (policy loss - entropy bonus + KL loss, normalised by the global
+    mini-batch counts in ``agg``) and its metric contributions, for any policy backend.
+
+    The loss is this rank's share of the global one; a backend whose gradients are averaged over
+    dp (FSDP) multiplies it by ``dp_size``. Loss-valued metrics are multiplied by ``dp_size`` so
+    that the caller's mean over dp ranks is the loss of the whole global mini-batch."""
+    mask = micro.response_mask.to(device)
+    pg_loss, loss_metrics = loss_fn(
+        logprobs, micro.old_logprobs.to(device), micro.advantages.to(device), mask,
+        clip_low=cfg.clip_ratio_low, clip_high=cfg.clip_ratio_high, clip_c=cfg.clip_ratio_c,
+        agg_mode=cfg.loss_agg_mode, generator=generator, **agg, **asdict(cfg.policy_loss_options))
+    loss = pg_loss
+    metrics = {"actor/pg_loss": pg_loss.item() * dp_size}
+    if cfg.entropy_coeff != 0:
+        loss = loss - cfg.entropy_coeff * aggregate_loss(entropy, mask, cfg.loss_agg_mode, **agg)
+    if cfg.use_kl_loss:
+        kl_loss = aggregate_loss(kl_penalty(logprobs, micro.ref_logprobs.to(device), cfg.kl_loss_type), mask,
+                                 cfg.loss_agg_mode, **agg)
+        loss = loss + cfg.kl_loss_coef * kl_loss
+        metrics["actor/kl_loss"] = kl_loss.item() * dp_size
+    # token-mean over the global mini-batch whatever loss_agg_mode is: comparable across runs
+    metrics["actor/entropy"] = aggregate_loss(entropy.detach(), mask, "token-mean",
+                                              global_tokens=agg["global_tokens"]).item() * dp_size
+    for name, value in loss_metrics.items():
+        metrics[f"actor/{name}"] = float(value) / num_micro
+    return loss, metrics

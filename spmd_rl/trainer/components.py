@@ -21,14 +21,17 @@ from spmd_rl.errors import UserError
 from spmd_rl.kernels.backend import resolve_kernel_backend
 from spmd_rl.models import build_model
 from spmd_rl.models.decoder import Transformer
+from spmd_rl.models.megatron.trainer_policy import MegatronPolicy, build_megatron_policy, check_megatron_run
 from spmd_rl.observability.logger import MetricsLogger, build_metrics_logger
 from spmd_rl.rewards.overlong import overlong_penalty
 from spmd_rl.rewards.scorer import RewardScorer, build_scorer
 from spmd_rl.rollout.engine import RolloutEngine, build_engine
+from spmd_rl.rollout.weight_sync import sync_weights
+from spmd_rl.trainer.actor import compute_logprobs, update_policy
 from spmd_rl.trainer.batch import RolloutBatch
 from spmd_rl.trainer.checkpoint import Checkpointer, Trained
 from spmd_rl.trainer.critic import ValueModel
-from spmd_rl.trainer.hf_export import export_model
+from spmd_rl.trainer.hf_export import export_model, write_hf_folder
 from spmd_rl.trainer.memory_plan import report_memory_plan
 from spmd_rl.trainer.optim import build_lr_scheduler, build_optimizer
 from spmd_rl.trainer.policy import PolicyModel
@@ -47,10 +50,10 @@ class RunComponents:
     dataset: RLDataset
     val_dataset: RLDataset | None
     sampler: PromptSampler
-    policy: PolicyModel  # FSDP-sharded over dp
+    policy: PolicyModel | MegatronPolicy  # FSDP-sharded over dp, or this rank's megatron stage
     optimizer: torch.optim.Optimizer
     scheduler: object
-    ref: PolicyModel | None  # frozen reference policy, when a KL term needs it
+    ref: PolicyModel | MegatronPolicy | None  # frozen reference policy, when a KL term needs it
     critic: ValueModel | None  # value model (PPO with GAE)
     critic_optimizer: torch.optim.Optimizer | None
     critic_scheduler: object | None
@@ -97,15 +100,55 @@ class RunComponents:
         batch.scores, batch.raw_scores = self.shaped_scores([prompts[i // n] for i in range(len(batch))],
                                                             batch.response_ids)
 
+    def sync_engine(self) -> None:
+        """Push the policy's current weights into the engine (every rank: gathers are collectives)."""
+        if isinstance(self.policy, MegatronPolicy):
+            self.engine.update_weights(self.policy.hf_weights())
+        else:
+            sync_weights(self.policy.decoder, self.engine)
+
+    def logprobs(self, model: PolicyModel | MegatronPolicy, batch: RolloutBatch) -> torch.Tensor:
+        """``[B, T]`` response logprobs of ``model`` (the policy: old logprobs; or the reference)."""
+        cfg, actor = self.cfg, self.cfg.actor
+        if isinstance(model, MegatronPolicy):
+            return model.logprobs(batch, cfg.rollout.temperature, actor.micro_batch_size_per_device,
+                                  max_tokens=actor.max_tokens_per_micro_batch)
+        return compute_logprobs(model, batch, cfg.rollout.temperature, actor.micro_batch_size_per_device, self.device,
+                                max_tokens=actor.max_tokens_per_micro_batch, packed=actor.use_remove_padding,
+                                dp_group=self.dp_group)
+
+    def update_actor(self, batch: RolloutBatch, generator: torch.Generator) -> dict[str, float]:
+        """PPO epochs of the policy over this rank's share of the batch; per-rank metrics."""
+        cfg = self.cfg
+        common = dict(temperature=cfg.rollout.temperature, generator=generator,
+                      mini_batch_size=cfg.actor.ppo_mini_batch_size * cfg.rollout.n // self.dp_size,
+                      scale_factor=cfg.data.max_response_length)
+        if isinstance(self.policy, MegatronPolicy):
+            return self.policy.update(self.optimizer, self.scheduler, batch, cfg.actor, **common)
+        return update_policy(self.policy, self.optimizer, self.scheduler, batch, cfg.actor, dp_group=self.dp_group,
+                             dp_size=self.dp_size, device=self.device, **common)
+
+    def policy_args(self):
+        """The policy's ``ModelArgs`` (None for a generic transformers model)."""
+        if isinstance(self.policy, MegatronPolicy):
+            return self.policy.args
+        return getattr(self.policy.decoder, "args", None)
+
     def trained(self) -> Trained:
         """The models a checkpoint holds, with their optimizers."""
-        trained = {"actor": (self.policy, self.optimizer)}
+        # A megatron shard's keys (param groups included) differ from the other shards': a name each.
+        actor = f"actor/{self.policy.shard_name}" if isinstance(self.policy, MegatronPolicy) else "actor"
+        trained = {actor: (self.policy, self.optimizer)}
         if self.critic is not None:
             trained["critic"] = (self.critic, self.critic_optimizer)
         return trained
 
     def export_hf(self, out_dir: Path) -> None:
-        export_model(self.policy.decoder, self.tokenizer, out_dir, self.rank, source_dir=self.cfg.model.path)
+        if isinstance(self.policy, MegatronPolicy):
+            write_hf_folder(self.policy.hf_weights(), self.policy.args, self.tokenizer, out_dir, self.rank,
+                            source_dir=self.cfg.model.path)
+        else:
+            export_model(self.policy.decoder, self.tokenizer, out_dir, self.rank, source_dir=self.cfg.model.path)
 
 
 def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunComponents:
@@ -129,46 +172,17 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
                             dp_size=dims.dp_size, seed=data.seed, shuffle=data.shuffle)
     total_steps = cfg.trainer.total_steps or cfg.trainer.total_epochs * sampler.steps_per_epoch
 
-    if cfg.actor.strategy == "megatron":
-        from spmd_rl.models.megatron.backend import LOOP_PENDING_MESSAGE, check_megatron_available
-
-        check_megatron_available()  # one-line UserError without megatron-core
-        raise UserError(LOOP_PENDING_MESSAGE)
-    decoder = _load_decoder(cfg, cfg.model.path, device)
-    engine_dtype = torch.bfloat16 if device.type == "cuda" and cfg.model.dtype != "float32" else torch.float32
-    # A generic (transformers) decoder takes the copy path, where the native engine refuses it in one line.
-    share = isinstance(decoder, Transformer) and engine_can_share_weights(cfg, dims, engine_dtype,
-                                                                          next(decoder.parameters()).dtype)
-    report_memory_plan(cfg, decoder, dims, device, log, engine_shares_weights=share)  # UserError if it cannot fit
-    if not share:
-        engine_model = copy.deepcopy(decoder).to(engine_dtype).eval()
-        engine = build_engine(cfg.rollout.engine, engine_model, device=device,
-                              **engine_options(cfg, tokenizer, dims, mesh))
-    param_dtype = torch.bfloat16 if device.type == "cuda" and cfg.model.dtype != "float32" else None
     kernels = kernel_backend(cfg.model.kernels, device)
-    fsdp_mesh = dims.fsdp_mesh(mesh)
-    sp_group = apply_model_parallel(decoder, dims, mesh)  # TP/SP shard the decoder before FSDP
-    wrap_decoder_blocks(decoder, compile=cfg.model.compile, activation_checkpointing=cfg.actor.activation_checkpointing)
-    policy = apply_fsdp(PolicyModel(decoder, kernels, sp_group), fsdp_mesh, param_dtype=param_dtype)
-    if share:  # after fully_shard, which moves the parameters into FSDP's own storage
-        engine = build_engine("native", weightless_decoder(decoder), device=device, share_weights_with=policy.decoder,
-                              **engine_options(cfg, tokenizer, dims, mesh))
-        log("rollout engine: generates from the trainer's own parameters (zero-copy, no per-step weight copy; "
-            "rollout.share_weights=false copies them instead)")
-
+    if cfg.actor.strategy == "megatron":
+        policy, ref, engine, decoder = _megatron_policy(cfg, dims, mesh, device, tokenizer, kernels, log)
+    else:
+        policy, ref, engine, decoder = _fsdp_policy(cfg, dims, mesh, device, tokenizer, kernels, log)
     # Optimizer steps per RL step: one per mini-batch per PPO epoch.
     updates_per_step = cfg.actor.ppo_epochs * (data.train_batch_size // cfg.actor.ppo_mini_batch_size)
     optimizer = build_optimizer(policy, cfg.actor.optim)
     scheduler = build_lr_scheduler(optimizer, cfg.actor.optim, total_steps * updates_per_step)
-
-    ref = None
-    if cfg.needs_reference:
-        ref_decoder = _load_decoder(cfg, cfg.ref.path or cfg.model.path, device)
-        ref = PolicyModel(ref_decoder, kernels, apply_model_parallel(ref_decoder, dims, mesh))
-        wrap_decoder_blocks(ref_decoder, compile=cfg.model.compile, activation_checkpointing=False)  # frozen: no backward
-        ref = ref.requires_grad_(False).eval()
-        ref = apply_fsdp(ref, fsdp_mesh, param_dtype=param_dtype,
-                         offload_to_cpu=cfg.ref.offload and device.type == "cuda")
+    param_dtype = torch.bfloat16 if device.type == "cuda" and cfg.model.dtype != "float32" else None
+    fsdp_mesh = dims.fsdp_mesh(mesh)
 
     critic = critic_optimizer = critic_scheduler = None
     if cfg.critic.enable:
@@ -198,6 +212,57 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
         total_steps=total_steps, cfg=cfg,
         stop_token_ids=stop_token_ids(tokenizer, decoder), seed=cfg.trainer.seed, log=log,
     )
+
+
+def _fsdp_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, kernels: str, log):
+    """``(policy, reference or None, engine, decoder)``: the native (or generic) decoder under
+    TP/SP and FSDP2, and an engine that shares its parameters or holds a copy."""
+    decoder = _load_decoder(cfg, cfg.model.path, device)
+    engine_dtype = torch.bfloat16 if device.type == "cuda" and cfg.model.dtype != "float32" else torch.float32
+    # A generic (transformers) decoder takes the copy path, where the native engine refuses it in one line.
+    share = isinstance(decoder, Transformer) and engine_can_share_weights(cfg, dims, engine_dtype,
+                                                                          next(decoder.parameters()).dtype)
+    report_memory_plan(cfg, decoder, dims, device, log, engine_shares_weights=share)  # UserError if it cannot fit
+    if not share:
+        engine_model = copy.deepcopy(decoder).to(engine_dtype).eval()
+        engine = build_engine(cfg.rollout.engine, engine_model, device=device,
+                              **engine_options(cfg, tokenizer, dims, mesh))
+    param_dtype = torch.bfloat16 if device.type == "cuda" and cfg.model.dtype != "float32" else None
+    fsdp_mesh = dims.fsdp_mesh(mesh)
+    sp_group = apply_model_parallel(decoder, dims, mesh)  # TP/SP shard the decoder before FSDP
+    wrap_decoder_blocks(decoder, compile=cfg.model.compile, activation_checkpointing=cfg.actor.activation_checkpointing)
+    policy = apply_fsdp(PolicyModel(decoder, kernels, sp_group), fsdp_mesh, param_dtype=param_dtype)
+    if share:  # after fully_shard, which moves the parameters into FSDP's own storage
+        engine = build_engine("native", weightless_decoder(decoder), device=device, share_weights_with=policy.decoder,
+                              **engine_options(cfg, tokenizer, dims, mesh))
+        log("rollout engine: generates from the trainer's own parameters (zero-copy, no per-step weight copy; "
+            "rollout.share_weights=false copies them instead)")
+    ref = None
+    if cfg.needs_reference:
+        ref_decoder = _load_decoder(cfg, cfg.ref.path or cfg.model.path, device)
+        ref = PolicyModel(ref_decoder, kernels, apply_model_parallel(ref_decoder, dims, mesh))
+        wrap_decoder_blocks(ref_decoder, compile=cfg.model.compile, activation_checkpointing=False)  # frozen: no backward
+        ref = ref.requires_grad_(False).eval()
+        ref = apply_fsdp(ref, fsdp_mesh, param_dtype=param_dtype,
+                         offload_to_cpu=cfg.ref.offload and device.type == "cuda")
+    return policy, ref, engine, decoder
+
+
+def _megatron_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, kernels: str, log):
+    """``(policy, reference or None, engine, engine model)`` for ``actor.strategy=megatron``:
+    GPTModel stages over tp x pp, and a native engine per rank holding the full model, which
+    takes the stages' weights gathered to HF tensors before each rollout."""
+    check_megatron_run(cfg, dims)
+    policy = build_megatron_policy(cfg, cfg.model.path, dims, mesh, kernels=kernels)
+    ref = None
+    if cfg.needs_reference:
+        ref = build_megatron_policy(cfg, cfg.ref.path or cfg.model.path, dims, mesh, kernels=kernels, trainable=False)
+    engine_dtype = torch.bfloat16 if device.type == "cuda" and cfg.model.dtype != "float32" else torch.float32
+    engine_model = build_model(None, args=policy.args, device=device, dtype=engine_dtype).eval()  # synced before use
+    engine = build_engine("native", engine_model, device=device, **engine_options(cfg, tokenizer))
+    log(f"actor: megatron-core GPTModel, tp={dims.tp} pp={dims.pp} dp={dims.dp_size}; each rank's engine "
+        "generates its dp share with the full model (no memory plan for this backend yet)")
+    return policy, ref, engine, engine_model
 
 
 def engine_can_share_weights(cfg: Config, dims, engine_dtype: torch.dtype, param_dtype: torch.dtype) -> bool:

@@ -19,7 +19,7 @@ def step_flops(cfg: Config, c, batch: RolloutBatch, *, actor_updated: bool) -> d
     lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids)]
     targets = sum(len(r) for r in batch.response_ids)  # logits only where a response token is predicted
     flops: dict[str, int] = {}
-    args = getattr(c.policy.decoder, "args", None)  # None for GenericCausalLM: nothing to count from
+    args = c.policy_args()  # None for GenericCausalLM: nothing to count from
     if args is not None:
         forward = inference_flops(args, lengths, lm_head_tokens=targets)
         flops.update(gen=forward, old_log_prob=forward)

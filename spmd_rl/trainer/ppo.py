@@ -29,8 +29,6 @@ from spmd_rl.observability.progress import progress_bar
 from spmd_rl.observability.timing import PhaseTimer
 from spmd_rl.preemption import PREEMPTED_FILE_ENV
 from spmd_rl.rollout.types import SamplingParams
-from spmd_rl.rollout.weight_sync import sync_weights
-from spmd_rl.trainer.actor import compute_logprobs, update_policy
 from spmd_rl.trainer.batch import RolloutBatch, build_rollout_batch, concat_batches
 from spmd_rl.trainer.components import RunComponents, build_components
 from spmd_rl.trainer.critic import compute_values, update_critic
@@ -121,7 +119,7 @@ class PPOTrainer:
         with self.timer("update_weights"):
             if not offload.active:  # with offload the KV cache is allocated after it, below
                 c.engine.wake_up()
-            sync_weights(c.policy.decoder, c.engine)
+            c.sync_engine()
         if offload.active:  # actor/critic.offload: the training state waits in host memory while generating
             with self.timer("offload"):
                 moved = offload.offload()
@@ -212,14 +210,11 @@ class PPOTrainer:
             with timer("balance"):
                 rows = math.gcd(cfg.actor.ppo_mini_batch_size, self.critic_mini) * cfg.rollout.n // c.dp_size
                 batch, balance = balance_groups(batch, rows, c.dp_group, c.dp_rank, c.dp_size)
-        micro = cfg.actor.micro_batch_size_per_device
-        scoring = dict(max_tokens=cfg.actor.max_tokens_per_micro_batch, packed=cfg.actor.use_remove_padding,
-                       dp_group=c.dp_group)
         with timer("old_log_prob"):
-            batch.old_logprobs = compute_logprobs(c.policy, batch, cfg.rollout.temperature, micro, c.device, **scoring)
+            batch.old_logprobs = c.logprobs(c.policy, batch)
         if c.ref is not None:
             with timer("ref"):
-                batch.ref_logprobs = compute_logprobs(c.ref, batch, cfg.rollout.temperature, micro, c.device, **scoring)
+                batch.ref_logprobs = c.logprobs(c.ref, batch)
         if c.critic is not None:
             with timer("values"):
                 batch.values = compute_values(c.critic, batch, self.critic_micro, c.device,
@@ -238,11 +233,7 @@ class PPOTrainer:
                     device=c.device, packed=cfg.actor.use_remove_padding))
         if self.actor_updates_now:
             with timer("update_actor"):
-                metrics.update(update_policy(
-                    c.policy, c.optimizer, c.scheduler, batch, cfg.actor, temperature=cfg.rollout.temperature,
-                    mini_batch_size=cfg.actor.ppo_mini_batch_size * cfg.rollout.n // c.dp_size,
-                    scale_factor=cfg.data.max_response_length, dp_group=c.dp_group, dp_size=c.dp_size,
-                    device=c.device, generator=torch.Generator().manual_seed(c.seed * 1_000_003 + self.step)))
+                metrics.update(c.update_actor(batch, torch.Generator().manual_seed(c.seed * 1_000_003 + self.step)))
         metrics.update(compute_rollout_metrics(batch))
         metrics = reduce_metrics(metrics, c.dp_group)
         if c.critic is not None:

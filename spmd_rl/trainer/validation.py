@@ -19,7 +19,6 @@ from spmd_rl.rewards.answers import extract_answer
 from spmd_rl.rewards.scorer import RewardScorer
 from spmd_rl.rollout.engine import RolloutEngine
 from spmd_rl.rollout.types import SamplingParams
-from spmd_rl.rollout.weight_sync import sync_weights
 from spmd_rl.trainer.eval_metrics import PromptGroup, accumulate, merge_totals, validation_metrics
 
 
@@ -122,7 +121,7 @@ def validate(cfg, c, *, keep_records: bool = False) -> tuple[dict[str, float], l
     c.engine.wake_up()
     # Gathering sharded weights is a collective: a rank with no prompt (fewer prompts than
     # ranks) still takes part.
-    sync_weights(c.policy.decoder, c.engine)
+    c.sync_engine()
     records = generate_and_score(c.engine, c.tokenizer, c.scorer, mine, validation_sampling(cfg, c.stop_token_ids),
                                  c.seed)
     c.engine.sleep()

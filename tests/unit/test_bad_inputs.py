@@ -206,10 +206,10 @@ CASES: dict[str, tuple[Callable[[Path, Path], object], str]] = {
                                                                     None, SimpleNamespace(tp=2)),
                                     "rollout.engine=sglang with parallel.tp=2 is not supported: SGLang runs one engine "
                                     "per tensor-parallel group; use rollout.engine=native or vllm, or parallel.tp=1"),
-    "pipeline-without-megatron": (lambda tmp, tok: ParallelDims(1, -1, 1, 1, 2, world_size=2),
-                                  "parallel.pp=2: pipeline parallelism belongs to the Megatron backend, which this "
-                                  "version does not train with yet; use parallel.pp=1 (tp, sp and dp_shard scale the "
-                                  "FSDP backend)"),
+    "pipeline-without-megatron": (config("parallel.pp=2"),
+                                  "parallel.pp: 2: pipeline parallelism belongs to the Megatron backend; set "
+                                  "actor.strategy=megatron (pip install -e '.[megatron]') or parallel.pp=1 (tp, sp and "
+                                  "dp_shard scale the FSDP backend)"),
     "tp-not-dividing-heads": (lambda tmp, tok: check_tp_divisible(SimpleNamespace(
                                   num_heads=14, num_kv_heads=2, intermediate_size=4864), 4),
                               "parallel.tp=4 must divide the model's attention heads 14, key/value heads 2: "

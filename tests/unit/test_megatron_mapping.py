@@ -487,3 +487,26 @@ def test_enable_cpu_execution_is_idempotent_and_cpu_only(monkeypatch):
     with tracker.fork():  # attention's dropout region: a no-op
         pass
     assert causal_mask(3).tolist() == [[[[False, True, True], [False, False, True], [False, False, False]]]]
+
+
+def test_megatron_run_refuses_what_it_does_not_combine_with():
+    from types import SimpleNamespace
+
+    from spmd_rl.config import Config, load_config
+    from spmd_rl.errors import UserError
+    from spmd_rl.models.megatron.trainer_policy import check_megatron_run
+
+    base = ["model.path=/m", "data.train_files=[t.parquet]", "actor.strategy=megatron"]
+    dims = SimpleNamespace(sp=1)
+    check_megatron_run(load_config(Config, None, base), dims)  # the plain setup passes
+    cases = {
+        ("critic.enable=true", "algorithm.adv_estimator=gae"): "critic.enable=true (the value model trains under FSDP only)",
+        ("actor.offload.optimizer=true",): "actor.offload.params/optimizer",
+        ("rollout.engine=hf",): "rollout.engine=hf (the native engine takes megatron's weights)",
+    }
+    for overrides, what in cases.items():
+        with pytest.raises(UserError) as err:
+            check_megatron_run(load_config(Config, None, [*base, *overrides]), dims)
+        assert str(err.value) == f"actor.strategy=megatron does not support {what}: use actor.strategy=fsdp or change it"
+    with pytest.raises(UserError, match=r"parallel.sp=2 \(megatron's context parallelism is not wired\)"):
+        check_megatron_run(load_config(Config, None, base), SimpleNamespace(sp=2))

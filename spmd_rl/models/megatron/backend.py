@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -35,9 +36,12 @@ from spmd_rl.models.megatron.names import (
 
 MEGATRON_CORE_VERSIONS = ">=0.12,<0.17"
 INSTALL_MESSAGE = "actor.strategy=megatron needs megatron-core (pip install -e '.[megatron]')"
-# The PPO loop trains the FSDP PolicyModel; the GPTModel actor is built but not yet driven by it.
-LOOP_PENDING_MESSAGE = ("actor.strategy=megatron: the PPO loop does not drive a megatron-core actor in this "
-                        "version; use actor.strategy=fsdp")
+# megatron-core warns on every rank that it falls back from the CUDA-only libraries (apex,
+# TransformerEngine) to torch, about a CUDA env var for its async all-reduce, and about its
+# own default cuda_graph_scope: expected here, never actionable by a user of this backend.
+for _message in (r".*(Apex|apex|Transformer Engine|TransformerEngine).*(not installed|Falling back)",
+                 r".*CUDA_DEVICE_MAX_CONNECTIONS", r"full scope is deprecated"):
+    warnings.filterwarnings("ignore", message=_message)
 # Wrappers megatron puts around the model (DDP, Float16Module) each add this to parameter names.
 _WRAPPER_PREFIX = "module."
 

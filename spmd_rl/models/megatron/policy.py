@@ -19,20 +19,19 @@ What differs is how a micro-batch runs:
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from spmd_rl.algorithms.kl import kl_penalty
-from spmd_rl.algorithms.losses import aggregate_loss, get_policy_loss
+from spmd_rl.algorithms.losses import get_policy_loss
 from spmd_rl.config import ActorConfig
 from spmd_rl.kernels.logprob import logprobs_and_entropy
 from spmd_rl.models.megatron import grads
 from spmd_rl.models.megatron.backend import MegatronActor
 from spmd_rl.models.megatron.cpu import causal_mask
 from spmd_rl.models.megatron.schedule import StageLinks, run_gpipe, stage_links
-from spmd_rl.trainer.actor import grad_norm_metrics
+from spmd_rl.trainer.actor import grad_norm_metrics, micro_batch_loss
 from spmd_rl.trainer.batch import RolloutBatch
 from spmd_rl.trainer.minibatch import global_counts, micro_batches, mini_batches, scatter_rows
 from spmd_rl.trainer.policy import ScoringInputs, build_scoring_inputs, pad_by_lengths
@@ -229,32 +228,3 @@ def _mini_batch_step(actor: MegatronActor, groups: ParallelGroups, loss_fn, mini
         metrics["actor/kl_coef"] = cfg.kl_loss_coef
     return dict(metrics)
 
-
-def micro_batch_loss(logprobs: torch.Tensor, entropy: torch.Tensor, micro: RolloutBatch, cfg: ActorConfig, loss_fn,
-                     agg: dict, generator, *, dp_size: int, num_micro: int,
-                     device) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss to backpropagate for one micro-batch (policy loss - entropy bonus + KL loss,
-    normalised by the global mini-batch counts in ``agg``) and its metric contributions.
-
-    The loss is not multiplied by ``dp_size``: gradients are summed over dp, not averaged.
-    Loss-valued metrics are, so that the caller's mean over dp ranks is the global loss."""
-    mask = micro.response_mask.to(device)
-    pg_loss, loss_metrics = loss_fn(
-        logprobs, micro.old_logprobs.to(device), micro.advantages.to(device), mask,
-        clip_low=cfg.clip_ratio_low, clip_high=cfg.clip_ratio_high, clip_c=cfg.clip_ratio_c,
-        agg_mode=cfg.loss_agg_mode, generator=generator, **agg, **asdict(cfg.policy_loss_options))
-    loss = pg_loss
-    metrics = {"actor/pg_loss": pg_loss.item() * dp_size}
-    if cfg.entropy_coeff != 0:
-        loss = loss - cfg.entropy_coeff * aggregate_loss(entropy, mask, cfg.loss_agg_mode, **agg)
-    if cfg.use_kl_loss:
-        kl_loss = aggregate_loss(kl_penalty(logprobs, micro.ref_logprobs.to(device), cfg.kl_loss_type), mask,
-                                 cfg.loss_agg_mode, **agg)
-        loss = loss + cfg.kl_loss_coef * kl_loss
-        metrics["actor/kl_loss"] = kl_loss.item() * dp_size
-    # token-mean over the global mini-batch whatever loss_agg_mode is: comparable across runs
-    metrics["actor/entropy"] = aggregate_loss(entropy.detach(), mask, "token-mean",
-                                              global_tokens=agg["global_tokens"]).item() * dp_size
-    for name, value in loss_metrics.items():
-        metrics[f"actor/{name}"] = float(value) / num_micro
-    return loss, metrics
