@@ -26,6 +26,7 @@ import torch
 from spmd_rl.config import Config, load_config
 from spmd_rl.errors import UserError, exit_on_user_error
 from spmd_rl.models import NATIVE_MODEL_TYPES, ModelArgs, Transformer, read_hf_config
+from spmd_rl.models.megatron.checkpoint import hf_state_from_shards, megatron_grid
 from spmd_rl.durable_files import replace_folder
 from spmd_rl.models.hf_io import (
     generation_token_ids,
@@ -178,10 +179,21 @@ def export_checkpoint(
                                require_chat_template=False, chat_template=cfg.data.chat_template or None)
     base = read_generation_config(cfg.model.path)
 
-    prefix = LEGACY_PREFIX if LEGACY_PREFIX in checkpoint_state_names(ckpt) else ACTOR_PREFIX
-    log(f"loading {prefix} from {ckpt} ({args.architecture}, {args.num_layers} layers)")
-    state = decoder_state(load_checkpoint_state(ckpt, prefix), args, f"checkpoint {ckpt}",
-                          str(Path(cfg.model.path) / "config.json"))
+    names = checkpoint_state_names(ckpt)
+    try:
+        grid = megatron_grid(names)
+    except ValueError as e:
+        raise UserError(f"checkpoint {ckpt}: {e}; {STEP_FOLDER_HINT}") from None
+    if grid is not None:  # actor.strategy=megatron: GPTModel shards, one state dict per tp x pp cell
+        log(f"loading the megatron actor (tp={grid[0]} x pp={grid[1]} shards) from {ckpt} "
+            f"({args.architecture}, {args.num_layers} layers)")
+        hf_state = hf_state_from_shards(lambda prefix: load_checkpoint_state(ckpt, prefix), args, *grid)
+        state = {DECODER_PREFIX + k: v for k, v in hf_state.items()}
+    else:
+        prefix = LEGACY_PREFIX if LEGACY_PREFIX in names else ACTOR_PREFIX
+        log(f"loading {prefix} from {ckpt} ({args.architecture}, {args.num_layers} layers)")
+        state = load_checkpoint_state(ckpt, prefix)
+    state = decoder_state(state, args, f"checkpoint {ckpt}", str(Path(cfg.model.path) / "config.json"))
     with torch.device("meta"):
         model = Transformer(args)
     load_weights(model, state, dtype=torch.float32, source=f"checkpoint {ckpt}")

@@ -7,7 +7,8 @@ and reference logprobs and the update from the stages. The same sampled tokens (
 and lengths) show the engine got the same weights; loss metrics and gradient norms agree to
 fp32 reduction-order noise (relative 1e-5; a missing dp sum or a wrong normaliser moves them
 by 1e-3 or more) and so do the final exported HF weights. A run resumed from a megatron
-checkpoint continues as the uninterrupted run.
+checkpoint continues as the uninterrupted run, and ``python -m spmd_rl.export`` turns that
+checkpoint's shards into the HF weights the run wrote itself.
 """
 
 from __future__ import annotations
@@ -102,8 +103,18 @@ def test_megatron_run_resumes_exactly(workdir, fsdp_reference):
     run_dir = workdir / "runs/megatron_resume"
     megatron = ["actor.strategy=megatron", "parallel.pp=2"]
     train(workdir, run_dir, 2, *megatron, "trainer.total_steps=1", "trainer.save_at_end=true")
-    saved = sorted(p.name for p in (run_dir / "checkpoints/step_000001").iterdir())
+    checkpoint = run_dir / "checkpoints/step_000001"
+    saved = sorted(p.name for p in checkpoint.iterdir())
     assert saved == [".metadata", "__0_0.distcp", "__1_0.distcp", "rng_rank0.pt", "rng_rank1.pt", "trainer_state.pt"]
+    # The offline export joins the saved stages into the weights the run exported itself.
+    from spmd_rl.export import main as export_main
+
+    export_main([str(checkpoint), str(workdir / "exported_step1")])
+    in_run = hf_weights(run_dir / "hf")
+    offline = hf_weights(workdir / "exported_step1")
+    assert sorted(offline) == sorted(in_run)
+    for name, tensor in in_run.items():
+        assert torch.equal(offline[name], tensor), name
     rows = train(workdir, run_dir, 2, *megatron, "trainer.resume=auto")
     assert [r["step"] for r in rows] == [1, 2]  # the log continues after the resumed step
     assert_rows_match(rows[1:], ref_rows[1:])

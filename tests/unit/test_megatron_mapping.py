@@ -510,3 +510,13 @@ def test_megatron_run_refuses_what_it_does_not_combine_with():
         assert str(err.value) == f"actor.strategy=megatron does not support {what}: use actor.strategy=fsdp or change it"
     with pytest.raises(UserError, match=r"parallel.sp=2 \(megatron's context parallelism is not wired\)"):
         check_megatron_run(load_config(Config, None, base), SimpleNamespace(sp=2))
+
+
+def test_megatron_grid_of_checkpoint_state_names():
+    from spmd_rl.models.megatron.checkpoint import megatron_grid
+
+    assert megatron_grid(["actor/model", "actor/optim"]) is None  # an FSDP actor
+    names = [f"actor/tp{t}_pp{p}/{kind}" for t in range(2) for p in range(3) for kind in ("model", "optim")]
+    assert megatron_grid(names) == (2, 3)
+    with pytest.raises(ValueError, match=r"do not fill a 2 x 2 \(tp x pp\) grid"):
+        megatron_grid(["actor/tp0_pp0/model", "actor/tp1_pp0/model", "actor/tp1_pp1/model"])

@@ -1,0 +1,52 @@
+"""A megatron actor's trainer checkpoint back to one HF state dict (offline, one process).
+
+The trainer saves each TP x PP shard of the GPTModel under ``actor/tp<T>_pp<P>/model``
+(``trainer_policy.MegatronPolicy``); this reads every shard, renumbers each stage's layers
+globally, joins the TP shards and converts the names with the same functions the rollout
+engine's weight stream uses (:mod:`.names`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+
+import torch
+
+from spmd_rl.models.args import ModelArgs
+from spmd_rl.models.megatron.names import OUTPUT_LAYER, iter_hf_weights_from_mcore_shards, stage_name_to_global
+
+SHARD_STATE = re.compile(r"^actor/tp(\d+)_pp(\d+)/model$")
+_STAGE_PREFIX = "stage."  # MegatronPolicy keeps its GPTModel stage as ``self.stage``
+
+
+def megatron_grid(state_names: list[str]) -> tuple[int, int] | None:
+    """``(tp, pp)`` of a checkpoint's megatron actor shards, or None when it holds none."""
+    cells = [tuple(map(int, m.groups())) for m in map(SHARD_STATE.match, state_names) if m]
+    if not cells:
+        return None
+    tp, pp = max(t for t, _ in cells) + 1, max(p for _, p in cells) + 1
+    if sorted(cells) != sorted((t, p) for t in range(tp) for p in range(pp)):
+        raise ValueError(f"the megatron shards {sorted(cells)} do not fill a {tp} x {pp} (tp x pp) grid")
+    return tp, pp
+
+
+def hf_state_from_shards(load: Callable[[str], dict[str, torch.Tensor]], args: ModelArgs, tp: int,
+                         pp: int) -> dict[str, torch.Tensor]:
+    """The HF-named full tensors of a checkpointed megatron actor; ``load(prefix)`` returns the
+    tensors of one state dict of the checkpoint (names without the prefix)."""
+    shards = {(t, p): {k.removeprefix(_STAGE_PREFIX): v for k, v in load(f"actor/tp{t}_pp{p}/model").items()}
+              for t in range(tp) for p in range(pp)}
+    fused_norms = any(k.endswith("linear_qkv.layer_norm_weight") for k in shards[0, 0])
+    return dict(iter_hf_weights_from_mcore_shards(_global_shards(shards, args, tp, pp), args, fused_norms=fused_norms))
+
+
+def _global_shards(shards: dict, args: ModelArgs, tp: int, pp: int) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    per_stage = args.num_layers // pp
+    for p in range(pp):
+        for name in shards[0, p]:
+            if name.endswith("_extra_state"):
+                continue
+            if name == OUTPUT_LAYER and args.tie_word_embeddings and p > 0:
+                continue  # the last stage's copy of the tied embedding (the first stage has it)
+            yield stage_name_to_global(name, p, per_stage), [shards[t, p][name] for t in range(tp)]
