@@ -332,7 +332,7 @@ def engine_options(cfg: Config, tokenizer, dims=None, mesh=None) -> dict:
 
 def _model_parallel_note(dims) -> str:
     """``", tp=2, sp=2"``-style suffix naming the model-parallel degrees in use."""
-    return "".join(f", {name}={getattr(dims, name)}" for name in ("dp_replicate", "sp", "tp") if getattr(dims, name) > 1)
+    return "".join(f", {name}={getattr(dims, name)}" for name in ("dp_replicate", "sp", "tp", "pp") if getattr(dims, name) > 1)
 
 
 def _hidden_size(decoder: torch.nn.Module) -> int:
