@@ -68,21 +68,18 @@ def learn_once(rank: int, world_size: int, root: Path, cases: dict[str, list[str
         trainer = ppo.PPOTrainer(cfg, build_components(cfg, dims, mesh, torch.device("cpu")))
         trainer.step = 1
         seen = {}
-        original = ppo.compute_logprobs
+        original = trainer.c.logprobs
 
-        def recording(model, batch, *args, **kwargs):
-            out = original(model, batch, *args, **kwargs)
+        def recording(model, batch):
+            out = original(model, batch)
             if model is trainer.c.policy:
                 for p, r, lp in zip(batch.prompt_ids, batch.response_ids, out):
                     seen[(tuple(p), tuple(r))] = lp[: len(r)].clone()
             return out
 
-        ppo.compute_logprobs = recording
-        try:
-            full = skewed_batch(vocab=len(trainer.c.tokenizer))
-            metrics = trainer.learn(full.select(rows_of_rank(rank, world_size, mini_groups=4)))
-        finally:
-            ppo.compute_logprobs = original
+        trainer.c.logprobs = recording  # this case's components only
+        full = skewed_batch(vocab=len(trainer.c.tokenizer))
+        metrics = trainer.learn(full.select(rows_of_rank(rank, world_size, mini_groups=4)))
         params = {f"actor.{k}": p.full_tensor() for k, p in trainer.c.policy.named_parameters()}
         if trainer.c.critic is not None:
             params.update({f"critic.{k}": p.full_tensor() for k, p in trainer.c.critic.named_parameters()})
