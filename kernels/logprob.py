@@ -501,6 +501,8 @@ class _FusedLogprobs(torch.autograd.Function):
                     UPCAST=cfg["upcast"], PREC=cfg["prec"], num_warps=cfg["num_warps"],
                     num_stages=cfg["num_stages"],
                 )
+                if v1 - v0 < chunk:  # the last chunk's spare columns: a CPU bf16 GEMM reading
+                    buf[:, v1 - v0:].zero_()  # d_logits may touch its row padding (NaN * 0 = NaN)
                 d_logits = buf[:, : v1 - v0]  # [N, C] already divided by T
                 if need_h:
                     if hidden.dtype == torch.float32:
