@@ -181,7 +181,7 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
     updates_per_step = cfg.actor.ppo_epochs * (data.train_batch_size // cfg.actor.ppo_mini_batch_size)
     optimizer = build_optimizer(policy, cfg.actor.optim)
     scheduler = build_lr_scheduler(optimizer, cfg.actor.optim, total_steps * updates_per_step)
-    param_dtype = torch.bfloat16 if device.type == "cuda" and cfg.model.dtype != "float32" else None
+    param_dtype = compute_dtype(cfg, device, default=None)
     fsdp_mesh = dims.fsdp_mesh(mesh)
 
     critic = critic_optimizer = critic_scheduler = None
@@ -218,7 +218,7 @@ def _fsdp_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, kerne
     """``(policy, reference or None, engine, decoder)``: the native (or generic) decoder under
     TP/SP and FSDP2, and an engine that shares its parameters or holds a copy."""
     decoder = _load_decoder(cfg, cfg.model.path, device)
-    engine_dtype = torch.bfloat16 if device.type == "cuda" and cfg.model.dtype != "float32" else torch.float32
+    engine_dtype = compute_dtype(cfg, device)
     # A generic (transformers) decoder takes the copy path, where the native engine refuses it in one line.
     share = isinstance(decoder, Transformer) and engine_can_share_weights(cfg, dims, engine_dtype,
                                                                           next(decoder.parameters()).dtype)
@@ -227,7 +227,7 @@ def _fsdp_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, kerne
         engine_model = copy.deepcopy(decoder).to(engine_dtype).eval()
         engine = build_engine(cfg.rollout.engine, engine_model, device=device,
                               **engine_options(cfg, tokenizer, dims, mesh))
-    param_dtype = torch.bfloat16 if device.type == "cuda" and cfg.model.dtype != "float32" else None
+    param_dtype = compute_dtype(cfg, device, default=None)
     fsdp_mesh = dims.fsdp_mesh(mesh)
     sp_group = apply_model_parallel(decoder, dims, mesh)  # TP/SP shard the decoder before FSDP
     wrap_decoder_blocks(decoder, compile=cfg.model.compile, activation_checkpointing=cfg.actor.activation_checkpointing)
@@ -257,12 +257,17 @@ def _megatron_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, k
     ref = None
     if cfg.needs_reference:
         ref = build_megatron_policy(cfg, cfg.ref.path or cfg.model.path, dims, mesh, kernels=kernels, trainable=False)
-    engine_dtype = torch.bfloat16 if device.type == "cuda" and cfg.model.dtype != "float32" else torch.float32
+    engine_dtype = compute_dtype(cfg, device)
     engine_model = build_model(None, args=policy.args, device=device, dtype=engine_dtype).eval()  # synced before use
     engine = build_engine("native", engine_model, device=device, **engine_options(cfg, tokenizer))
     log(f"actor: megatron-core GPTModel, tp={dims.tp} pp={dims.pp} dp={dims.dp_size}; each rank's engine "
         "generates its dp share with the full model (no memory plan for this backend yet)")
     return policy, ref, engine, engine_model
+
+
+def compute_dtype(cfg: Config, device: torch.device, default: torch.dtype | None = torch.float32):
+    """bf16 on CUDA unless ``model.dtype=float32``; else ``default`` (FSDP: None = no mixed precision)."""
+    return torch.bfloat16 if device.type == "cuda" and cfg.model.dtype != "float32" else default
 
 
 def engine_can_share_weights(cfg: Config, dims, engine_dtype: torch.dtype, param_dtype: torch.dtype) -> bool:
