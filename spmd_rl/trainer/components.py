@@ -21,6 +21,7 @@ from spmd_rl.errors import UserError
 from spmd_rl.kernels.backend import resolve_kernel_backend
 from spmd_rl.models import build_model
 from spmd_rl.models.decoder import Transformer
+from spmd_rl.models.megatron.critic import MegatronValueModel, build_megatron_critic
 from spmd_rl.models.megatron.trainer_policy import MegatronPolicy, build_megatron_policy, check_megatron_run
 from spmd_rl.observability.logger import MetricsLogger, build_metrics_logger
 from spmd_rl.rewards.overlong import overlong_penalty
@@ -30,7 +31,7 @@ from spmd_rl.rollout.weight_sync import sync_weights
 from spmd_rl.trainer.actor import compute_logprobs, update_policy
 from spmd_rl.trainer.batch import RolloutBatch
 from spmd_rl.trainer.checkpoint import Checkpointer, Trained
-from spmd_rl.trainer.critic import ValueModel
+from spmd_rl.trainer.critic import ValueModel, compute_values, update_critic
 from spmd_rl.trainer.hf_export import export_model, write_hf_folder
 from spmd_rl.trainer.memory_plan import report_memory_plan
 from spmd_rl.trainer.optim import build_lr_scheduler, build_optimizer
@@ -54,7 +55,7 @@ class RunComponents:
     optimizer: torch.optim.Optimizer
     scheduler: object
     ref: PolicyModel | MegatronPolicy | None  # frozen reference policy, when a KL term needs it
-    critic: ValueModel | None  # value model (PPO with GAE)
+    critic: ValueModel | MegatronValueModel | None  # value model (PPO with GAE), the actor's backend
     critic_optimizer: torch.optim.Optimizer | None
     critic_scheduler: object | None
     kl_ctrl: object | None  # in-reward KL coefficient controller
@@ -128,11 +129,36 @@ class RunComponents:
         return update_policy(self.policy, self.optimizer, self.scheduler, batch, cfg.actor, dp_group=self.dp_group,
                              dp_size=self.dp_size, device=self.device, **common)
 
+    def values(self, batch: RolloutBatch, micro_batch_size: int) -> torch.Tensor:
+        """``[B, T]`` critic values of the response tokens (before the critic update)."""
+        max_tokens = self.cfg.critic.max_tokens_per_micro_batch
+        if isinstance(self.critic, MegatronValueModel):
+            return self.critic.values(batch, micro_batch_size, max_tokens=max_tokens)
+        return compute_values(self.critic, batch, micro_batch_size, self.device, max_tokens=max_tokens,
+                              packed=self.cfg.actor.use_remove_padding, dp_group=self.dp_group)
+
+    def update_critic(self, batch: RolloutBatch, *, mini_batch_size: int, micro_batch_size: int) -> dict[str, float]:
+        """The critic's epochs over this rank's share of the batch; per-rank metrics."""
+        cfg = self.cfg
+        common = dict(mini_batch_size=mini_batch_size, micro_batch_size=micro_batch_size,
+                      scale_factor=cfg.data.max_response_length)
+        if isinstance(self.critic, MegatronValueModel):
+            return self.critic.update(self.critic_optimizer, self.critic_scheduler, batch, cfg.critic, **common)
+        return update_critic(self.critic, self.critic_optimizer, self.critic_scheduler, batch, cfg.critic,
+                             dp_group=self.dp_group, dp_size=self.dp_size, device=self.device,
+                             packed=cfg.actor.use_remove_padding, **common)
+
     def policy_args(self):
         """The policy's ``ModelArgs`` (None for a generic transformers model)."""
         if isinstance(self.policy, MegatronPolicy):
             return self.policy.args
         return getattr(self.policy.decoder, "args", None)
+
+    def critic_args(self):
+        """The value model trunk's ``ModelArgs`` (None without a critic or for a generic trunk)."""
+        if isinstance(self.critic, MegatronValueModel):
+            return self.critic.trunk.args
+        return getattr(self.critic.decoder, "args", None) if self.critic is not None else None
 
     def trained(self) -> Trained:
         """The models a checkpoint holds, with their optimizers."""
@@ -140,7 +166,8 @@ class RunComponents:
         actor = f"actor/{self.policy.shard_name}" if isinstance(self.policy, MegatronPolicy) else "actor"
         trained = {actor: (self.policy, self.optimizer)}
         if self.critic is not None:
-            trained["critic"] = (self.critic, self.critic_optimizer)
+            critic = f"critic/{self.critic.shard_name}" if isinstance(self.critic, MegatronValueModel) else "critic"
+            trained[critic] = (self.critic, self.critic_optimizer)
         return trained
 
     def export_hf(self, out_dir: Path) -> None:
@@ -185,11 +212,14 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
     fsdp_mesh = dims.fsdp_mesh(mesh)
 
     critic = critic_optimizer = critic_scheduler = None
-    if cfg.critic.enable:
+    if cfg.critic.enable and cfg.actor.strategy == "megatron":
+        critic = build_megatron_critic(cfg, cfg.critic.model_path or cfg.model.path, dims)
+    elif cfg.critic.enable:
         trunk = _load_decoder(cfg, cfg.critic.model_path or cfg.model.path, device)
         critic = ValueModel(trunk, _hidden_size(trunk), apply_model_parallel(trunk, dims, mesh))
         wrap_decoder_blocks(trunk, compile=cfg.model.compile, activation_checkpointing=cfg.critic.activation_checkpointing)
         critic = apply_fsdp(critic, fsdp_mesh, param_dtype=param_dtype)
+    if cfg.critic.enable:
         critic_mini = cfg.critic.ppo_mini_batch_size or cfg.actor.ppo_mini_batch_size
         critic_optimizer = build_optimizer(critic, cfg.critic.optim)
         critic_scheduler = build_lr_scheduler(critic_optimizer, cfg.critic.optim,

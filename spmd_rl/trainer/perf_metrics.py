@@ -27,7 +27,7 @@ def step_flops(cfg: Config, c, batch: RolloutBatch, *, actor_updated: bool) -> d
             flops["ref"] = forward
         if actor_updated:
             flops["update_actor"] = cfg.actor.ppo_epochs * training_flops(args, lengths, lm_head_tokens=targets)
-    critic_args = getattr(c.critic.decoder, "args", None) if c.critic is not None else None
+    critic_args = c.critic_args()
     if critic_args is not None:  # the value head (H -> 1) is negligible
         flops["values"] = inference_flops(critic_args, lengths, lm_head_tokens=0)
         flops["update_critic"] = cfg.critic.ppo_epochs * training_flops(critic_args, lengths, lm_head_tokens=0)

@@ -31,7 +31,6 @@ from spmd_rl.preemption import PREEMPTED_FILE_ENV
 from spmd_rl.rollout.types import SamplingParams
 from spmd_rl.trainer.batch import RolloutBatch, build_rollout_batch, concat_batches
 from spmd_rl.trainer.components import RunComponents, build_components
-from spmd_rl.trainer.critic import compute_values, update_critic
 from spmd_rl.trainer.dynamic_sampling import informative_groups, take_global_groups
 from spmd_rl.trainer.minibatch import balance_groups
 from spmd_rl.trainer.offload import HostOffload, build_host_offload
@@ -217,20 +216,15 @@ class PPOTrainer:
                 batch.ref_logprobs = c.logprobs(c.ref, batch)
         if c.critic is not None:
             with timer("values"):
-                batch.values = compute_values(c.critic, batch, self.critic_micro, c.device,
-                                              max_tokens=cfg.critic.max_tokens_per_micro_batch,
-                                              packed=cfg.actor.use_remove_padding, dp_group=c.dp_group)
+                batch.values = c.values(batch, self.critic_micro)
         with timer("adv"):
             batch.token_rewards, metrics = self.token_rewards(batch)
             metrics.update(balance)
             batch.advantages, batch.returns = self.compute_advantages(batch)
         if c.critic is not None:
             with timer("update_critic"):
-                metrics.update(update_critic(
-                    c.critic, c.critic_optimizer, c.critic_scheduler, batch, cfg.critic,
-                    mini_batch_size=self.critic_mini * cfg.rollout.n // c.dp_size, micro_batch_size=self.critic_micro,
-                    scale_factor=cfg.data.max_response_length, dp_group=c.dp_group, dp_size=c.dp_size,
-                    device=c.device, packed=cfg.actor.use_remove_padding))
+                metrics.update(c.update_critic(batch, mini_batch_size=self.critic_mini * cfg.rollout.n // c.dp_size,
+                                               micro_batch_size=self.critic_micro))
         if self.actor_updates_now:
             with timer("update_actor"):
                 metrics.update(c.update_actor(batch, torch.Generator().manual_seed(c.seed * 1_000_003 + self.step)))

@@ -50,11 +50,12 @@ ACTOR = ActorConfig(optim=OPTIM, ppo_mini_batch_size=ROWS, entropy_coeff=0.01, u
 SCALE_FACTOR = 8
 LOGPROB_ATOL, PARAM_ATOL, PARAM_RTOL = 1e-5, 3e-6, 1e-5
 
-# name -> (model, tp, pp, world size); dp = world / (tp * pp)
+# name -> (model, tp, pp, world size, activation recompute); dp = world / (tp * pp)
 CASES = {
-    "tp2_pp2": (LLAMA, 2, 2, 4),
-    "tp2_tied_padded_vocab": (QWEN2_TIED, 2, 1, 2),
-    "dp2_pp2_tied": (QWEN2_TIED, 1, 2, 4),
+    "tp2_pp2": (LLAMA, 2, 2, 4, False),
+    "tp2_tied_padded_vocab": (QWEN2_TIED, 2, 1, 2, False),
+    "dp2_pp2_tied": (QWEN2_TIED, 1, 2, 4, False),
+    "tp2_pp2_recompute": (LLAMA, 2, 2, 4, True),  # megatron's "full" recompute of every layer
 }
 
 
@@ -85,7 +86,7 @@ def global_batch(args: ModelArgs) -> RolloutBatch:
     return batch
 
 
-def _worker(rank, world_size, args, tp, pp, batch, out_path):
+def _worker(rank, world_size, args, tp, pp, recompute, batch, out_path):
     from megatron.core import parallel_state as ps
 
     from spmd_rl.models.megatron.backend import build_actor
@@ -93,7 +94,9 @@ def _worker(rank, world_size, args, tp, pp, batch, out_path):
     from spmd_rl.models.megatron.policy import update
 
     hf_state = build_model(None, args=args, seed=0).state_dict()
-    actor = build_actor(args, tp, pp, seed=0, params_dtype=torch.float32, hf_state=hf_state)
+    actor = build_actor(args, tp, pp, seed=0, params_dtype=torch.float32, hf_state=hf_state, recompute=recompute)
+    calls = []  # forwards of this stage's first layer: a recomputed layer runs again in the backward
+    actor.model.decoder.layers[0].register_forward_hook(lambda *_: calls.append(1))
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     share = ROWS // dp_size
     mine = batch.select(range(dp_rank * share, (dp_rank + 1) * share))
@@ -103,6 +106,8 @@ def _worker(rank, world_size, args, tp, pp, batch, out_path):
     scheduler = build_lr_scheduler(optimizer, OPTIM, total_steps=1)
     metrics = update(actor, optimizer, scheduler, mine, cfg, temperature=1.0, mini_batch_size=share,
                      scale_factor=SCALE_FACTOR)
+    # logprobs + update forwards, one per micro-batch each, + the backward's recompute
+    assert len(calls) == MICRO_BATCHES * (3 if recompute else 2), len(calls)
     params = {name: t.clone() for name, t in actor.iter_hf_weights()}  # collective: every rank
     checksum = [(name, t.double().sum().item()) for name, t in params.items()]
     gathered = [None] * world_size
@@ -141,10 +146,10 @@ def reference(args: ModelArgs, batch: RolloutBatch) -> dict:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_megatron_update_equals_single_process(tmp_path, process_group, case):
-    args, tp, pp, world_size = CASES[case]
+    args, tp, pp, world_size, recompute = CASES[case]
     batch = global_batch(args)
     out = tmp_path / "out.pt"
-    run_on_ranks(_worker, world_size, args, tp, pp, batch, str(out))
+    run_on_ranks(_worker, world_size, args, tp, pp, recompute, batch, str(out))
     got = torch.load(out, weights_only=True)
     ref = reference(args, batch)
 

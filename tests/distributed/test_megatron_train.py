@@ -8,7 +8,8 @@ and lengths) show the engine got the same weights; loss metrics and gradient nor
 fp32 reduction-order noise (relative 1e-5; a missing dp sum or a wrong normaliser moves them
 by 1e-3 or more) and so do the final exported HF weights. A run resumed from a megatron
 checkpoint continues as the uninterrupted run, and ``python -m spmd_rl.export`` turns that
-checkpoint's shards into the HF weights the run wrote itself.
+checkpoint's shards into the HF weights the run wrote itself. With PPO/GAE the value model
+trains as GPTModel stages too and gives the FSDP critic's values, losses and gradient norms.
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ def workdir(tmp_path_factory):
     return root
 
 
-def train(workdir: Path, run_dir: Path, nproc: int, *extra: str) -> list[dict]:
+def train(workdir: Path, run_dir: Path, nproc: int, *extra: str, config: str = "grpo_addition.yaml") -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "spmd_rl.train", "--config", str(REPO / "configs/grpo_addition.yaml"),
+           "-m", "spmd_rl.train", "--config", str(REPO / "configs" / config),
            f"model.path={workdir / 'model'}", f"data.train_files=[{workdir / 'data/train.parquet'}]",
            "data.val_files=[]", "data.train_batch_size=8", "actor.ppo_mini_batch_size=4", "rollout.n=4",
            "actor.micro_batch_size_per_device=4", "actor.use_kl_loss=true", "actor.kl_loss_coef=0.1",
@@ -69,12 +70,12 @@ def hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_state_dict(folder)
 
 
-def assert_rows_match(rows: list[dict], reference: list[dict]) -> None:
+def assert_rows_match(rows: list[dict], reference: list[dict], close: tuple[str, ...] = CLOSE) -> None:
     assert [r["step"] for r in rows] == [r["step"] for r in reference]
     for row, ref in zip(rows, reference):
         for key in EXACT:
             assert row[key] == ref[key], (row["step"], key)
-        for key in CLOSE:
+        for key in close:
             assert row[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (row["step"], key)
 
 
@@ -118,3 +119,46 @@ def test_megatron_run_resumes_exactly(workdir, fsdp_reference):
     rows = train(workdir, run_dir, 2, *megatron, "trainer.resume=auto")
     assert [r["step"] for r in rows] == [1, 2]  # the log continues after the resumed step
     assert_rows_match(rows[1:], ref_rows[1:])
+
+
+# PPO with GAE: the value model trains too (no warmup, so the actor updates from step 1 on
+# advantages the critic's values shaped). Values and the critic's update come from the stages.
+PPO = ("ppo_gae_addition.yaml", "critic.warmup_steps=0", "trainer.test_freq=0", "actor.use_kl_loss=false",
+       "critic.micro_batch_size_per_device=4", "trainer.device=cpu")
+CRITIC_CLOSE = ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "critic/vf_loss", "critic/grad_norm",
+                "critic/vf_clipfrac", "critic/vpred_mean", "critic/values/mean", "critic/vf_explained_var",
+                "critic/advantages/mean")
+
+
+def train_ppo(workdir: Path, run_dir: Path, nproc: int, *extra: str) -> list[dict]:
+    config, *overrides = PPO
+    return train(workdir, run_dir, nproc, *overrides, *extra, config=config)
+
+
+@pytest.fixture(scope="module")
+def fsdp_ppo_reference(workdir):
+    return train_ppo(workdir, workdir / "runs/fsdp_ppo", 1)
+
+
+# pp2 also recomputes every layer's activations in the backward (megatron's "full" recompute)
+CRITIC_LAYOUTS = {"tp2": ["parallel.tp=2"],
+                  "pp2_recompute": ["parallel.pp=2", "actor.activation_checkpointing=true",
+                                    "critic.activation_checkpointing=true"]}
+
+
+@pytest.mark.parametrize("layout", sorted(CRITIC_LAYOUTS))
+def test_megatron_critic_equals_the_single_process_fsdp_critic(workdir, fsdp_ppo_reference, layout):
+    rows = train_ppo(workdir, workdir / f"runs/megatron_ppo_{layout}", 2, "actor.strategy=megatron",
+                     *CRITIC_LAYOUTS[layout])
+    assert rows[0]["critic/values/mean"] == 0.0  # the zero-initialised head, as the FSDP critic's
+    assert rows[1]["critic/values/mean"] != 0.0
+    assert_rows_match(rows, fsdp_ppo_reference, CRITIC_CLOSE)
+
+
+def test_megatron_critic_resumes_exactly(workdir, fsdp_ppo_reference):
+    run_dir = workdir / "runs/megatron_ppo_resume"
+    megatron = ["actor.strategy=megatron", "parallel.pp=2"]
+    train_ppo(workdir, run_dir, 2, *megatron, "trainer.total_steps=1", "trainer.save_at_end=true")
+    rows = train_ppo(workdir, run_dir, 2, *megatron, "trainer.resume=auto")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert_rows_match(rows[1:], fsdp_ppo_reference[1:], CRITIC_CLOSE)

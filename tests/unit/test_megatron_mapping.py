@@ -334,6 +334,10 @@ def test_config_kwargs_rope_scaling_and_refusals():
     linear = gpt_model_kwargs(llama.replace(rope_scaling={"rope_type": "linear", "factor": 2.0}))
     assert linear["seq_len_interpolation_factor"] == 2.0 and "rope_scaling" not in linear
     assert transformer_config_kwargs(qwen3_args(), params_dtype=torch.float32)["qk_layernorm"] is True
+    recompute = transformer_config_kwargs(llama, recompute=True)  # actor/critic.activation_checkpointing
+    assert {k: recompute[k] for k in ("recompute_granularity", "recompute_method", "recompute_num_layers")} == \
+        {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    assert "recompute_granularity" not in transformer_config_kwargs(llama)
     cases = [
         (llama.replace(attention_bias=True, o_proj_bias=True),
          "attention_bias on o_proj (Llama/Qwen3 attention_bias=true) has no megatron-core equivalent; "
@@ -499,10 +503,13 @@ def test_megatron_run_refuses_what_it_does_not_combine_with():
     base = ["model.path=/m", "data.train_files=[t.parquet]", "actor.strategy=megatron"]
     dims = SimpleNamespace(sp=1)
     check_megatron_run(load_config(Config, None, base), dims)  # the plain setup passes
+    check_megatron_run(load_config(Config, None, [*base, "critic.enable=true", "algorithm.adv_estimator=gae"]), dims)
     cases = {
-        ("critic.enable=true", "algorithm.adv_estimator=gae"): "critic.enable=true (the value model trains under FSDP only)",
+        ("critic.enable=true", "algorithm.adv_estimator=gae", "critic.offload.params=true"):
+            "critic.offload.params/optimizer",
         ("actor.offload.optimizer=true",): "actor.offload.params/optimizer",
         ("rollout.engine=hf",): "rollout.engine=hf (the native engine takes megatron's weights)",
+        ("model.compile=true",): "model.compile=true (it compiles the native decoder's blocks)",
     }
     for overrides, what in cases.items():
         with pytest.raises(UserError) as err:

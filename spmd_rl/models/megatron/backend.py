@@ -75,18 +75,19 @@ class MegatronActor:
     vocab_rows: int  # padded vocabulary of the embedding / output layer
     tp_group: object | None = None
     pp_group: object | None = None  # megatron's pipeline group of this rank (needed when pp_size > 1)
+    has_output_layer: bool = True  # False for a value model's trunk: the lm-head is dropped
 
     @property
     def tied_copy(self) -> bool:
         """Tied embeddings split over stages: the last stage's ``output_layer`` is a copy of the
         first stage's embedding (kept equal by summing their gradients)."""
-        return self.args.tie_word_embeddings and self.pp_size > 1
+        return self.args.tie_word_embeddings and self.pp_size > 1 and self.has_output_layer
 
     def load_hf_state(self, hf_state: dict[str, torch.Tensor]) -> None:
         """Copy an HF state dict's slice for this rank into the model."""
         load_hf_into_stage(self.model, hf_state, self.args, tp_rank=self.tp_rank, tp_size=self.tp_size,
                            pp_rank=self.pp_rank, pp_size=self.pp_size, fused_norms=self.fused_norms,
-                           vocab_rows=self.vocab_rows)
+                           vocab_rows=self.vocab_rows, skip=() if self.has_output_layer else (OUTPUT_LAYER,))
 
     def iter_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The whole model's parameters as full HF tensors, one at a time, on every rank (each
@@ -114,13 +115,15 @@ def load_hf_into_stage(
     pp_size: int,
     fused_norms: bool,
     vocab_rows: int,
+    skip: tuple[str, ...] = (),
 ) -> None:
-    """Convert, select this stage, shard for this TP rank and ``load_state_dict`` into ``module``;
-    ValueError naming the first parameter the module lacks or the conversion left out."""
+    """Convert, select this stage, shard for this TP rank and ``load_state_dict`` into ``module``
+    (leaving out the names in ``skip``); ValueError naming the first parameter the module lacks
+    or the conversion left out."""
     full = hf_to_mcore(hf_state, args, fused_norms=fused_norms, vocab_size=vocab_rows)
     stage = select_pp_stage(full, args, pp_rank, pp_size)
     shards = {name: shard_for_tp(name, t, tp_rank, tp_size, num_query_groups=args.num_kv_heads)
-              for name, t in stage.items()}
+              for name, t in stage.items() if name not in skip}
     result = module.load_state_dict(shards, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
@@ -212,14 +215,16 @@ def layer_spec(args: ModelArgs, use_te: bool | None = None):
 
 
 def build_gpt_model(
-    args: ModelArgs, tp: int, pp: int, *, params_dtype: torch.dtype = torch.bfloat16, use_te: bool | None = None
+    args: ModelArgs, tp: int, pp: int, *, params_dtype: torch.dtype = torch.bfloat16, use_te: bool | None = None,
+    recompute: bool = False,
 ) -> tuple[torch.nn.Module, bool, int]:
-    """``(GPTModel stage of this rank, fused_norms, vocab_rows)``; needs :func:`init_megatron_parallel`."""
+    """``(GPTModel stage of this rank, fused_norms, vocab_rows)``; needs :func:`init_megatron_parallel`;
+    ``recompute`` checkpoints the activations of every layer."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
 
-    config = TransformerConfig(**transformer_config_kwargs(args, tp, pp, params_dtype=params_dtype),
+    config = TransformerConfig(**transformer_config_kwargs(args, tp, pp, params_dtype=params_dtype, recompute=recompute),
                                use_cpu_initialization=not torch.cuda.is_available())
     spec, fused_norms = layer_spec(args, use_te)
     model_kwargs = gpt_model_kwargs(args, tp, pp=pp)
@@ -244,9 +249,12 @@ def build_megatron_actor(cfg, *, hf_state: dict[str, torch.Tensor] | None = None
 
 
 def build_actor(args: ModelArgs, tp: int, pp: int, *, seed: int = 0, params_dtype: torch.dtype = torch.bfloat16,
-                hf_state: dict[str, torch.Tensor] | None = None) -> MegatronActor:
+                hf_state: dict[str, torch.Tensor] | None = None, output_layer: bool = True,
+                recompute: bool = False) -> MegatronActor:
     """This rank's GPTModel stage for ``args`` over a TP x PP grid (data parallel takes the
-    remaining ranks), loaded from ``hf_state`` when given. torch.distributed must be initialised."""
+    remaining ranks), loaded from ``hf_state`` when given; without its lm-head (``output_layer``)
+    for a value model's trunk; ``recompute``: activation checkpointing per layer.
+    torch.distributed must be initialised."""
     check_megatron_available()
     from megatron.core import parallel_state
 
@@ -255,12 +263,14 @@ def build_actor(args: ModelArgs, tp: int, pp: int, *, seed: int = 0, params_dtyp
     except ValueError as e:
         raise UserError(f"actor.strategy=megatron: {e}") from None
     init_megatron_parallel(tp, pp, seed)
-    model, fused_norms, vocab_rows = build_gpt_model(args, tp, pp, params_dtype=params_dtype)
+    model, fused_norms, vocab_rows = build_gpt_model(args, tp, pp, params_dtype=params_dtype, recompute=recompute)
     actor = MegatronActor(
         model=model, args=args, tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp_size=tp,
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(), pp_size=pp, fused_norms=fused_norms,
         vocab_rows=vocab_rows, tp_group=parallel_state.get_tensor_model_parallel_group(),
-        pp_group=parallel_state.get_pipeline_model_parallel_group())
+        pp_group=parallel_state.get_pipeline_model_parallel_group(), has_output_layer=output_layer)
+    if not output_layer and getattr(model, "output_layer", None) is not None:
+        model.output_layer = None  # the trunk ends at the final norm; no [V/tp, H] weight to hold or step
     if hf_state is not None:
         actor.load_hf_state(hf_state)
     return actor

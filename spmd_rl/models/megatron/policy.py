@@ -115,26 +115,31 @@ def stage_logprobs(actor: MegatronActor, hidden: torch.Tensor, inputs: ScoringIn
 # Micro-batches through the pipeline
 
 
-def _links(actor: MegatronActor) -> StageLinks:
+def links_of(actor: MegatronActor) -> StageLinks:
+    """This stage's pipeline neighbours and activation dtype/device."""
     param = next(actor.model.parameters())
     return stage_links(actor.pp_group, actor.pp_rank, actor.pp_size, param.dtype, param.device)
 
 
-def _scoring_inputs(split, device) -> list[ScoringInputs]:
+def padded_scoring_inputs(split, device) -> list[ScoringInputs]:
+    """Right-padded ``[S, T]`` inputs of each ``(rows, micro-batch)`` of ``split``."""
     return [build_scoring_inputs(micro.prompt_ids, micro.response_ids, device, packed=False) for _, micro in split]
 
 
-def _shapes(inputs: list[ScoringInputs], hidden_size: int) -> list[tuple[int, int, int]]:
+def activation_shapes(inputs: list[ScoringInputs], hidden_size: int) -> list[tuple[int, int, int]]:
+    """The ``[T, S, H]`` activation each micro-batch sends between stages."""
     return [(x.input_ids.shape[1], x.input_ids.shape[0], hidden_size) for x in inputs]  # [T, S, H]
 
 
-def _broadcast_from_last_stage(actor: MegatronActor, tensor: torch.Tensor) -> torch.Tensor:
+def broadcast_from_last_stage(actor: MegatronActor, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as the last stage holds it, on every stage of this rank's pipeline (in place)."""
     if actor.pp_size > 1:
         dist.broadcast(tensor, src=dist.get_global_rank(actor.pp_group, actor.pp_size - 1), group=actor.pp_group)
     return tensor
 
 
-def _broadcast_object_from_last_stage(actor: MegatronActor, obj):
+def broadcast_object_from_last_stage(actor: MegatronActor, obj):
+    """The last stage's ``obj`` on every stage of this rank's pipeline."""
     if actor.pp_size == 1:
         return obj
     box = [obj]
@@ -150,22 +155,22 @@ def compute_logprobs(actor: MegatronActor, batch: RolloutBatch, temperature: flo
     groups = ParallelGroups.from_megatron(actor)
     device = next(actor.model.parameters()).device
     split = micro_batches(batch, micro_batch_size, max_tokens, groups.dp)
-    inputs = _scoring_inputs(split, device)
+    inputs = padded_scoring_inputs(split, device)
 
     def loss_step(i: int, hidden: torch.Tensor):
         logprobs, _ = stage_logprobs(actor, hidden, inputs[i], temperature=temperature, with_entropy=False,
                                      kernels=kernels)
         return None, pad_by_lengths(logprobs, inputs[i].response_lengths, split[i][1].response_mask.shape[1])
 
-    chunks = run_gpipe(len(split), _shapes(inputs, actor.args.hidden_size),
-                       lambda i, received: stage_forward(actor.model, inputs[i], received), loss_step, _links(actor),
+    chunks = run_gpipe(len(split), activation_shapes(inputs, actor.args.hidden_size),
+                       lambda i, received: stage_forward(actor.model, inputs[i], received), loss_step, links_of(actor),
                        forward_only=True)
     width = batch.response_mask.shape[1]
     if chunks:
         out = scatter_rows(chunks, [rows for rows, _ in split], len(batch), width).float()
     else:
         out = torch.zeros(len(batch), width)
-    return _broadcast_from_last_stage(actor, out.to(device)).cpu()
+    return broadcast_from_last_stage(actor, out.to(device)).cpu()
 
 
 def update(actor: MegatronActor, optimizer, scheduler, batch: RolloutBatch, cfg: ActorConfig, *,
@@ -191,7 +196,7 @@ def update(actor: MegatronActor, optimizer, scheduler, batch: RolloutBatch, cfg:
         norms.append(grads.optimizer_step(actor.model, optimizer, scheduler, cfg.optim.grad_clip,
                                           tp_rank=actor.tp_rank, model_parallel_group=groups.model_parallel,
                                           skip_tied_copy=actor.tied_copy))
-    sums = _broadcast_object_from_last_stage(actor, dict(sums))
+    sums = broadcast_object_from_last_stage(actor, dict(sums))
     metrics = {k: v / len(norms) for k, v in sums.items()}
     metrics.update(grad_norm_metrics(norms, "actor"))
     metrics["actor/lr"] = scheduler.get_last_lr()[0]
@@ -206,7 +211,7 @@ def _mini_batch_step(actor: MegatronActor, groups: ParallelGroups, loss_fn, mini
     agg = dict(global_tokens=tokens, global_seqs=seqs, scale_factor=scale_factor)
     device = next(actor.model.parameters()).device
     split = micro_batches(mini, cfg.micro_batch_size_per_device, cfg.max_tokens_per_micro_batch, groups.dp)
-    inputs = _scoring_inputs(split, device)
+    inputs = padded_scoring_inputs(split, device)
     metrics: dict[str, float] = defaultdict(float)
 
     def loss_step(i: int, hidden: torch.Tensor):
@@ -221,8 +226,8 @@ def _mini_batch_step(actor: MegatronActor, groups: ParallelGroups, loss_fn, mini
             metrics[key] += value
         return loss, None
 
-    run_gpipe(len(split), _shapes(inputs, actor.args.hidden_size),
-              lambda i, received: stage_forward(actor.model, inputs[i], received), loss_step, _links(actor),
+    run_gpipe(len(split), activation_shapes(inputs, actor.args.hidden_size),
+              lambda i, received: stage_forward(actor.model, inputs[i], received), loss_step, links_of(actor),
               forward_only=False)
     if cfg.use_kl_loss and actor.pp_rank == actor.pp_size - 1:
         metrics["actor/kl_coef"] = cfg.kl_loss_coef

@@ -7,7 +7,8 @@ schedules are not used: they allocate on ``"cuda"`` and expect megatron's DDP wr
 
 In this SPMD design every rank holds the micro-batches' token ids, so each stage knows the
 shape of what it will receive without a shape exchange. Every activation of every micro-batch
-stays alive until its backward (GPipe's memory cost: pick micro-batches accordingly).
+stays alive until its backward (GPipe's memory cost: a mini-batch's activations at once; with
+one stage, pp=1, each micro-batch's backward runs right after its forward instead).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def run_gpipe(num_micro: int, shapes: list[tuple[int, ...]], forward_step: Forwa
     """Run the schedule; return the ``loss_step`` results per micro-batch on the last stage
     (``[]`` on other stages). ``shapes[i]`` is micro-batch i's activation shape ``[s, b, h]``."""
     inputs, outputs, losses, results = [], [], [], []
+    single_stage = links.prev is None and links.next is None
     for i in range(num_micro):
         received = None
         if links.prev is not None:
@@ -61,13 +63,16 @@ def run_gpipe(num_micro: int, shapes: list[tuple[int, ...]], forward_step: Forwa
         if links.is_last:
             loss, result = loss_step(i, out)
             results.append(result)
+            if single_stage and not forward_only:
+                loss.backward()  # nothing to wait for: free this micro-batch's activations now
+                continue
             losses.append(loss)
         else:
             dist.send(out.detach().contiguous(), dst=links.next)
         if not forward_only:  # keep the graph for the backward phase
             inputs.append(received)
             outputs.append(out)
-    if forward_only:
+    if forward_only or single_stage:
         return results
     for i in reversed(range(num_micro)):
         if links.is_last:

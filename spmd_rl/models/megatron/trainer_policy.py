@@ -60,11 +60,13 @@ class MegatronPolicy(nn.Module):
 def check_megatron_run(cfg, dims) -> None:
     """One-line UserError for the switches the megatron actor does not combine with."""
     refused = {
-        "critic.enable=true (the value model trains under FSDP only)": cfg.critic.enable,
         f"parallel.sp={dims.sp} (megatron's context parallelism is not wired)": dims.sp > 1,
         "actor.offload.params/optimizer": cfg.actor.offload.params or cfg.actor.offload.optimizer,
+        "critic.offload.params/optimizer": cfg.critic.enable and (cfg.critic.offload.params
+                                                                  or cfg.critic.offload.optimizer),
         f"rollout.engine={cfg.rollout.engine} (the native engine takes megatron's weights)": cfg.rollout.engine != "native",
         "model.implementation=generic (GPTModel covers the native decoder's families)": cfg.model.implementation == "generic",
+        "model.compile=true (it compiles the native decoder's blocks)": cfg.model.compile,
     }
     for what, bad in refused.items():
         if bad:
@@ -81,7 +83,7 @@ def build_megatron_policy(cfg, path: str, dims, mesh, *, kernels: str, trainable
     # fp32 parameters: torch's AdamW updates them in place, so they are the master weights
     # (megatron's own bf16 path keeps fp32 copies in its distributed optimizer, not driven here).
     actor = build_actor(args, dims.tp, dims.pp, seed=cfg.trainer.seed, params_dtype=torch.float32,
-                        hf_state=load_state_dict(path))
+                        hf_state=load_state_dict(path), recompute=trainable and cfg.actor.activation_checkpointing)
     _check_same_dp_group(mesh)
     policy = MegatronPolicy(actor, kernels)
     if not trainable:
