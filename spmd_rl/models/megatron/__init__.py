@@ -2,7 +2,7 @@
 GPTModel state-dict conversion with tensor/pipeline sharding, and a lazily imported builder.
 
 ``config`` and ``names`` are pure and run anywhere. ``backend`` builds a rank's GPTModel stage,
-``policy`` computes logprobs and the PPO update over the stages (``schedule``: GPipe over the
+``policy`` computes logprobs and the PPO update over the stages (``schedule``: 1F1B over the
 pipeline group; ``grads``: dp sum, tied-embedding sync, global norm), and ``cpu`` lets all of it
 run on CPU/gloo. megatron.core is only imported inside functions. Targets megatron-core
 >=0.12,<0.17 (see ``backend.MEGATRON_CORE_VERSIONS``); the CPU tests ran 0.16.1.

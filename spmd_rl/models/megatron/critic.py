@@ -3,7 +3,7 @@
 Mirrors ``spmd_rl.trainer.critic``: the trunk is the GPTModel without its lm-head, the last
 stage puts a zero-initialised ``Linear(hidden, 1)`` on the final-norm output, values are read
 where the policy reads logprobs, and the update is the same clipped value loss with the same
-global normalisation and micro-batches. Stages run through the actor's GPipe schedule and its
+global normalisation and micro-batches. Stages run through the actor's 1F1B schedule and its
 gradient rules (:mod:`.grads`): summed over dp, clipped by the TP x PP global norm. The head is
 replicated over TP (every TP rank sees the same final hidden states), so it enters the norm once.
 """
@@ -29,7 +29,7 @@ from spmd_rl.models.megatron.policy import (
     padded_scoring_inputs,
     stage_forward,
 )
-from spmd_rl.models.megatron.schedule import run_gpipe
+from spmd_rl.models.megatron.schedule import run_pipeline
 from spmd_rl.trainer.actor import grad_norm_metrics
 from spmd_rl.trainer.batch import RolloutBatch
 from spmd_rl.trainer.minibatch import global_counts, micro_batches, mini_batches, scatter_rows
@@ -65,7 +65,7 @@ class MegatronValueModel(nn.Module):
 
     def _run(self, split, forward_only: bool, loss_step) -> list:
         inputs = padded_scoring_inputs(split, next(self.stage.parameters()).device)
-        return run_gpipe(len(split), activation_shapes(inputs, self.trunk.args.hidden_size),
+        return run_pipeline(len(split), activation_shapes(inputs, self.trunk.args.hidden_size),
                          lambda i, received: stage_forward(self.stage, inputs[i], received),
                          lambda i, hidden: loss_step(i, hidden, inputs[i]), links_of(self.trunk),
                          forward_only=forward_only)

@@ -7,7 +7,7 @@ What differs is how a micro-batch runs:
 
 * rows are right-padded ``[S, T]`` (megatron's local attention has no padding-free mode) and
   megatron works sequence-first: a stage maps ``[T, S, H]`` to ``[T, S, H]``;
-* the stages are driven by our GPipe schedule (:mod:`.schedule`), and only the last stage
+* the stages are driven by our 1F1B pipeline schedule (:mod:`.schedule`), and only the last stage
   scores tokens; it hands its logprobs / metrics to the rest of its pipeline group;
 * the lm-head is never applied as a layer: the final hidden states of the target positions go
   with this TP rank's ``[V/tp, H]`` output-layer shard to the vocab-parallel logprob
@@ -30,7 +30,7 @@ from spmd_rl.kernels.logprob import logprobs_and_entropy
 from spmd_rl.models.megatron import grads
 from spmd_rl.models.megatron.backend import MegatronActor
 from spmd_rl.models.megatron.cpu import causal_mask
-from spmd_rl.models.megatron.schedule import StageLinks, run_gpipe, stage_links
+from spmd_rl.models.megatron.schedule import StageLinks, run_pipeline, stage_links
 from spmd_rl.trainer.actor import grad_norm_metrics, micro_batch_loss
 from spmd_rl.trainer.batch import RolloutBatch
 from spmd_rl.trainer.minibatch import global_counts, micro_batches, mini_batches, scatter_rows
@@ -162,7 +162,7 @@ def compute_logprobs(actor: MegatronActor, batch: RolloutBatch, temperature: flo
                                      kernels=kernels)
         return None, pad_by_lengths(logprobs, inputs[i].response_lengths, split[i][1].response_mask.shape[1])
 
-    chunks = run_gpipe(len(split), activation_shapes(inputs, actor.args.hidden_size),
+    chunks = run_pipeline(len(split), activation_shapes(inputs, actor.args.hidden_size),
                        lambda i, received: stage_forward(actor.model, inputs[i], received), loss_step, links_of(actor),
                        forward_only=True)
     width = batch.response_mask.shape[1]
@@ -226,7 +226,7 @@ def _mini_batch_step(actor: MegatronActor, groups: ParallelGroups, loss_fn, mini
             metrics[key] += value
         return loss, None
 
-    run_gpipe(len(split), activation_shapes(inputs, actor.args.hidden_size),
+    run_pipeline(len(split), activation_shapes(inputs, actor.args.hidden_size),
               lambda i, received: stage_forward(actor.model, inputs[i], received), loss_step, links_of(actor),
               forward_only=False)
     if cfg.use_kl_loss and actor.pp_rank == actor.pp_size - 1:
