@@ -22,6 +22,7 @@ from spmd_rl.kernels.backend import resolve_kernel_backend
 from spmd_rl.models import build_model
 from spmd_rl.models.decoder import Transformer
 from spmd_rl.models.megatron.critic import MegatronValueModel, build_megatron_critic
+from spmd_rl.models.megatron.memory_plan import report_megatron_memory_plan
 from spmd_rl.models.megatron.trainer_policy import MegatronPolicy, build_megatron_policy, check_megatron_run
 from spmd_rl.observability.logger import MetricsLogger, build_metrics_logger
 from spmd_rl.rewards.overlong import overlong_penalty
@@ -283,6 +284,9 @@ def _megatron_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, k
     GPTModel stages over tp x pp, and a native engine per rank holding the full model, which
     takes the stages' weights gathered to HF tensors before each rollout."""
     check_megatron_run(cfg, dims)
+    report_megatron_memory_plan(cfg, read_model_args(cfg.model.path), dims, device, log,
+                                critic_args=read_model_args(cfg.critic.model_path) if cfg.critic.enable
+                                and cfg.critic.model_path else None)  # UserError if it cannot fit
     policy = build_megatron_policy(cfg, cfg.model.path, dims, mesh, kernels=kernels)
     ref = None
     if cfg.needs_reference:
@@ -291,8 +295,16 @@ def _megatron_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, k
     engine_model = build_model(None, args=policy.args, device=device, dtype=engine_dtype).eval()  # synced before use
     engine = build_engine("native", engine_model, device=device, **engine_options(cfg, tokenizer))
     log(f"actor: megatron-core GPTModel, tp={dims.tp} pp={dims.pp} dp={dims.dp_size}; each rank's engine "
-        "generates its dp share with the full model (no memory plan for this backend yet)")
+        "generates its dp share with the full model")
     return policy, ref, engine, engine_model
+
+
+def read_model_args(path: str):
+    """The native decoder's ``ModelArgs`` of the HF folder at ``path``."""
+    from spmd_rl.models.args import ModelArgs
+    from spmd_rl.models.hf_io import read_hf_config
+
+    return ModelArgs.from_hf_config(read_hf_config(path))
 
 
 def compute_dtype(cfg: Config, device: torch.device, default: torch.dtype | None = torch.float32):

@@ -510,6 +510,7 @@ def test_megatron_run_refuses_what_it_does_not_combine_with():
         ("actor.offload.optimizer=true",): "actor.offload.params/optimizer",
         ("rollout.engine=hf",): "rollout.engine=hf (the native engine takes megatron's weights)",
         ("model.compile=true",): "model.compile=true (it compiles the native decoder's blocks)",
+        ("actor.use_kl_loss=true", "ref.offload=true"): "ref.offload=true",
     }
     for overrides, what in cases.items():
         with pytest.raises(UserError) as err:

@@ -62,6 +62,7 @@ def check_megatron_run(cfg, dims) -> None:
     refused = {
         f"parallel.sp={dims.sp} (megatron's context parallelism is not wired)": dims.sp > 1,
         "actor.offload.params/optimizer": cfg.actor.offload.params or cfg.actor.offload.optimizer,
+        "ref.offload=true": cfg.needs_reference and cfg.ref.offload,
         "critic.offload.params/optimizer": cfg.critic.enable and (cfg.critic.offload.params
                                                                   or cfg.critic.offload.optimizer),
         f"rollout.engine={cfg.rollout.engine} (the native engine takes megatron's weights)": cfg.rollout.engine != "native",

@@ -1,0 +1,158 @@
+"""The startup memory plan of an ``actor.strategy=megatron`` run, per rank and pipeline stage.
+
+Same items, phases, table and refusal as the FSDP plan (:mod:`spmd_rl.trainer.memory_plan`),
+with the megatron backend's layout:
+
+* parameters, gradients, AdamW state: fp32, 4 + 4 + 8 bytes per parameter of this rank's
+  stage and TP shard: ``num_layers / pp`` blocks, the embedding on the first stage, final norm
+  and output layer on the last (a tied embedding split over stages has a copy on each end),
+  vocabulary padded to a multiple of tp, everything but the norms divided by tp. Nothing is
+  sharded over dp (no distributed optimizer) and nothing is gathered;
+* activations in fp32 (the backend computes in its fp32 parameters), with the decoder
+  formula of the FSDP plan on right-padded rows (megatron has no padding-free mode) for
+  ``num_layers / pp`` layers. The 1F1B schedule (:mod:`.schedule`) keeps ``pp - r`` micro-batches
+  alive on stage ``r``, so the first stage carries ``pp`` of them and the last one, plus the
+  lm-head's logits of one micro-batch;
+* the rollout engine holds the full model in its dtype on every rank, and a KV cache for all
+  kv heads (it does not generate tensor-parallel under this backend);
+* the reference policy and the critic as the policy (the critic without its lm-head, with a
+  value head).
+
+The plan reported is the stage whose peak is largest; a configuration that cannot fit is
+refused in one line naming the knob, as for FSDP.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from spmd_rl.models.args import ModelArgs
+from spmd_rl.models.megatron.config import padded_vocab_size
+from spmd_rl.trainer.memory_plan import (
+    MemoryItem,
+    MemoryPlan,
+    block_param_count,
+    check_plan,
+    device_budget,
+    engine_kv_bytes,
+    format_plan,
+    logits_bytes,
+    micro_batch_activation_bytes,
+    param_count,
+)
+
+FP32 = 4
+
+
+def stage_param_count(args: ModelArgs, tp: int, pp: int, stage: int, *, lm_head: bool = True) -> int:
+    """Parameters one TP rank of pipeline stage ``stage`` holds (``lm_head=False``: a value
+    model's trunk, which has no output layer)."""
+    H = args.hidden_size
+    norms = 2 * H + (2 * args.head_dim if args.qk_norm else 0)  # replicated over tp
+    blocks = (args.num_layers // pp) * ((block_param_count(args) - norms) // tp + norms)
+    vocab_shard = padded_vocab_size(args.vocab_size, tp) // tp * H
+    first, last = stage == 0, stage == pp - 1
+    total = blocks + (vocab_shard if first else 0)
+    if last:
+        total += H  # final norm
+        has_output_layer = not args.tie_word_embeddings or pp > 1  # one stage: tied to the embedding
+        total += vocab_shard if lm_head and has_output_layer else 0
+    return total
+
+
+def plan_megatron_stage(cfg, args: ModelArgs, dims, stage: int, device_bytes: int | None, *,
+                        device_type: str = "cuda", critic_args: ModelArgs | None = None,
+                        device_source: str = "device memory") -> MemoryPlan:
+    """The memory plan of one rank of pipeline stage ``stage`` (module doc)."""
+    data, actor, critic_cfg = cfg.data, cfg.actor, cfg.critic
+    tp, pp = dims.tp, dims.pp
+    b_engine = 2 if device_type == "cuda" and cfg.model.dtype != "float32" else 4
+    fused = cfg.model.kernels == "triton" or (cfg.model.kernels == "auto" and device_type == "cuda")
+    seq_len = data.max_prompt_length + data.max_response_length
+    stage_args = args.replace(num_layers=args.num_layers // pp)
+    live = min(pp - stage, _micro_batches_per_mini(cfg, dims))  # 1F1B: micro-batches alive on this stage
+
+    def micro_tokens(micro: int, max_tokens: int) -> tuple[int, int]:
+        if max_tokens > 0:
+            tokens = max(max_tokens, seq_len)
+            return tokens, tokens * data.max_response_length // seq_len
+        return micro * seq_len, micro * data.max_response_length
+
+    def activations(section, shape: ModelArgs) -> int:
+        micro = section.micro_batch_size_per_device or actor.micro_batch_size_per_device
+        tokens, response = micro_tokens(micro, section.max_tokens_per_micro_batch)
+        return live * micro_batch_activation_bytes(shape.replace(num_layers=shape.num_layers // pp), FP32, tokens,
+                                                   response, checkpointing=section.activation_checkpointing,
+                                                   packed=False, tp=tp)
+
+    layout = "raise parallel.pp or parallel.tp (a rank holds 1/(tp x pp) of the fp32 model)"
+    P = stage_param_count(args, tp, pp, stage)
+    acts, section = activations(actor, args), "actor"
+    items = [
+        MemoryItem("parameters", P * FP32, True, True, layout),
+        MemoryItem("gradients", P * FP32, False, True, layout),
+        MemoryItem("optimizer state", 2 * P * FP32, True, True, layout),
+    ]
+    if critic_cfg.enable:
+        c_acts = activations(critic_cfg, critic_args or args)
+        if c_acts > acts:
+            acts, section = c_acts, "critic"
+    section_cfg = getattr(cfg, section)
+    alive = _plural(live, "micro-batch", "micro-batches")
+    knob = ("" if section_cfg.activation_checkpointing else f"set {section}.activation_checkpointing=true or ") + \
+        f"lower {section}.micro_batch_size_per_device (1F1B keeps {alive} alive on this stage)"
+    _, response_tokens = micro_tokens(actor.micro_batch_size_per_device, actor.max_tokens_per_micro_batch)
+    items += [
+        MemoryItem("activations", acts, False, True, knob, note=f"{alive} of {_plural(stage_args.num_layers, 'layer', 'layers')}"),
+        MemoryItem("logits", logits_bytes(args, response_tokens, FP32, kernels="triton" if fused else "torch", tp=tp)
+                   if stage == pp - 1 else 0, False, True,
+                   ("" if fused else "set model.kernels=triton (fused logprob, CUDA) or ")
+                   + "lower actor.micro_batch_size_per_device"),
+        MemoryItem("rollout weights", math.ceil(param_count(args) * b_engine), True, True,
+                   "under actor.strategy=megatron every rank's engine holds the whole model: use a smaller model, "
+                   "or actor.strategy=fsdp (tensor-parallel generation)"),
+        MemoryItem("KV cache", engine_kv_bytes(cfg, args, seq_len, b_engine, 1, device_type, device_bytes), True, False,
+                   "lower rollout.kv_cache_gb / rollout.gpu_memory_utilization or rollout.max_num_seqs"),
+    ]
+    if cfg.needs_reference:
+        items.append(MemoryItem("reference parameters", P * FP32, True, True, layout))
+    if critic_cfg.enable:
+        shape = critic_args or args
+        Pc = stage_param_count(shape, tp, pp, stage, lm_head=False) + (shape.hidden_size + 1 if stage == pp - 1 else 0)
+        items += [
+            MemoryItem("critic parameters", Pc * FP32, True, True, layout),
+            MemoryItem("critic gradients", Pc * FP32, False, True, layout),
+            MemoryItem("critic optimizer state", 2 * Pc * FP32, True, True, layout),
+        ]
+    return MemoryPlan(tuple(items), device_bytes, device_source)
+
+
+def _plural(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
+def _micro_batches_per_mini(cfg, dims) -> int:
+    """Micro-batches of one mini-batch on a dp rank (an upper bound with dynamic batching: ``pp``)."""
+    if cfg.actor.max_tokens_per_micro_batch > 0:
+        return dims.pp
+    rows = cfg.actor.ppo_mini_batch_size * cfg.rollout.n // dims.dp_size
+    return max(1, math.ceil(rows / cfg.actor.micro_batch_size_per_device))
+
+
+def plan_megatron_memory(cfg, args: ModelArgs, dims, device_bytes: int | None, **kwargs) -> tuple[int, MemoryPlan]:
+    """``(stage, plan)`` of the pipeline stage with the largest peak."""
+    plans = [(stage, plan_megatron_stage(cfg, args, dims, stage, device_bytes, **kwargs)) for stage in range(dims.pp)]
+    return max(plans, key=lambda sp: sp[1].peak_bytes)
+
+
+def report_megatron_memory_plan(cfg, args: ModelArgs, dims, device: torch.device, log,
+                                critic_args: ModelArgs | None = None) -> MemoryPlan:
+    """Build, log (rank 0) and check the plan; UserError when it cannot fit."""
+    budget, source = device_budget(cfg, device)
+    stage, plan = plan_megatron_memory(cfg, args, dims, budget, device_type=device.type, critic_args=critic_args,
+                                       device_source=source)
+    log(f"megatron pipeline stage {stage} of {dims.pp} (the largest), tp={dims.tp}:\n" + format_plan(plan))
+    check_plan(plan)
+    return plan

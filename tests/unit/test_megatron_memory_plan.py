@@ -1,0 +1,103 @@
+"""The megatron backend's memory plan: per-stage parameter counts equal what the HF -> GPTModel
+conversion gives each (TP rank, stage), the 1F1B activation count per stage, and the one-line
+refusal of a configuration that cannot fit. Pure: no megatron-core needed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spmd_rl.config import Config, load_config
+from spmd_rl.distributed.parallel_dims import ParallelDims
+from spmd_rl.errors import UserError
+from spmd_rl.models import build_model
+from spmd_rl.models.args import ModelArgs
+from spmd_rl.models.megatron.config import padded_vocab_size
+from spmd_rl.models.megatron.memory_plan import plan_megatron_memory, plan_megatron_stage, stage_param_count
+from spmd_rl.models.megatron.names import OUTPUT_LAYER, hf_to_mcore, select_pp_stage, shard_for_tp
+from spmd_rl.trainer.memory_plan import GIB, check_plan
+
+torch.set_num_threads(1)
+
+LLAMA = ModelArgs(architecture="LlamaForCausalLM", model_type="llama", vocab_size=96, hidden_size=32,
+                  intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8)
+QWEN2_TIED = LLAMA.replace(architecture="Qwen2ForCausalLM", model_type="qwen2", vocab_size=97,
+                           tie_word_embeddings=True, attention_bias=True)  # tp=2 pads 97 -> 98
+QWEN3 = LLAMA.replace(architecture="Qwen3ForCausalLM", model_type="qwen3", qk_norm=True)
+QWEN05 = ModelArgs(architecture="Qwen2ForCausalLM", model_type="qwen2", vocab_size=151936, hidden_size=896,
+                   intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64,
+                   tie_word_embeddings=True, attention_bias=True)
+
+
+def config(*overrides: str) -> Config:
+    return load_config(Config, None, ["model.path=m", "data.train_files=[t.parquet]", "actor.strategy=megatron",
+                                      *overrides])
+
+
+def dims(tp=1, pp=1, dp=1) -> ParallelDims:
+    return ParallelDims(1, dp, 1, tp, pp, dp * tp * pp)
+
+
+def converted_stage_numel(args: ModelArgs, tp: int, pp: int, stage: int, tp_rank: int, *, lm_head: bool) -> int:
+    hf_state = build_model(None, args=args, seed=0).state_dict()
+    full = hf_to_mcore(hf_state, args, fused_norms=False, vocab_size=padded_vocab_size(args.vocab_size, tp))
+    shards = select_pp_stage(full, args, stage, pp)
+    return sum(shard_for_tp(name, t, tp_rank, tp, num_query_groups=args.num_kv_heads).numel()
+               for name, t in shards.items() if lm_head or name != OUTPUT_LAYER)
+
+
+@pytest.mark.parametrize("args", [LLAMA, QWEN2_TIED, QWEN3], ids=["llama", "qwen2_tied", "qwen3"])
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2), (1, 4)])
+def test_stage_param_count_equals_the_converted_shards(args, tp, pp):
+    for stage in range(pp):
+        for lm_head in (True, False):
+            want = converted_stage_numel(args, tp, pp, stage, tp_rank=tp - 1, lm_head=lm_head)
+            assert stage_param_count(args, tp, pp, stage, lm_head=lm_head) == want, (stage, lm_head)
+
+
+def test_1f1b_stages_hold_pp_minus_rank_micro_batches():
+    # 8 prompts x 4 samples per mini-batch over dp=1: 32 rows, micro-batches of 4 -> 8 per mini-batch
+    cfg = config("data.train_batch_size=8", "actor.ppo_mini_batch_size=8", "rollout.n=4",
+                 "actor.micro_batch_size_per_device=4", "data.max_prompt_length=64", "data.max_response_length=64")
+    plans = [plan_megatron_stage(cfg, LLAMA, dims(pp=4), stage, None, device_type="cuda") for stage in range(4)]
+    acts = [p.item("activations").bytes for p in plans]
+    assert acts == [acts[3] * (4 - s) for s in range(4)]  # stage r: pp - r micro-batches of num_layers / pp layers
+    assert [p.item("logits").bytes > 0 for p in plans] == [False, False, False, True]
+    assert plans[0].item("activations").note == "4 micro-batches of 1 layer"
+    # fewer micro-batches than stages: every stage holds all of them
+    few = config("data.train_batch_size=4", "actor.ppo_mini_batch_size=4", "rollout.n=2",
+                 "actor.micro_batch_size_per_device=4")
+    assert plan_megatron_stage(few, LLAMA, dims(pp=4), 0, None).item("activations").note.startswith("2 micro")
+
+
+def test_megatron_plan_sizes_qwen_0_5b():
+    cfg = config("critic.enable=true", "algorithm.adv_estimator=gae", "actor.use_kl_loss=true")
+    stage, plan = plan_megatron_memory(cfg, QWEN05, dims(tp=2, pp=2), None, device_type="cuda")
+    # Stage 0: 12 blocks over tp=2 + half the padded embedding; a tied embedding split over
+    # stages puts the same-sized copy on the last stage, with the final norm.
+    blocks = (QWEN05.num_layers // 2) * ((14_912_384 - 2 * 896) // 2 + 2 * 896)
+    first = blocks + 151936 // 2 * 896
+    assert stage_param_count(QWEN05, 2, 2, 0) == first
+    assert stage_param_count(QWEN05, 2, 2, 1) == first + 896
+    assert plan.item("parameters").bytes == 4 * stage_param_count(QWEN05, 2, 2, stage)
+    assert plan.item("optimizer state").bytes == 2 * plan.item("gradients").bytes
+    assert plan.item("rollout weights").bytes == 2 * 494_032_768  # the whole model in bf16, on every rank
+    critic = plan.item("critic parameters").bytes // 4
+    assert critic == stage_param_count(QWEN05, 2, 2, stage, lm_head=False) + (897 if stage == 1 else 0)
+    assert plan.item("reference parameters").bytes == plan.item("parameters").bytes
+
+
+def test_megatron_plan_refuses_what_cannot_fit_in_one_line():
+    cfg = config("trainer.memory_limit_gb=4", "actor.micro_batch_size_per_device=1", "data.max_prompt_length=128",
+                 "data.max_response_length=128", "rollout.max_num_seqs=8")
+    _, plan = plan_megatron_memory(cfg, QWEN05, dims(), 4 * GIB, device_type="cuda",
+                                   device_source="trainer.memory_limit_gb=4")
+    with pytest.raises(UserError) as err:
+        check_plan(plan)
+    # 494M fp32 parameters: 1.84 GiB each for parameters and gradients, 3.68 GiB of AdamW state
+    assert str(err.value).startswith("memory plan: training needs ")
+    assert str(err.value).endswith("biggest item: optimizer state 3.68 GiB: raise parallel.pp or parallel.tp "
+                                   "(a rank holds 1/(tp x pp) of the fp32 model)")
+    _, split = plan_megatron_memory(cfg, QWEN05, dims(tp=2, pp=4), 4 * GIB, device_type="cuda",
+                                    device_source="trainer.memory_limit_gb=4")
+    check_plan(split)  # 1/8 of the model per rank fits
