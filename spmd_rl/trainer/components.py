@@ -281,8 +281,8 @@ def _fsdp_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, kerne
 
 def _megatron_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, kernels: str, log):
     """``(policy, reference or None, engine, engine model)`` for ``actor.strategy=megatron``:
-    GPTModel stages over tp x pp, and a native engine per rank holding the full model, which
-    takes the stages' weights gathered to HF tensors before each rollout."""
+    GPTModel stages over tp x pp, and a native engine tensor-parallel over tp (each rank keeps
+    its slice of the stages' weights, gathered to HF tensors one at a time before each rollout)."""
     check_megatron_run(cfg, dims)
     report_megatron_memory_plan(cfg, read_model_args(cfg.model.path), dims, device, log,
                                 critic_args=read_model_args(cfg.critic.model_path) if cfg.critic.enable
@@ -293,9 +293,11 @@ def _megatron_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, k
         ref = build_megatron_policy(cfg, cfg.ref.path or cfg.model.path, dims, mesh, kernels=kernels, trainable=False)
     engine_dtype = compute_dtype(cfg, device)
     engine_model = build_model(None, args=policy.args, device=device, dtype=engine_dtype).eval()  # synced before use
-    engine = build_engine("native", engine_model, device=device, **engine_options(cfg, tokenizer))
-    log(f"actor: megatron-core GPTModel, tp={dims.tp} pp={dims.pp} dp={dims.dp_size}; each rank's engine "
-        "generates its dp share with the full model")
+    # tensor-parallel over the trainer's tp ranks (megatron's TP group): each holds 1/tp of the engine
+    engine = build_engine("native", engine_model, device=device, **engine_options(cfg, tokenizer, dims, mesh))
+    engine_tp = dist.get_world_size(engine.tp_group) if engine.tp_group is not None else 1
+    log(f"actor: megatron-core GPTModel, tp={dims.tp} pp={dims.pp} dp={dims.dp_size}; the engine generates each "
+        f"dp share tensor-parallel over {engine_tp} rank(s)")
     return policy, ref, engine, engine_model
 
 

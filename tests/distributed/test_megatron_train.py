@@ -49,6 +49,9 @@ def workdir(tmp_path_factory):
     return root
 
 
+STDOUT: dict[Path, str] = {}  # what each run printed, by run_dir
+
+
 def train(workdir: Path, run_dir: Path, nproc: int, *extra: str, config: str = "grpo_addition.yaml") -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "spmd_rl.train", "--config", str(REPO / "configs" / config),
@@ -61,6 +64,7 @@ def train(workdir: Path, run_dir: Path, nproc: int, *extra: str, config: str = "
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    STDOUT[run_dir] = result.stdout
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -90,6 +94,9 @@ def test_megatron_run_equals_the_single_process_fsdp_run(workdir, fsdp_reference
     ref_rows, ref_weights = fsdp_reference
     run_dir = workdir / f"runs/megatron_{layout}"
     rows = train(workdir, run_dir, 2, "actor.strategy=megatron", *LAYOUTS[layout])
+    engine_tp = 2 if layout == "tp2" else 1  # the engine generates tensor-parallel over megatron's TP ranks
+    assert f"the engine generates each dp share tensor-parallel over {engine_tp} rank(s)" in STDOUT[run_dir]
+    assert "megatron pipeline stage" in STDOUT[run_dir] and "memory plan per rank" in STDOUT[run_dir]
     assert_rows_match(rows, ref_rows)
     weights = hf_weights(run_dir / "hf")  # exported from the stages: gathered over TP, PP
     assert sorted(weights) == sorted(ref_weights)

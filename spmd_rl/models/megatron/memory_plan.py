@@ -13,8 +13,8 @@ with the megatron backend's layout:
   ``num_layers / pp`` layers. The 1F1B schedule (:mod:`.schedule`) keeps ``pp - r`` micro-batches
   alive on stage ``r``, so the first stage carries ``pp`` of them and the last one, plus the
   lm-head's logits of one micro-batch;
-* the rollout engine holds the full model in its dtype on every rank, and a KV cache for all
-  kv heads (it does not generate tensor-parallel under this backend);
+* the rollout engine generates tensor-parallel over the same tp ranks: 1/tp of the model in
+  its dtype and of the KV heads per rank (every pipeline stage holds all layers of it);
 * the reference policy and the critic as the policy (the critic without its lm-head, with a
   value head).
 
@@ -110,10 +110,10 @@ def plan_megatron_stage(cfg, args: ModelArgs, dims, stage: int, device_bytes: in
                    if stage == pp - 1 else 0, False, True,
                    ("" if fused else "set model.kernels=triton (fused logprob, CUDA) or ")
                    + "lower actor.micro_batch_size_per_device"),
-        MemoryItem("rollout weights", math.ceil(param_count(args) * b_engine), True, True,
-                   "under actor.strategy=megatron every rank's engine holds the whole model: use a smaller model, "
-                   "or actor.strategy=fsdp (tensor-parallel generation)"),
-        MemoryItem("KV cache", engine_kv_bytes(cfg, args, seq_len, b_engine, 1, device_type, device_bytes), True, False,
+        MemoryItem("rollout weights", math.ceil(param_count(args) * b_engine / tp), True, True,
+                   "the engine holds 1/tp of the policy per rank: keep model.dtype=auto (bf16 on GPU), "
+                   "raise parallel.tp or use a smaller model"),
+        MemoryItem("KV cache", engine_kv_bytes(cfg, args, seq_len, b_engine, tp, device_type, device_bytes), True, False,
                    "lower rollout.kv_cache_gb / rollout.gpu_memory_utilization or rollout.max_num_seqs"),
     ]
     if cfg.needs_reference:
