@@ -156,9 +156,11 @@ def sglang_engine_kwargs(
     deterministic: bool = False,
     tokenizer: str | None = None,
     load_format: str = "dummy",
+    trust_remote_code: bool = False,
 ) -> dict:
     """Keyword arguments (``ServerArgs`` fields) of ``sglang.Engine`` for a rollout engine
-    (``load_format="dummy"``: random weights, the real ones arrive through update_weights)."""
+    (``load_format="dummy"``: random weights, the real ones arrive through update_weights;
+    ``trust_remote_code``: ``model.trust_remote_code``, for custom config/tokenizer code)."""
     kwargs = dict(
         model_path=model_path,
         tp_size=tp_size,
@@ -171,6 +173,7 @@ def sglang_engine_kwargs(
         disable_cuda_graph=enforce_eager,
         base_gpu_id=base_gpu_id,
         log_level="error",
+        trust_remote_code=trust_remote_code,
     )
     if max_seq_len is not None:
         kwargs["context_length"] = max_seq_len
@@ -233,6 +236,7 @@ class SGLangEngine:
         engine_kwargs: dict | None = None,
         device: torch.device | str | None = None,
         show_progress: bool = False,
+        trust_remote_code: bool = False,
     ) -> None:
         require_package("sglang", SGLANG_VERSIONS, SGLANG_INSTALL_MESSAGE, "rollout.engine=sglang", "sglang")
         check_cuda_device(device, "rollout.engine=sglang")
@@ -247,7 +251,8 @@ class SGLangEngine:
         kwargs = sglang_engine_kwargs(
             path, tp_size=tp_size, mem_fraction_static=mem_fraction_static, max_num_seqs=max_num_seqs,
             max_seq_len=max_seq_len, seed=seed, dtype=dtype, enforce_eager=enforce_eager, base_gpu_id=base_gpu_id,
-            deterministic=deterministic, tokenizer=tokenizer, load_format="auto" if loaded else "dummy")
+            deterministic=deterministic, tokenizer=tokenizer, load_format="auto" if loaded else "dummy",
+            trust_remote_code=trust_remote_code)
         kwargs.update(engine_kwargs or {})
         tie_word_embeddings = read_tie_word_embeddings(path)
         try:

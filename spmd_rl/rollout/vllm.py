@@ -373,9 +373,11 @@ def vllm_llm_kwargs(
     enforce_eager: bool = False,
     tokenizer: str | None = None,
     load_format: str = "dummy",
+    trust_remote_code: bool = False,
 ) -> dict:
     """Keyword arguments of ``vllm.LLM`` for an engine embedded in a torchrun process
-    (``load_format="dummy"``: random weights, the real ones arrive through update_weights)."""
+    (``load_format="dummy"``: random weights, the real ones arrive through update_weights;
+    ``trust_remote_code``: ``model.trust_remote_code``, for custom config/tokenizer code)."""
     kwargs = dict(
         model=model_path,
         tensor_parallel_size=tensor_parallel_size,
@@ -390,6 +392,7 @@ def vllm_llm_kwargs(
         enforce_eager=enforce_eager,
         generation_config="vllm",  # ignore generation_config.json defaults (top_k, penalties, eos ids)
         logprobs_mode="processed_logprobs",
+        trust_remote_code=trust_remote_code,
     )
     if tokenizer is None:
         kwargs["skip_tokenizer_init"] = True  # prompts and outputs are token ids
@@ -452,6 +455,7 @@ class VLLMEngine:
         tokenizer: str | None = None,
         device: torch.device | str | None = None,
         show_progress: bool = False,
+        trust_remote_code: bool = False,
     ) -> None:
         require_package("vllm", VLLM_VERSIONS, VLLM_INSTALL_MESSAGE, "rollout.engine=vllm", "vllm")
         check_cuda_device(device, "rollout.engine=vllm")
@@ -470,7 +474,8 @@ class VLLMEngine:
             self.llm = self._vllm.LLM(**vllm_llm_kwargs(
                 path, tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
                 max_num_seqs=max_num_seqs, max_model_len=max_seq_len, seed=seed, dtype=dtype,
-                enforce_eager=enforce_eager, tokenizer=tokenizer, load_format="auto" if loaded else "dummy"))
+                enforce_eager=enforce_eager, tokenizer=tokenizer, load_format="auto" if loaded else "dummy",
+                trust_remote_code=trust_remote_code))
         finally:
             if tmp is not None:
                 tmp.cleanup()  # the config is read once, at construction

@@ -368,14 +368,14 @@ def engine_options(cfg: Config, tokenizer, dims=None, mesh=None) -> dict:
     elif r.engine == "vllm":
         options.update(tensor_parallel_size=tp, gpu_memory_utilization=r.gpu_memory_utilization,
                        update_weights_bucket_mb=r.update_weights_bucket_mb, seed=cfg.trainer.seed,
-                       tokenizer=cfg.model.tokenizer_path)
+                       tokenizer=cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
     elif r.engine == "sglang":
         if tp > 1:
             raise UserError(f"rollout.engine=sglang with parallel.tp={tp} is not supported: SGLang runs one engine "
                             "per tensor-parallel group; use rollout.engine=native or vllm, or parallel.tp=1")
         options.update(tp_size=tp, mem_fraction_static=r.gpu_memory_utilization,
                        update_weights_bucket_mb=r.update_weights_bucket_mb, seed=cfg.trainer.seed,
-                       tokenizer=cfg.model.tokenizer_path)
+                       tokenizer=cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
     return options
 
 

@@ -300,8 +300,10 @@ def test_vllm_llm_kwargs():
                            max_model_len=96, seed=5, dtype=torch.bfloat16) == dict(
         model="/m", tensor_parallel_size=2, distributed_executor_backend="external_launcher", enable_sleep_mode=True,
         load_format="dummy", gpu_memory_utilization=0.4, max_num_seqs=8, max_model_len=96, seed=5, dtype="bfloat16",
-        enforce_eager=False, generation_config="vllm", logprobs_mode="processed_logprobs", skip_tokenizer_init=True)
+        enforce_eager=False, generation_config="vllm", logprobs_mode="processed_logprobs", trust_remote_code=False,
+        skip_tokenizer_init=True)
     assert vllm_llm_kwargs("/m", tokenizer="/tok")["tokenizer"] == "/tok"
+    assert vllm_llm_kwargs("/m", trust_remote_code=True)["trust_remote_code"] is True
 
 
 def test_sglang_engine_kwargs():
@@ -309,7 +311,8 @@ def test_sglang_engine_kwargs():
                                 dtype=torch.float32, base_gpu_id=3, deterministic=True) == dict(
         model_path="/m", tp_size=1, mem_fraction_static=0.3, load_format="dummy", random_seed=7, dtype="float32",
         max_running_requests=16, enable_memory_saver=True, disable_cuda_graph=False, base_gpu_id=3, log_level="error",
-        context_length=128, skip_tokenizer_init=True, enable_deterministic_inference=True)
+        trust_remote_code=False, context_length=128, skip_tokenizer_init=True, enable_deterministic_inference=True)
+    assert sglang_engine_kwargs("/m", trust_remote_code=True)["trust_remote_code"] is True
 
 
 def test_vllm_driver_model_path():
@@ -528,3 +531,14 @@ def test_folder_engines_load_its_weights_or_wait_for_update(fake_vllm, fake_sgla
     with pytest.raises(ValueError):
         sg.update_weights([("model.layers.5.mlp.up_proj.weight", torch.zeros(1))])
     assert build_engine("sglang", str(config_only)).engine.kwargs["load_format"] == "dummy"
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_engine_options_forward_trust_remote_code(engine):
+    from spmd_rl.config import Config, load_config
+    from spmd_rl.trainer.components import engine_options
+
+    base = ["model.path=/m", "data.train_files=[t.parquet]", f"rollout.engine={engine}"]
+    assert engine_options(load_config(Config, None, base), None)["trust_remote_code"] is False
+    trusted = load_config(Config, None, [*base, "model.trust_remote_code=true"])
+    assert engine_options(trusted, None)["trust_remote_code"] is True
