@@ -109,10 +109,8 @@ class KVPool:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        # empty, not zeros: slots are always written before they are read (the attention masks
-        # slots past each sequence's length), and untouched CPU pages cost no memory.
         # Zeros, not empty: the torch decode path reads masked slots (times a zero weight), which
-        # must hold finite numbers.
+        # must hold finite numbers (uninitialised memory may hold NaN bit patterns).
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
