@@ -214,7 +214,7 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
 
     critic = critic_optimizer = critic_scheduler = None
     if cfg.critic.enable and cfg.actor.strategy == "megatron":
-        critic = build_megatron_critic(cfg, cfg.critic.model_path or cfg.model.path, dims)
+        critic = build_megatron_critic(cfg, cfg.critic.model_path or cfg.model.path, dims, compute_dtype=param_dtype)
     elif cfg.critic.enable:
         trunk = _load_decoder(cfg, cfg.critic.model_path or cfg.model.path, device)
         critic = ValueModel(trunk, _hidden_size(trunk), apply_model_parallel(trunk, dims, mesh))
@@ -287,10 +287,12 @@ def _megatron_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, k
     report_megatron_memory_plan(cfg, read_model_args(cfg.model.path), dims, device, log,
                                 critic_args=read_model_args(cfg.critic.model_path) if cfg.critic.enable
                                 and cfg.critic.model_path else None)  # UserError if it cannot fit
-    policy = build_megatron_policy(cfg, cfg.model.path, dims, mesh, kernels=kernels)
+    mixed = compute_dtype(cfg, device, default=None)  # bf16 autocast on CUDA, as FSDP's mixed precision
+    policy = build_megatron_policy(cfg, cfg.model.path, dims, mesh, kernels=kernels, compute_dtype=mixed)
     ref = None
     if cfg.needs_reference:
-        ref = build_megatron_policy(cfg, cfg.ref.path or cfg.model.path, dims, mesh, kernels=kernels, trainable=False)
+        ref = build_megatron_policy(cfg, cfg.ref.path or cfg.model.path, dims, mesh, kernels=kernels, trainable=False,
+                                    compute_dtype=mixed)
     engine_dtype = compute_dtype(cfg, device)
     engine_model = build_model(None, args=policy.args, device=device, dtype=engine_dtype).eval()  # synced before use
     # tensor-parallel over the trainer's tp ranks (megatron's TP group): each holds 1/tp of the engine

@@ -50,12 +50,14 @@ ACTOR = ActorConfig(optim=OPTIM, ppo_mini_batch_size=ROWS, entropy_coeff=0.01, u
 SCALE_FACTOR = 8
 LOGPROB_ATOL, PARAM_ATOL, PARAM_RTOL = 1e-5, 3e-6, 1e-5
 
-# name -> (model, tp, pp, world size, activation recompute); dp = world / (tp * pp)
+# name -> (model, tp, pp, world size, activation recompute, compute dtype); dp = world / (tp * pp)
 CASES = {
-    "tp2_pp2": (LLAMA, 2, 2, 4, False),
-    "tp2_tied_padded_vocab": (QWEN2_TIED, 2, 1, 2, False),
-    "dp2_pp2_tied": (QWEN2_TIED, 1, 2, 4, False),
-    "tp2_pp2_recompute": (LLAMA, 2, 2, 4, True),  # megatron's "full" recompute of every layer
+    "tp2_pp2": (LLAMA, 2, 2, 4, False, None),
+    "tp2_tied_padded_vocab": (QWEN2_TIED, 2, 1, 2, False, None),
+    "dp2_pp2_tied": (QWEN2_TIED, 1, 2, 4, False, None),
+    "tp2_pp2_recompute": (LLAMA, 2, 2, 4, True, None),  # every layer recomputed in the backward
+    # bf16 mixed precision (autocast over the fp32 parameters), recomputed under the same autocast
+    "tp2_pp2_bf16_recompute": (LLAMA, 2, 2, 4, True, torch.bfloat16),
 }
 
 
@@ -86,7 +88,7 @@ def global_batch(args: ModelArgs) -> RolloutBatch:
     return batch
 
 
-def _worker(rank, world_size, args, tp, pp, recompute, batch, out_path):
+def _worker(rank, world_size, args, tp, pp, recompute, compute_dtype, batch, out_path):
     from megatron.core import parallel_state as ps
 
     from spmd_rl.models.megatron.backend import build_actor
@@ -94,9 +96,15 @@ def _worker(rank, world_size, args, tp, pp, recompute, batch, out_path):
     from spmd_rl.models.megatron.policy import update
 
     hf_state = build_model(None, args=args, seed=0).state_dict()
-    actor = build_actor(args, tp, pp, seed=0, params_dtype=torch.float32, hf_state=hf_state, recompute=recompute)
-    calls = []  # forwards of this stage's first layer: a recomputed layer runs again in the backward
-    actor.model.decoder.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    actor = build_actor(args, tp, pp, seed=0, params_dtype=torch.float32, hf_state=hf_state, recompute=recompute,
+                        compute_dtype=compute_dtype)
+    matmul_dtypes = set()  # what the projections computed in
+    actor.model.decoder.layers[0].self_attention.linear_qkv.register_forward_hook(
+        lambda _m, _i, out: matmul_dtypes.add(out[0].dtype))
+    # Calls of this stage's first MLP: a recomputed layer runs it again in the backward (a pre-hook:
+    # the recompute stops as soon as the last saved tensor is rebuilt, before the MLP returns).
+    calls = []
+    actor.model.decoder.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     share = ROWS // dp_size
     mine = batch.select(range(dp_rank * share, (dp_rank + 1) * share))
@@ -108,6 +116,7 @@ def _worker(rank, world_size, args, tp, pp, recompute, batch, out_path):
                      scale_factor=SCALE_FACTOR)
     # logprobs + update forwards, one per micro-batch each, + the backward's recompute
     assert len(calls) == MICRO_BATCHES * (3 if recompute else 2), len(calls)
+    assert matmul_dtypes == {compute_dtype or torch.float32}, matmul_dtypes
     params = {name: t.clone() for name, t in actor.iter_hf_weights()}  # collective: every rank
     checksum = [(name, t.double().sum().item()) for name, t in params.items()]
     gathered = [None] * world_size
@@ -146,12 +155,15 @@ def reference(args: ModelArgs, batch: RolloutBatch) -> dict:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_megatron_update_equals_single_process(tmp_path, process_group, case):
-    args, tp, pp, world_size, recompute = CASES[case]
+    args, tp, pp, world_size, recompute, compute_dtype = CASES[case]
     batch = global_batch(args)
     out = tmp_path / "out.pt"
-    run_on_ranks(_worker, world_size, args, tp, pp, recompute, batch, str(out))
+    run_on_ranks(_worker, world_size, args, tp, pp, recompute, compute_dtype, batch, str(out))
     got = torch.load(out, weights_only=True)
     ref = reference(args, batch)
+    if compute_dtype is not None:
+        assert_close_in_bf16(got, ref, args)
+        return
 
     assert (got["logprobs"] - ref["logprobs"]).abs().max() < LOGPROB_ATOL
     norm, ref_norm = got["metrics"]["actor/grad_norm"], ref["metrics"]["actor/grad_norm"]
@@ -163,3 +175,19 @@ def test_megatron_update_equals_single_process(tmp_path, process_group, case):
         assert torch.allclose(got["params"][name], value, atol=PARAM_ATOL, rtol=PARAM_RTOL), name
     initial = build_model(None, args=args, seed=0).state_dict()
     assert max((ref["params"][k] - initial[k]).abs().max().item() for k in ref["params"]) > 1e-3
+
+
+def assert_close_in_bf16(got: dict, ref: dict, args: ModelArgs) -> None:
+    """bf16 mixed precision against the fp32 reference: bf16 rounding (2^-8 relative) moves
+    logprobs by ~1e-3 and the gradient by ~1e-4 relative (measured on tp2_pp2: 1.3e-3, 1.2e-4);
+    Adam's step, which divides by the gradient's magnitude, turns that into a ~1.5 % difference
+    of the whole update (L2). A missing cast (fp32 math) gives 1e-6; a wrong gradient, 1e-1 or more."""
+    assert (got["logprobs"] - ref["logprobs"]).abs().max() < 5e-3
+    norm, ref_norm = got["metrics"]["actor/grad_norm"], ref["metrics"]["actor/grad_norm"]
+    assert abs(norm - ref_norm) < 1e-3 * ref_norm
+    for key in ("actor/pg_loss", "actor/kl_loss", "actor/entropy"):
+        assert abs(got["metrics"][key] - ref["metrics"][key]) < 1e-3, key
+    initial = build_model(None, args=args, seed=0).state_dict()
+    error = sum(((got["params"][k] - ref["params"][k]) ** 2).sum() for k in ref["params"]).sqrt()
+    update = sum(((ref["params"][k] - initial[k]) ** 2).sum() for k in ref["params"]).sqrt()
+    assert 1e-4 < error / update < 5e-2, (error / update).item()  # bf16 did run, and the update is the same

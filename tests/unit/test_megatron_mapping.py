@@ -334,10 +334,6 @@ def test_config_kwargs_rope_scaling_and_refusals():
     linear = gpt_model_kwargs(llama.replace(rope_scaling={"rope_type": "linear", "factor": 2.0}))
     assert linear["seq_len_interpolation_factor"] == 2.0 and "rope_scaling" not in linear
     assert transformer_config_kwargs(qwen3_args(), params_dtype=torch.float32)["qk_layernorm"] is True
-    recompute = transformer_config_kwargs(llama, recompute=True)  # actor/critic.activation_checkpointing
-    assert {k: recompute[k] for k in ("recompute_granularity", "recompute_method", "recompute_num_layers")} == \
-        {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
-    assert "recompute_granularity" not in transformer_config_kwargs(llama)
     cases = [
         (llama.replace(attention_bias=True, o_proj_bias=True),
          "attention_bias on o_proj (Llama/Qwen3 attention_bias=true) has no megatron-core equivalent; "

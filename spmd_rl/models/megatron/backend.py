@@ -10,6 +10,8 @@ rollout engine) is done with the pure functions of :mod:`spmd_rl.models.megatron
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.metadata
 import importlib.util
 import warnings
@@ -76,6 +78,23 @@ class MegatronActor:
     tp_group: object | None = None
     pp_group: object | None = None  # megatron's pipeline group of this rank (needed when pp_size > 1)
     has_output_layer: bool = True  # False for a value model's trunk: the lm-head is dropped
+    compute_dtype: torch.dtype | None = None  # bf16: mixed precision over the fp32 parameters
+
+    def compute(self):
+        """The context the stage's math runs in: ``torch.autocast`` to ``compute_dtype`` (matmuls
+        in bf16, reductions and norms in fp32; the parameters stay the fp32 master weights, as
+        under FSDP's mixed precision), or nothing."""
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(next(self.model.parameters()).device.type, dtype=self.compute_dtype)
+
+    def backward_context(self):
+        """The context the stage's backward runs in. megatron's linear layers replay their
+        forward's autocast state in the backward for CUDA only (``custom_bwd(device_type="cuda")``),
+        so on CPU the backward re-enters the compute context; on CUDA nothing is needed."""
+        if self.compute_dtype is None or next(self.model.parameters()).device.type == "cuda":
+            return contextlib.nullcontext()
+        return self.compute()
 
     @property
     def tied_copy(self) -> bool:
@@ -186,6 +205,24 @@ def _unwrapped(name: str) -> str:
     return name
 
 
+def checkpoint_layers(model: torch.nn.Module) -> None:
+    """Recompute each TransformerLayer of ``model`` in the backward instead of keeping its
+    activations (``actor/critic.activation_checkpointing``): only a layer's inputs are saved.
+
+    torch's non-reentrant checkpoint rather than megatron's ``recompute_granularity``: it replays
+    the forward under the autocast state it first ran in (megatron's reentrant recompute does
+    not restore autocast, so a mixed-precision forward would be recomputed in fp32), and it needs
+    no CUDA RNG state. Dropout is 0 here, so no RNG state matters. Parameter names are unchanged."""
+    for layer in model.decoder.layers:
+        layer.forward = functools.partial(_checkpointed, layer.forward)
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():  # logprobs and values: nothing to save
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
 def init_megatron_parallel(tp: int, pp: int, seed: int) -> None:
     """megatron's parallel state and TP-aware CUDA RNG (torch.distributed must be initialised).
 
@@ -216,15 +253,13 @@ def layer_spec(args: ModelArgs, use_te: bool | None = None):
 
 def build_gpt_model(
     args: ModelArgs, tp: int, pp: int, *, params_dtype: torch.dtype = torch.bfloat16, use_te: bool | None = None,
-    recompute: bool = False,
 ) -> tuple[torch.nn.Module, bool, int]:
-    """``(GPTModel stage of this rank, fused_norms, vocab_rows)``; needs :func:`init_megatron_parallel`;
-    ``recompute`` checkpoints the activations of every layer."""
+    """``(GPTModel stage of this rank, fused_norms, vocab_rows)``; needs :func:`init_megatron_parallel`."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
 
-    config = TransformerConfig(**transformer_config_kwargs(args, tp, pp, params_dtype=params_dtype, recompute=recompute),
+    config = TransformerConfig(**transformer_config_kwargs(args, tp, pp, params_dtype=params_dtype),
                                use_cpu_initialization=not torch.cuda.is_available())
     spec, fused_norms = layer_spec(args, use_te)
     model_kwargs = gpt_model_kwargs(args, tp, pp=pp)
@@ -250,10 +285,11 @@ def build_megatron_actor(cfg, *, hf_state: dict[str, torch.Tensor] | None = None
 
 def build_actor(args: ModelArgs, tp: int, pp: int, *, seed: int = 0, params_dtype: torch.dtype = torch.bfloat16,
                 hf_state: dict[str, torch.Tensor] | None = None, output_layer: bool = True,
-                recompute: bool = False) -> MegatronActor:
+                recompute: bool = False, compute_dtype: torch.dtype | None = None) -> MegatronActor:
     """This rank's GPTModel stage for ``args`` over a TP x PP grid (data parallel takes the
     remaining ranks), loaded from ``hf_state`` when given; without its lm-head (``output_layer``)
-    for a value model's trunk; ``recompute``: activation checkpointing per layer.
+    for a value model's trunk; ``recompute``: activation checkpointing per layer;
+    ``compute_dtype``: mixed precision (see :meth:`MegatronActor.compute`).
     torch.distributed must be initialised."""
     check_megatron_available()
     from megatron.core import parallel_state
@@ -263,12 +299,15 @@ def build_actor(args: ModelArgs, tp: int, pp: int, *, seed: int = 0, params_dtyp
     except ValueError as e:
         raise UserError(f"actor.strategy=megatron: {e}") from None
     init_megatron_parallel(tp, pp, seed)
-    model, fused_norms, vocab_rows = build_gpt_model(args, tp, pp, params_dtype=params_dtype, recompute=recompute)
+    model, fused_norms, vocab_rows = build_gpt_model(args, tp, pp, params_dtype=params_dtype)
+    if recompute:
+        checkpoint_layers(model)
     actor = MegatronActor(
         model=model, args=args, tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp_size=tp,
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(), pp_size=pp, fused_norms=fused_norms,
         vocab_rows=vocab_rows, tp_group=parallel_state.get_tensor_model_parallel_group(),
-        pp_group=parallel_state.get_pipeline_model_parallel_group(), has_output_layer=output_layer)
+        pp_group=parallel_state.get_pipeline_model_parallel_group(), has_output_layer=output_layer,
+        compute_dtype=compute_dtype)
     if not output_layer and getattr(model, "output_layer", None) is not None:
         model.output_layer = None  # the trunk ends at the final norm; no [V/tp, H] weight to hold or step
     if hf_state is not None:

@@ -67,7 +67,6 @@ def transformer_config_kwargs(
     sequence_parallel: bool = False,
     params_dtype: torch.dtype = torch.bfloat16,
     init_method_std: float = 0.02,
-    recompute: bool = False,
 ) -> dict:
     """Keyword arguments of ``megatron.core.transformer.TransformerConfig`` for ``args``.
 
@@ -75,8 +74,7 @@ def transformer_config_kwargs(
     checkpoint's epsilon, SwiGLU (``gated_linear_unit`` + silu), no bias except the optional q/k/v
     bias (Qwen2), per-head q/k RMSNorm (Qwen3), no dropout, softmax in fp32. Fusions that need
     extra kernels (bias-activation, RoPE) are off so the config runs with or without
-    TransformerEngine. ``recompute`` is activation checkpointing per layer (megatron's "full"
-    recompute of every layer, ``actor.activation_checkpointing``).
+    TransformerEngine.
     """
     check_megatron_compatible(args, tp, pp)
     kwargs = dict(
@@ -107,8 +105,6 @@ def transformer_config_kwargs(
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
     )
-    if recompute:  # keep each layer's input only; rerun the layer in the backward
-        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     if pp > 1:
         kwargs["pipeline_dtype"] = params_dtype  # megatron requires it for p2p buffers
         # No variable_seq_lengths: it only tells megatron's schedules to exchange shapes, and we run

@@ -1,6 +1,6 @@
 """Run megatron-core's GPTModel on CPU (gloo), for tests and CPU-only machines.
 
-megatron-core (0.12 to 0.16) assumes a CUDA device in three places that a forward/backward of
+megatron-core (0.12 to 0.16) assumes a CUDA device in two places that a forward/backward of
 the local (non-TransformerEngine) layer spec reaches:
 
 1. ``RotaryEmbedding.get_emb`` moves ``inv_freq`` to ``torch.cuda.current_device()`` on its
@@ -11,10 +11,6 @@ the local (non-TransformerEngine) layer spec reaches:
    ``get_cuda_rng_tracker().fork()``, which swaps in per-TP-rank CUDA RNG states. The shim
    installs a tracker whose ``fork`` does nothing: dropout is 0 in the RL configuration
    (``config.transformer_config_kwargs``), so no random number is ever drawn inside it.
-3. Activation recompute (``recompute_granularity="full"``) saves and restores the CUDA RNG
-   state around each checkpointed layer (``_get_cuda_rng_state`` / ``_set_cuda_rng_state``);
-   on CPU these become no-ops (no CUDA generator exists; the CPU RNG state is saved by
-   megatron itself, and nothing random is drawn anyway).
 
 Two more CUDA assumptions are avoided by the callers rather than patched: the default causal
 mask is built on ``"cuda"`` (so the policy always passes an explicit ``attention_mask``), and
@@ -52,16 +48,8 @@ def _cpu_current_device() -> str:
     return "cpu"
 
 
-def _no_cuda_rng_state(*args, **kwargs) -> torch.Tensor:
-    return torch.empty(0, dtype=torch.uint8)
-
-
-def _set_no_cuda_rng_state(*args, **kwargs) -> None:
-    pass
-
-
 def enable_cpu_execution() -> bool:
-    """Apply the shims of the module doc when CUDA is unavailable; idempotent.
+    """Apply the two shims of the module doc when CUDA is unavailable; idempotent.
 
     Returns True when the process runs megatron on CPU (shims active), False on a CUDA machine
     (nothing is touched)."""
@@ -70,9 +58,6 @@ def enable_cpu_execution() -> bool:
     from megatron.core.tensor_parallel import random as mcore_random
 
     torch.cuda.current_device = _cpu_current_device
-    mcore_random._set_cuda_rng_state = _set_no_cuda_rng_state
-    if hasattr(mcore_random, "_get_cuda_rng_state"):  # older releases call torch.cuda.get_rng_state inline
-        mcore_random._get_cuda_rng_state = _no_cuda_rng_state
     if not isinstance(mcore_random._CUDA_RNG_STATE_TRACKER, NoOpRNGTracker):
         mcore_random._CUDA_RNG_STATE_TRACKER = NoOpRNGTracker()
         # "initialised" keeps get_cuda_rng_tracker() from replacing it with a CUDA tracker

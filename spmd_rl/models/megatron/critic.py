@@ -25,9 +25,9 @@ from spmd_rl.models.megatron.policy import (
     activation_shapes,
     broadcast_from_last_stage,
     broadcast_object_from_last_stage,
+    forward_steps,
     links_of,
     padded_scoring_inputs,
-    stage_forward,
 )
 from spmd_rl.models.megatron.schedule import run_pipeline
 from spmd_rl.trainer.actor import grad_norm_metrics
@@ -61,14 +61,15 @@ class MegatronValueModel(nn.Module):
     def stage_values(self, hidden: torch.Tensor, inputs: ScoringInputs) -> torch.Tensor:
         """``[M]`` fp32 values of the response tokens from the last stage's output ``[T, S, H]``."""
         flat = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])  # [S*T, H], row s at s*T
-        return self.value_head(flat[inputs.target_positions]).float().sum(-1)
+        with self.trunk.compute():
+            return self.value_head(flat[inputs.target_positions]).float().sum(-1)
 
     def _run(self, split, forward_only: bool, loss_step) -> list:
         inputs = padded_scoring_inputs(split, next(self.stage.parameters()).device)
         return run_pipeline(len(split), activation_shapes(inputs, self.trunk.args.hidden_size),
-                         lambda i, received: stage_forward(self.stage, inputs[i], received),
+                         forward_steps(self.trunk, inputs),
                          lambda i, hidden: loss_step(i, hidden, inputs[i]), links_of(self.trunk),
-                         forward_only=forward_only)
+                         forward_only=forward_only, backward_context=self.trunk.backward_context)
 
     @torch.no_grad()
     def values(self, batch: RolloutBatch, micro_batch_size: int, *, max_tokens: int = 0) -> torch.Tensor:
@@ -123,15 +124,15 @@ class MegatronValueModel(nn.Module):
         return metrics
 
 
-def build_megatron_critic(cfg, path: str, dims) -> MegatronValueModel:
+def build_megatron_critic(cfg, path: str, dims, *, compute_dtype: torch.dtype | None = None) -> MegatronValueModel:
     """This rank's stage of the value model initialised from the HF checkpoint at ``path`` over
     ``parallel.tp`` x ``parallel.pp`` (fp32 parameters, as the megatron policy's), with
-    per-layer recompute when ``critic.activation_checkpointing``."""
+    per-layer recompute when ``critic.activation_checkpointing`` and mixed precision with ``compute_dtype``."""
     from spmd_rl.models.args import ModelArgs
     from spmd_rl.models.hf_io import load_state_dict, read_hf_config
 
     args = ModelArgs.from_hf_config(read_hf_config(path))
     trunk = build_actor(args, dims.tp, dims.pp, seed=cfg.trainer.seed, params_dtype=torch.float32,
                         hf_state=load_state_dict(path), output_layer=False,
-                        recompute=cfg.critic.activation_checkpointing)
+                        recompute=cfg.critic.activation_checkpointing, compute_dtype=compute_dtype)
     return MegatronValueModel(trunk)

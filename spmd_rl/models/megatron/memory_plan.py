@@ -8,8 +8,8 @@ with the megatron backend's layout:
   and output layer on the last (a tied embedding split over stages has a copy on each end),
   vocabulary padded to a multiple of tp, everything but the norms divided by tp. Nothing is
   sharded over dp (no distributed optimizer) and nothing is gathered;
-* activations in fp32 (the backend computes in its fp32 parameters), with the decoder
-  formula of the FSDP plan on right-padded rows (megatron has no padding-free mode) for
+* activations in the compute dtype (bf16 autocast on GPU unless ``model.dtype=float32``, fp32
+  on CPU), with the decoder formula of the FSDP plan on right-padded rows (megatron has no padding-free mode) for
   ``num_layers / pp`` layers. The 1F1B schedule (:mod:`.schedule`) keeps ``pp - r`` micro-batches
   alive on stage ``r``, so the first stage carries ``pp`` of them and the last one, plus the
   lm-head's logits of one micro-batch;
@@ -68,7 +68,7 @@ def plan_megatron_stage(cfg, args: ModelArgs, dims, stage: int, device_bytes: in
     """The memory plan of one rank of pipeline stage ``stage`` (module doc)."""
     data, actor, critic_cfg = cfg.data, cfg.actor, cfg.critic
     tp, pp = dims.tp, dims.pp
-    b_engine = 2 if device_type == "cuda" and cfg.model.dtype != "float32" else 4
+    b = b_engine = 2 if device_type == "cuda" and cfg.model.dtype != "float32" else 4  # compute = engine dtype
     fused = cfg.model.kernels == "triton" or (cfg.model.kernels == "auto" and device_type == "cuda")
     seq_len = data.max_prompt_length + data.max_response_length
     stage_args = args.replace(num_layers=args.num_layers // pp)
@@ -83,7 +83,7 @@ def plan_megatron_stage(cfg, args: ModelArgs, dims, stage: int, device_bytes: in
     def activations(section, shape: ModelArgs) -> int:
         micro = section.micro_batch_size_per_device or actor.micro_batch_size_per_device
         tokens, response = micro_tokens(micro, section.max_tokens_per_micro_batch)
-        return live * micro_batch_activation_bytes(shape.replace(num_layers=shape.num_layers // pp), FP32, tokens,
+        return live * micro_batch_activation_bytes(shape.replace(num_layers=shape.num_layers // pp), b, tokens,
                                                    response, checkpointing=section.activation_checkpointing,
                                                    packed=False, tp=tp)
 
@@ -106,7 +106,7 @@ def plan_megatron_stage(cfg, args: ModelArgs, dims, stage: int, device_bytes: in
     _, response_tokens = micro_tokens(actor.micro_batch_size_per_device, actor.max_tokens_per_micro_batch)
     items += [
         MemoryItem("activations", acts, False, True, knob, note=f"{alive} of {_plural(stage_args.num_layers, 'layer', 'layers')}"),
-        MemoryItem("logits", logits_bytes(args, response_tokens, FP32, kernels="triton" if fused else "torch", tp=tp)
+        MemoryItem("logits", logits_bytes(args, response_tokens, b, kernels="triton" if fused else "torch", tp=tp)
                    if stage == pp - 1 else 0, False, True,
                    ("" if fused else "set model.kernels=triton (fused logprob, CUDA) or ")
                    + "lower actor.micro_batch_size_per_device"),

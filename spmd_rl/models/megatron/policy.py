@@ -76,6 +76,15 @@ def stage_forward(model: torch.nn.Module, inputs: ScoringInputs, received: torch
     return model.decoder(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary)
 
 
+def forward_steps(actor: MegatronActor, inputs: list[ScoringInputs]):
+    """The schedule's ``forward_step`` over these micro-batches: :func:`stage_forward` in the
+    actor's compute context (mixed precision when ``actor.compute_dtype`` is set)."""
+    def step(i: int, received: torch.Tensor | None) -> torch.Tensor:
+        with actor.compute():
+            return stage_forward(actor.model, inputs[i], received)
+    return step
+
+
 def real_vocab_rows(vocab_size: int, shard_rows: int, tp_rank: int) -> tuple[int, int]:
     """``(vocab_start, rows)``: the part of TP rank ``tp_rank``'s ``shard_rows``-row vocab shard
     that holds real tokens. The rows past ``vocab_size`` are padding (zero weights, logit 0),
@@ -106,7 +115,10 @@ def stage_logprobs(actor: MegatronActor, hidden: torch.Tensor, inputs: ScoringIn
     flat = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])  # [S*T, H], row s at s*T
     weight, vocab_start = output_weight_shard(actor)
     tp_group = actor.tp_group if actor.tp_size > 1 else None
-    return logprobs_and_entropy(flat[inputs.target_positions], weight, inputs.targets, backend=kernels,
+    hidden = flat[inputs.target_positions]
+    if actor.compute_dtype is not None:  # the lm-head matmul in the compute dtype; the softmax math stays fp32
+        hidden, weight = hidden.to(actor.compute_dtype), weight.to(actor.compute_dtype)
+    return logprobs_and_entropy(hidden, weight, inputs.targets, backend=kernels,
                                 temperature=temperature, with_entropy=with_entropy, vocab_start=vocab_start,
                                 tp_group=tp_group)
 
@@ -163,7 +175,7 @@ def compute_logprobs(actor: MegatronActor, batch: RolloutBatch, temperature: flo
         return None, pad_by_lengths(logprobs, inputs[i].response_lengths, split[i][1].response_mask.shape[1])
 
     chunks = run_pipeline(len(split), activation_shapes(inputs, actor.args.hidden_size),
-                       lambda i, received: stage_forward(actor.model, inputs[i], received), loss_step, links_of(actor),
+                       forward_steps(actor, inputs), loss_step, links_of(actor),
                        forward_only=True)
     width = batch.response_mask.shape[1]
     if chunks:
@@ -227,8 +239,8 @@ def _mini_batch_step(actor: MegatronActor, groups: ParallelGroups, loss_fn, mini
         return loss, None
 
     run_pipeline(len(split), activation_shapes(inputs, actor.args.hidden_size),
-              lambda i, received: stage_forward(actor.model, inputs[i], received), loss_step, links_of(actor),
-              forward_only=False)
+              forward_steps(actor, inputs), loss_step, links_of(actor),
+              forward_only=False, backward_context=actor.backward_context)
     if cfg.use_kl_loss and actor.pp_rank == actor.pp_size - 1:
         metrics["actor/kl_coef"] = cfg.kl_loss_coef
     return dict(metrics)

@@ -19,8 +19,10 @@ shape of what it will receive without a shape exchange.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -62,9 +64,9 @@ def _exchange(links: StageLinks, *, send_next: torch.Tensor | None = None, send_
     ``(from prev, from next)``, each None when not asked for or at the end of the pipeline."""
     ops, got_prev, got_next = [], None, None
     if send_next is not None and links.next is not None:
-        ops.append(dist.P2POp(dist.isend, send_next.detach().contiguous(), links.next))
+        ops.append(dist.P2POp(dist.isend, send_next.detach().to(links.dtype).contiguous(), links.next))
     if send_prev is not None and links.prev is not None:
-        ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), links.prev))
+        ops.append(dist.P2POp(dist.isend, send_prev.to(links.dtype).contiguous(), links.prev))
     if recv_prev is not None and links.prev is not None:
         got_prev = torch.empty(recv_prev, dtype=links.dtype, device=links.device)
         ops.append(dist.P2POp(dist.irecv, got_prev, links.prev))
@@ -78,10 +80,11 @@ def _exchange(links: StageLinks, *, send_next: torch.Tensor | None = None, send_
 
 
 def run_pipeline(num_micro: int, shapes: list[tuple[int, ...]], forward_step: ForwardStep, loss_step: LossStep,
-                 links: StageLinks, *, forward_only: bool) -> list:
+                 links: StageLinks, *, forward_only: bool,
+                 backward_context: Callable[[], AbstractContextManager] = contextlib.nullcontext) -> list:
     """Run the micro-batches through this stage (1F1B when training); return the ``loss_step``
     results per micro-batch on the last stage (``[]`` on other stages). ``shapes[i]`` is
-    micro-batch i's activation shape ``[s, b, h]``."""
+    micro-batch i's activation shape ``[s, b, h]``; each backward runs in ``backward_context()``."""
     results: list = []
     if forward_only:
         for i in range(num_micro):
@@ -107,10 +110,11 @@ def run_pipeline(num_micro: int, shapes: list[tuple[int, ...]], forward_step: Fo
 
     def backward(grad: torch.Tensor | None) -> torch.Tensor | None:
         received, out = waiting.popleft()  # oldest first: micro-batches finish in order
-        if links.is_last:
-            out.backward()
-        else:
-            torch.autograd.backward(out, grad)
+        with backward_context():
+            if links.is_last:
+                out.backward()
+            else:
+                torch.autograd.backward(out, grad.to(out.dtype))  # activations travel in links.dtype
         return received.grad if received is not None else None
 
     warmup = min(links.stages_after, num_micro)

@@ -74,17 +74,20 @@ def check_megatron_run(cfg, dims) -> None:
             raise UserError(f"actor.strategy=megatron does not support {what}: use actor.strategy=fsdp or change it")
 
 
-def build_megatron_policy(cfg, path: str, dims, mesh, *, kernels: str, trainable: bool = True) -> MegatronPolicy:
+def build_megatron_policy(cfg, path: str, dims, mesh, *, kernels: str, trainable: bool = True,
+                          compute_dtype: torch.dtype | None = None) -> MegatronPolicy:
     """This rank's stage of the HF checkpoint at ``path`` over ``parallel.tp`` x ``parallel.pp``;
-    frozen unless ``trainable``."""
+    frozen unless ``trainable``; bf16 ``compute_dtype``: mixed precision over fp32 parameters."""
     from spmd_rl.models.args import ModelArgs
     from spmd_rl.models.hf_io import load_state_dict, read_hf_config
 
     args = ModelArgs.from_hf_config(read_hf_config(path))
-    # fp32 parameters: torch's AdamW updates them in place, so they are the master weights
-    # (megatron's own bf16 path keeps fp32 copies in its distributed optimizer, not driven here).
+    # fp32 parameters: torch's AdamW updates them in place, so they are the master weights, and
+    # the math runs under autocast to compute_dtype, as FSDP's mixed precision casts its gathered
+    # parameters (megatron's own bf16 path keeps fp32 copies in its distributed optimizer instead).
     actor = build_actor(args, dims.tp, dims.pp, seed=cfg.trainer.seed, params_dtype=torch.float32,
-                        hf_state=load_state_dict(path), recompute=trainable and cfg.actor.activation_checkpointing)
+                        hf_state=load_state_dict(path), recompute=trainable and cfg.actor.activation_checkpointing,
+                        compute_dtype=compute_dtype)
     _check_same_dp_group(mesh)
     policy = MegatronPolicy(actor, kernels)
     if not trainable:
