@@ -23,6 +23,8 @@ from spmd_rl.config_loader import config_to_dict
 from spmd_rl.distributed.collectives import all_reduce_sum, reduce_metrics
 from spmd_rl.durable_files import write_text_atomic
 from spmd_rl.errors import UserError
+from spmd_rl.export import checkpoint_state_names
+from spmd_rl.models.megatron.checkpoint import check_resume_layout
 from spmd_rl.observability.memory import memory_metrics
 from spmd_rl.observability.profiler import StepProfiler
 from spmd_rl.observability.progress import progress_bar
@@ -309,6 +311,8 @@ class PPOTrainer:
         if path is None:
             c.logger.start_at(0)
             return
+        check_resume_layout(checkpoint_state_names(path), str(path), strategy=self.cfg.actor.strategy,
+                            tp=self.cfg.parallel.tp, pp=self.cfg.parallel.pp)
         state = c.checkpointer.load(path, c.trained())
         self.step = state["step"]
         c.sampler.load_state_dict(state["sampler"])

@@ -53,6 +53,13 @@ STDOUT: dict[Path, str] = {}  # what each run printed, by run_dir
 
 
 def train(workdir: Path, run_dir: Path, nproc: int, *extra: str, config: str = "grpo_addition.yaml") -> list[dict]:
+    result = launch(workdir, run_dir, nproc, *extra, config=config)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    STDOUT[run_dir] = result.stdout
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def launch(workdir: Path, run_dir: Path, nproc: int, *extra: str, config: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "spmd_rl.train", "--config", str(REPO / "configs" / config),
            f"model.path={workdir / 'model'}", f"data.train_files=[{workdir / 'data/train.parquet'}]",
@@ -61,11 +68,8 @@ def train(workdir: Path, run_dir: Path, nproc: int, *extra: str, config: str = "
            f"reward.custom_function.path={workdir / 'reward.py'}", "trainer.total_steps=2",
            f"trainer.run_dir={run_dir}", "trainer.save_freq=0", "trainer.save_at_end=false",
            "trainer.val_before_train=false", *extra]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    STDOUT[run_dir] = result.stdout
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def hf_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -123,6 +127,13 @@ def test_megatron_run_resumes_exactly(workdir, fsdp_reference):
     assert sorted(offline) == sorted(in_run)
     for name, tensor in in_run.items():
         assert torch.equal(offline[name], tensor), name
+    # Another grid cannot take the shards' optimizer state: refused in one line, naming the way out.
+    refused = launch(workdir, run_dir, 2, "actor.strategy=megatron", "parallel.tp=2", "trainer.resume=auto",
+                     config="grpo_addition.yaml")
+    assert refused.returncode != 0
+    assert (f"checkpoint {checkpoint} holds a megatron actor split tp=1 x pp=2 but this run has actor.strategy=megatron "
+            "parallel.tp=2 parallel.pp=1: resume with actor.strategy=megatron parallel.tp=1 parallel.pp=2, or export it"
+            in refused.stdout + refused.stderr)
     rows = train(workdir, run_dir, 2, *megatron, "trainer.resume=auto")
     assert [r["step"] for r in rows] == [1, 2]  # the log continues after the resumed step
     assert_rows_match(rows[1:], ref_rows[1:])

@@ -524,3 +524,27 @@ def test_megatron_grid_of_checkpoint_state_names():
     assert megatron_grid(names) == (2, 3)
     with pytest.raises(ValueError, match=r"do not fill a 2 x 2 \(tp x pp\) grid"):
         megatron_grid(["actor/tp0_pp0/model", "actor/tp1_pp0/model", "actor/tp1_pp1/model"])
+
+
+def test_resume_layout_must_match_the_checkpoint():
+    from spmd_rl.errors import UserError
+    from spmd_rl.models.megatron.checkpoint import check_resume_layout
+
+    megatron_tp1_pp2 = [f"actor/tp0_pp{p}/{kind}" for p in range(2) for kind in ("model", "optim")]
+    fsdp = ["actor/model", "actor/optim", "critic/model", "critic/optim"]
+    check_resume_layout(megatron_tp1_pp2, "ck", strategy="megatron", tp=1, pp=2)
+    check_resume_layout(fsdp, "ck", strategy="fsdp", tp=2, pp=1)  # FSDP reshards: any tp/dp resumes
+    out = "or export it (python -m spmd_rl.export ck OUT) and start from it (model.path=OUT trainer.resume=never)"
+    cases = [
+        (megatron_tp1_pp2, "megatron", 2, 1, "checkpoint ck holds a megatron actor split tp=1 x pp=2 but this run has "
+         "actor.strategy=megatron parallel.tp=2 parallel.pp=1: resume with actor.strategy=megatron parallel.tp=1 "
+         f"parallel.pp=2, {out}"),
+        (megatron_tp1_pp2, "fsdp", 1, 1, "checkpoint ck holds a megatron actor split tp=1 x pp=2 but this run has "
+         f"actor.strategy=fsdp: resume with actor.strategy=megatron parallel.tp=1 parallel.pp=2, {out}"),
+        (fsdp, "megatron", 1, 2, "checkpoint ck holds an FSDP actor but this run has actor.strategy=megatron "
+         f"parallel.tp=1 parallel.pp=2: resume with actor.strategy=fsdp, {out}"),
+    ]
+    for names, strategy, tp, pp, message in cases:
+        with pytest.raises(UserError) as err:
+            check_resume_layout(names, "ck", strategy=strategy, tp=tp, pp=pp)
+        assert str(err.value) == message

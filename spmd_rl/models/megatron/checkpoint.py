@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from spmd_rl.errors import UserError
 from spmd_rl.models.args import ModelArgs
 from spmd_rl.models.megatron.names import OUTPUT_LAYER, iter_hf_weights_from_mcore_shards, stage_name_to_global
 
@@ -50,3 +51,21 @@ def _global_shards(shards: dict, args: ModelArgs, tp: int, pp: int) -> Iterator[
             if name == OUTPUT_LAYER and args.tie_word_embeddings and p > 0:
                 continue  # the last stage's copy of the tied embedding (the first stage has it)
             yield stage_name_to_global(name, p, per_stage), [shards[t, p][name] for t in range(tp)]
+
+
+def check_resume_layout(saved_names: list[str], checkpoint: str, *, strategy: str, tp: int, pp: int) -> None:
+    """UserError (one line) when the actor in a checkpoint (its state names) is laid out other
+    than this run's: a megatron actor's optimizer state exists per TP x PP shard, so it resumes
+    only on the same grid, and an FSDP actor's names differ from a megatron one's. The way out
+    either way is the HF export, which any layout can start from."""
+    saved = megatron_grid(saved_names)
+    run = (tp, pp) if strategy == "megatron" else None
+    if saved == run:
+        return
+    describe = {None: "an FSDP actor"}
+    held = describe.get(saved) or f"a megatron actor split tp={saved[0]} x pp={saved[1]}"
+    this = "actor.strategy=fsdp" if run is None else f"actor.strategy=megatron parallel.tp={tp} parallel.pp={pp}"
+    same = "actor.strategy=fsdp" if saved is None else \
+        f"actor.strategy=megatron parallel.tp={saved[0]} parallel.pp={saved[1]}"
+    raise UserError(f"checkpoint {checkpoint} holds {held} but this run has {this}: resume with {same}, or export it "
+                    f"(python -m spmd_rl.export {checkpoint} OUT) and start from it (model.path=OUT trainer.resume=never)")
