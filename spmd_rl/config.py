@@ -29,7 +29,8 @@ class ModelConfig:
     implementation: Literal["auto", "native", "generic"] = "auto"
     """auto = the native decoder for Llama/Qwen2/Qwen3/Mistral, transformers' model otherwise."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Parameter dtype for training math; auto = bf16 mixed precision on GPU, fp32 on CPU."""
+    """Compute dtype of training and generation: bfloat16 = bf16 mixed precision (fp32 master
+    parameters) and a bf16 engine; auto = bfloat16 on GPU, float32 on CPU."""
     trust_remote_code: bool = False
     """Allow custom model/tokenizer code from model.path (off by default)."""
     kernels: Literal["auto", "triton", "torch"] = "auto"
@@ -42,6 +43,10 @@ class ModelConfig:
     def __post_init__(self):
         if not self.tokenizer_path:
             self.tokenizer_path = self.path
+
+    def uses_bf16(self, device_type: str) -> bool:
+        """Whether training computes (and the engine generates) in bf16 on ``device_type``."""
+        return self.dtype == "bfloat16" or (self.dtype == "auto" and device_type == "cuda")
 
 
 @dataclass
@@ -122,7 +127,7 @@ class RolloutConfig:
     share_weights: bool = True
     """Native engine: generate from the trainer's own parameters (no copy, no per-step sync) when the layouts
     match: one FSDP shard holding whole tensors (dp_shard*sp == 1), tp == 1, engine dtype == the trainer's
-    parameter dtype (fp32: CPU, or model.dtype=float32 on GPU), no actor offload (actor.offload.params).
+    parameter dtype (fp32: model.dtype=float32, or auto on CPU), no actor offload (actor.offload.params).
     Otherwise weights are copied in buckets each step."""
     val_n: int = 1
     """Samples per prompt at validation."""

@@ -62,8 +62,8 @@ def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device) -> d
     data = cfg.data
     dataset = RLDataset(data.val_files, tokenizer, prompt_key=data.prompt_key, max_prompt_length=data.max_prompt_length,
                         filter_overlong_prompts=data.filter_overlong_prompts)
-    # The engine's dtype of training (bf16 on GPU unless model.dtype=float32), loaded directly in it.
-    dtype = torch.bfloat16 if device.type == "cuda" and cfg.model.dtype != "float32" else torch.float32
+    # The engine's dtype of training (model.dtype; auto: bf16 on GPU), loaded directly in it.
+    dtype = torch.bfloat16 if cfg.model.uses_bf16(device.type) else torch.float32
     model = build_model(cfg.model.path, device=device, dtype=dtype, prefer_native=cfg.model.implementation != "generic",
                         seed=cfg.trainer.seed, trust_remote_code=cfg.model.trust_remote_code)
     model.requires_grad_(False).eval()

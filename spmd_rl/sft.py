@@ -61,7 +61,7 @@ def train_sft(cfg: SFTConfig, dims: ParallelDims, mesh, device: torch.device) ->
     else:
         decoder = build_model(cfg.model.path, device=device, prefer_native=cfg.model.implementation != "generic")
     policy = PolicyModel(decoder, sp_group=apply_model_parallel(decoder, dims, mesh))
-    bf16 = device.type == "cuda" and cfg.model.dtype != "float32"
+    bf16 = cfg.model.uses_bf16(device.type)
     apply_fsdp(policy, dims.fsdp_mesh(mesh), param_dtype=torch.bfloat16 if bf16 else None)
     optimizer = build_optimizer(policy, cfg.optim)
     scheduler = build_lr_scheduler(optimizer, cfg.optim, total_steps)

@@ -312,8 +312,8 @@ def read_model_args(path: str):
 
 
 def compute_dtype(cfg: Config, device: torch.device, default: torch.dtype | None = torch.float32):
-    """bf16 on CUDA unless ``model.dtype=float32``; else ``default`` (FSDP: None = no mixed precision)."""
-    return torch.bfloat16 if device.type == "cuda" and cfg.model.dtype != "float32" else default
+    """bf16 where ``model.dtype`` asks for it (auto: on CUDA); else ``default`` (None: no mixed precision)."""
+    return torch.bfloat16 if cfg.model.uses_bf16(device.type) else default
 
 
 def engine_can_share_weights(cfg: Config, dims, engine_dtype: torch.dtype, param_dtype: torch.dtype) -> bool:

@@ -198,11 +198,11 @@ def plan_memory(cfg, model_args: ModelArgs, dims, device_bytes: int | None, *, d
     shape ``model_args`` under ``dims`` (:class:`~spmd_rl.distributed.parallel_dims.ParallelDims`).
 
     ``device_type`` sets the dtypes as the trainer does (bf16 compute and generation on CUDA
-    unless ``model.dtype=float32``; fp32 on CPU); ``critic_args`` is the value model's trunk
+    for ``model.dtype=auto``; ``model.dtype`` otherwise); ``critic_args`` is the value model's trunk
     (default: the policy's shape); ``engine_shares_weights``: the engine reads the trainer's
     parameters in place (``components.engine_can_share_weights``) and holds no copy."""
     data, actor, critic_cfg = cfg.data, cfg.actor, cfg.critic
-    bf16 = device_type == "cuda" and cfg.model.dtype != "float32"
+    bf16 = cfg.model.uses_bf16(device_type)
     b = b_engine = 2 if bf16 else 4
     fused = cfg.model.kernels == "triton" or (cfg.model.kernels == "auto" and device_type == "cuda")
     kernels = "triton" if fused else "torch"  # what model.kernels resolves to (kernels/backend.py)

@@ -269,20 +269,6 @@ def build_gpt_model(
     return model, fused_norms, model_kwargs["vocab_size"]
 
 
-def build_megatron_actor(cfg, *, hf_state: dict[str, torch.Tensor] | None = None) -> MegatronActor:
-    """This rank's GPTModel stage of ``cfg.model.path`` with its weights (unless
-    ``model.random_init``), TP/PP degrees from ``cfg.parallel``. Call after torch.distributed and
-    the device are set up; ``hf_state`` overrides reading the checkpoint."""
-    from spmd_rl.models.hf_io import load_state_dict, read_hf_config
-
-    args = ModelArgs.from_hf_config(read_hf_config(cfg.model.path))
-    dtype = torch.float32 if cfg.model.dtype == "float32" else torch.bfloat16
-    if hf_state is None and not cfg.model.random_init:
-        hf_state = load_state_dict(cfg.model.path)
-    return build_actor(args, cfg.parallel.tp, cfg.parallel.pp, seed=cfg.trainer.seed, params_dtype=dtype,
-                       hf_state=hf_state)
-
-
 def build_actor(args: ModelArgs, tp: int, pp: int, *, seed: int = 0, params_dtype: torch.dtype = torch.bfloat16,
                 hf_state: dict[str, torch.Tensor] | None = None, output_layer: bool = True,
                 recompute: bool = False, compute_dtype: torch.dtype | None = None) -> MegatronActor:

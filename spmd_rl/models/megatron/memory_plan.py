@@ -8,8 +8,7 @@ with the megatron backend's layout:
   and output layer on the last (a tied embedding split over stages has a copy on each end),
   vocabulary padded to a multiple of tp, everything but the norms divided by tp. Nothing is
   sharded over dp (no distributed optimizer) and nothing is gathered;
-* activations in the compute dtype (bf16 autocast on GPU unless ``model.dtype=float32``, fp32
-  on CPU), with the decoder formula of the FSDP plan on right-padded rows (megatron has no padding-free mode) for
+* activations in the compute dtype (``model.dtype``: bf16 autocast on GPU for auto, fp32 on CPU), with the decoder formula of the FSDP plan on right-padded rows (megatron has no padding-free mode) for
   ``num_layers / pp`` layers. The 1F1B schedule (:mod:`.schedule`) keeps ``pp - r`` micro-batches
   alive on stage ``r``, so the first stage carries ``pp`` of them and the last one, plus the
   lm-head's logits of one micro-batch;
@@ -68,7 +67,7 @@ def plan_megatron_stage(cfg, args: ModelArgs, dims, stage: int, device_bytes: in
     """The memory plan of one rank of pipeline stage ``stage`` (module doc)."""
     data, actor, critic_cfg = cfg.data, cfg.actor, cfg.critic
     tp, pp = dims.tp, dims.pp
-    b = b_engine = 2 if device_type == "cuda" and cfg.model.dtype != "float32" else 4  # compute = engine dtype
+    b = b_engine = 2 if cfg.model.uses_bf16(device_type) else 4  # compute = engine dtype
     fused = cfg.model.kernels == "triton" or (cfg.model.kernels == "auto" and device_type == "cuda")
     seq_len = data.max_prompt_length + data.max_response_length
     stage_args = args.replace(num_layers=args.num_layers // pp)
