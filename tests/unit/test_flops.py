@@ -209,7 +209,7 @@ def test_step_flops_and_mfu_metrics(process_group, monkeypatch):
     args = ModelArgs(architecture="LlamaForCausalLM", model_type="llama", vocab_size=64, hidden_size=32,
                      intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
     batch = SimpleNamespace(prompt_ids=[[1, 2, 3], [4, 5]], response_ids=[[6, 7], [8, 9, 10, 11]])
-    c = SimpleNamespace(policy_args=lambda: args, ref=None, critic=None, dp_group=None)
+    c = SimpleNamespace(policy_args=lambda: args, critic_args=lambda: None, ref=None, critic=None, dp_group=None)
     cfg = SimpleNamespace(actor=SimpleNamespace(ppo_epochs=2))
     flops = step_flops(cfg, c, batch, actor_updated=True)
     forward = F.inference_flops(args, [5, 6], lm_head_tokens=6)
