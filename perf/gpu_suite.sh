@@ -16,9 +16,16 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 stage="${1:-all}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Only the megatron package goes on the path (a whole foreign site-packages could shadow this
+# machine's own wheels); a MEGATRON_PATH given but without megatron/ in it is an error, not a skip.
 megatron_path="${MEGATRON_PATH:-$(ls -d .venv/lib/python3*/site-packages 2>/dev/null | head -1)}"
 if [[ -n "$megatron_path" && -d "$megatron_path/megatron" ]]; then
-    export PYTHONPATH="$PYTHONPATH:$PWD/$megatron_path"
+    only_megatron="$(mktemp -d)"
+    ln -s "$(cd "$megatron_path" && pwd)/megatron" "$only_megatron/megatron"
+    export PYTHONPATH="$PYTHONPATH:$only_megatron"
+elif [[ -n "${MEGATRON_PATH:-}" ]]; then
+    echo "MEGATRON_PATH=$MEGATRON_PATH has no megatron/ package folder" >&2
+    exit 2
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"

@@ -87,8 +87,10 @@ def greedy_partition(weights: list[int], k: int, equal_size: bool) -> list[list[
     return [sorted(p) for p in parts]
 
 
-def token_budget_micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Group sequence indices into micro-batches of at most ``max_tokens`` tokens in total.
+def token_budget_micro_batches(lengths: list[int], max_tokens: int, *, padded: bool = False) -> list[list[int]]:
+    """Group sequence indices into micro-batches of at most ``max_tokens`` tokens in total, or,
+    with ``padded``, of at most ``max_tokens`` tokens once every row is right-padded to the
+    micro-batch's longest (rows x longest: what a padded forward computes and stores).
 
     First-fit decreasing: sequences from longest to shortest, each into the first micro-batch
     with room, a new one when none has; this keeps the number of micro-batches (forward passes)
@@ -105,8 +107,14 @@ def token_budget_micro_batches(lengths: list[int], max_tokens: int) -> list[list
         raise ValueError(f"lengths must be >= 0, got {min(lengths)}")
     used: list[int] = []
     bins: list[list[int]] = []
+
+    def fits(b: int, n: int) -> bool:
+        if padded:  # longest first: a bin's first sequence is its longest
+            return (len(bins[b]) + 1) * lengths[bins[b][0]] <= max_tokens
+        return used[b] + n <= max_tokens
+
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        target = next((b for b in range(len(bins)) if used[b] + lengths[i] <= max_tokens), None)
+        target = next((b for b in range(len(bins)) if fits(b, lengths[i])), None)
         if target is None:
             used.append(0)
             bins.append([])

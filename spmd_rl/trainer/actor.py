@@ -45,7 +45,7 @@ def compute_logprobs(policy: PolicyModel, batch: RolloutBatch, temperature: floa
     """``[B, T]`` logprobs of ``policy`` (the PPO "old" or the reference logprobs), in micro-batches
     of ``micro_batch_size`` rows, or of at most ``max_tokens`` tokens when it is > 0 (every rank of
     ``dp_group`` then runs the same number of them); rows come back in the batch's order."""
-    split = micro_batches(batch, micro_batch_size, max_tokens, dp_group)
+    split = micro_batches(batch, micro_batch_size, max_tokens, dp_group, padded=not packed)
     chunks = [forward_logprobs(policy, micro, temperature, device, packed=packed)[0] for _, micro in split]
     reshard(policy)
     return scatter_rows(chunks, [rows for rows, _ in split], len(batch), batch.response_mask.shape[1])
@@ -100,7 +100,8 @@ def _mini_batch_step(policy, loss_fn, mini: RolloutBatch, cfg: ActorConfig, temp
     tokens, seqs = global_counts(mini, dp_group)
     agg = dict(global_tokens=tokens, global_seqs=seqs, scale_factor=scale_factor)
     metrics: dict[str, float] = defaultdict(float)
-    split = micro_batches(mini, cfg.micro_batch_size_per_device, cfg.max_tokens_per_micro_batch, dp_group)
+    split = micro_batches(mini, cfg.micro_batch_size_per_device, cfg.max_tokens_per_micro_batch, dp_group,
+                          padded=not cfg.use_remove_padding)
     for _, micro in split:
         logprobs, entropy = forward_logprobs(policy, micro, temperature, device, with_entropy=True,
                                              packed=cfg.use_remove_padding)

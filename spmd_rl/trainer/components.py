@@ -23,6 +23,7 @@ from spmd_rl.models import build_model
 from spmd_rl.models.decoder import Transformer
 from spmd_rl.models.megatron.critic import MegatronValueModel, build_megatron_critic
 from spmd_rl.models.megatron.memory_plan import report_megatron_memory_plan
+from spmd_rl.models.megatron.pipeline_engine import FirstStageEngine
 from spmd_rl.models.megatron.trainer_policy import MegatronPolicy, build_megatron_policy, check_megatron_run
 from spmd_rl.observability.logger import MetricsLogger, build_metrics_logger
 from spmd_rl.rewards.overlong import overlong_penalty
@@ -281,8 +282,9 @@ def _fsdp_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, kerne
 
 def _megatron_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, kernels: str, log):
     """``(policy, reference or None, engine, engine model)`` for ``actor.strategy=megatron``:
-    GPTModel stages over tp x pp, and a native engine tensor-parallel over tp (each rank keeps
-    its slice of the stages' weights, gathered to HF tensors one at a time before each rollout)."""
+    GPTModel stages over tp x pp, and on the first stage a native engine tensor-parallel over tp
+    (each rank keeps its slice of the stages' weights, gathered to HF tensors one at a time
+    before each rollout), whose completions the other stages receive."""
     check_megatron_run(cfg, dims)
     report_megatron_memory_plan(cfg, read_model_args(cfg.model.path), dims, device, log,
                                 critic_args=read_model_args(cfg.critic.model_path) if cfg.critic.enable
@@ -293,13 +295,19 @@ def _megatron_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, k
     if cfg.needs_reference:
         ref = build_megatron_policy(cfg, cfg.ref.path or cfg.model.path, dims, mesh, kernels=kernels, trainable=False,
                                     compute_dtype=mixed)
-    engine_dtype = compute_dtype(cfg, device)
-    engine_model = build_model(None, args=policy.args, device=device, dtype=engine_dtype).eval()  # synced before use
-    # tensor-parallel over the trainer's tp ranks (megatron's TP group): each holds 1/tp of the engine
-    engine = build_engine("native", engine_model, device=device, **engine_options(cfg, tokenizer, dims, mesh))
-    engine_tp = dist.get_world_size(engine.tp_group) if engine.tp_group is not None else 1
-    log(f"actor: megatron-core GPTModel, tp={dims.tp} pp={dims.pp} dp={dims.dp_size}; the engine generates each "
-        f"dp share tensor-parallel over {engine_tp} rank(s)")
+    with torch.device("meta"):  # the engine allocates its own tp shard; the stages' weights fill it
+        engine_model = Transformer(policy.args)
+    stage = policy.actor.pp_rank
+    engine = None
+    if stage == 0:  # the first stage generates for its pipeline (pipeline_engine.py)
+        # tensor-parallel over the trainer's tp ranks (megatron's TP group): each holds 1/tp of the engine
+        engine = build_engine("native", engine_model, device=device, dtype=compute_dtype(cfg, device),
+                              **engine_options(cfg, tokenizer, dims, mesh))
+        engine_tp = dist.get_world_size(engine.tp_group) if engine.tp_group is not None else 1
+        log(f"actor: megatron-core GPTModel, tp={dims.tp} pp={dims.pp} dp={dims.dp_size}; the first pipeline stage "
+            f"generates each dp share, tensor-parallel over {engine_tp} rank(s)")
+    if dims.pp > 1:
+        engine = FirstStageEngine(engine, policy.actor.pp_group, stage)
     return policy, ref, engine, engine_model
 
 

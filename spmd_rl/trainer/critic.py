@@ -50,7 +50,7 @@ def compute_values(critic: ValueModel, batch: RolloutBatch, micro_batch_size: in
                    max_tokens: int = 0, packed: bool = True, dp_group=None) -> torch.Tensor:
     """``[B, T]`` values of the batch before the critic update, in micro-batches of
     ``micro_batch_size`` rows or of at most ``max_tokens`` tokens (> 0); rows in batch order."""
-    split = micro_batches(batch, micro_batch_size, max_tokens, dp_group)
+    split = micro_batches(batch, micro_batch_size, max_tokens, dp_group, padded=not packed)
     chunks = [forward_values(critic, micro, device, packed=packed) for _, micro in split]
     reshard(critic)
     return scatter_rows(chunks, [rows for rows, _ in split], len(batch), batch.response_mask.shape[1])
@@ -67,7 +67,7 @@ def update_critic(critic: ValueModel, optimizer, scheduler, batch: RolloutBatch,
     num_steps, norms = 0, []
     for mini in mini_batches(batch, mini_batch_size, cfg.ppo_epochs):
         tokens, seqs = global_counts(mini, dp_group)
-        split = micro_batches(mini, micro_batch_size, cfg.max_tokens_per_micro_batch, dp_group)
+        split = micro_batches(mini, micro_batch_size, cfg.max_tokens_per_micro_batch, dp_group, padded=not packed)
         num_micro = len(split)
         for _, micro in split:
             mask = micro.response_mask.to(device)

@@ -38,25 +38,28 @@ def sequence_lengths(batch: RolloutBatch) -> list[int]:
     return [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids)]
 
 
-def micro_batch_rows(batch: RolloutBatch, micro_batch_size: int, max_tokens: int = 0, dp_group=None) -> list[list[int]]:
+def micro_batch_rows(batch: RolloutBatch, micro_batch_size: int, max_tokens: int = 0, dp_group=None, *,
+                     padded: bool = False) -> list[list[int]]:
     """Row indices of each micro-batch of ``batch``.
 
     ``max_tokens <= 0``: consecutive slices of ``micro_batch_size`` rows (the same count on every
     rank, which holds the same number of rows). ``max_tokens > 0``: token-budget micro-batches,
     then split up to the largest count over ``dp_group`` (one all-reduce; see the module doc).
     Splitting never adds tokens to a micro-batch, so the budget still holds, except for a single
-    sequence longer than it, which is always alone."""
+    sequence longer than it, which is always alone. ``padded``: the budget counts the rows
+    right-padded to each micro-batch's longest (forwards without padding-free packing)."""
     if max_tokens <= 0:
         return [list(range(s, min(s + micro_batch_size, len(batch)))) for s in range(0, len(batch), micro_batch_size)]
     lengths = sequence_lengths(batch)
-    rows = token_budget_micro_batches(lengths, max_tokens)
+    rows = token_budget_micro_batches(lengths, max_tokens, padded=padded)
     return split_micro_batches(rows, lengths, _max_over_ranks(len(rows), dp_group))
 
 
-def micro_batches(batch: RolloutBatch, micro_batch_size: int, max_tokens: int = 0,
-                  dp_group=None) -> list[tuple[list[int], RolloutBatch]]:
+def micro_batches(batch: RolloutBatch, micro_batch_size: int, max_tokens: int = 0, dp_group=None, *,
+                  padded: bool = False) -> list[tuple[list[int], RolloutBatch]]:
     """``(rows, sub-batch)`` of each micro-batch; see :func:`micro_batch_rows`."""
-    return [(rows, batch.select(rows)) for rows in micro_batch_rows(batch, micro_batch_size, max_tokens, dp_group)]
+    return [(rows, batch.select(rows))
+            for rows in micro_batch_rows(batch, micro_batch_size, max_tokens, dp_group, padded=padded)]
 
 
 def _max_over_ranks(value: int, group) -> int:

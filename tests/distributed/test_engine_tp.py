@@ -42,6 +42,17 @@ def _worker(rank, world_size, out_path):
     before = generate_all(engine)
     engine.update_weights(iter(updated_weights()))
     after = generate_all(engine)
+    # Built on the meta device: each rank allocates only its shards, then takes the streamed weights.
+    from spmd_rl.models.decoder import Transformer
+
+    with torch.device("meta"):
+        weightless = Transformer(ARGS)
+    lazy = NativeEngine(weightless, device="cpu", max_num_seqs=4, max_seq_len=40, num_blocks=24, block_size=4,
+                        max_num_batched_tokens=16, tp_mesh=mesh)
+    q_proj = lazy.model.model.layers[0].self_attn.q_proj.weight
+    assert q_proj.to_local().shape == (ARGS.num_heads * ARGS.head_dim // world_size, ARGS.hidden_size)
+    lazy.update_weights(iter(updated_weights()))
+    assert flatten(generate_all(lazy)) == flatten(after), "a meta-built engine generates as the built one"
     outputs = [None] * world_size
     dist.all_gather_object(outputs, (before, after))
     if rank == 0:

@@ -99,7 +99,7 @@ def test_megatron_run_equals_the_single_process_fsdp_run(workdir, fsdp_reference
     run_dir = workdir / f"runs/megatron_{layout}"
     rows = train(workdir, run_dir, 2, "actor.strategy=megatron", *LAYOUTS[layout])
     engine_tp = 2 if layout == "tp2" else 1  # the engine generates tensor-parallel over megatron's TP ranks
-    assert f"the engine generates each dp share tensor-parallel over {engine_tp} rank(s)" in STDOUT[run_dir]
+    assert f"the first pipeline stage generates each dp share, tensor-parallel over {engine_tp} rank(s)" in STDOUT[run_dir]
     assert "megatron pipeline stage" in STDOUT[run_dir] and "memory plan per rank" in STDOUT[run_dir]
     assert_rows_match(rows, ref_rows)
     weights = hf_weights(run_dir / "hf")  # exported from the stages: gathered over TP, PP

@@ -99,6 +99,29 @@ def test_token_budget_is_never_exceeded_except_by_a_lone_long_sequence():
         assert len(parts) >= -(-fitting // budget) + sum(n > budget for n in lengths)
 
 
+def test_padded_token_budget_counts_rows_times_the_longest():
+    # One 1024-token row and thirty of 100 under a 4096 budget: counted as tokens, the long row and
+    # 30 short ones share a micro-batch that pads to 31 x 1024 = 31,744 tokens; counted padded,
+    # the long row takes 3 short ones (4 x 1024) and the rest go 40 to a micro-batch at most.
+    lengths = [1024] + [100] * 30
+    assert len(token_budget_micro_batches(lengths, 4096)) == 1
+    parts = token_budget_micro_batches(lengths, 4096, padded=True)
+    assert [len(p) for p in parts] == [4, 27]
+    rng = random.Random(3)
+    for _ in range(200):
+        budget = rng.randint(5, 60)
+        lengths = [rng.randint(1, 80) for _ in range(rng.randint(0, 30))]
+        parts = token_budget_micro_batches(lengths, budget, padded=True)
+        assert sorted(i for p in parts for i in p) == list(range(len(lengths)))
+        for p in parts:
+            assert len(p) * max(lengths[i] for i in p) <= budget or len(p) == 1
+        # splitting to a common count over ranks keeps the padded budget too
+        count = min(len(lengths), len(parts) + 2)
+        if count >= len(parts):
+            for p in split_micro_batches(parts, lengths, count):
+                assert len(p) * max(lengths[i] for i in p) <= budget or len(p) == 1
+
+
 def test_split_micro_batches_reaches_the_count_without_growing_any_part():
     lengths = [3, 4, 2, 5, 1, 9]
     parts = token_budget_micro_batches(lengths, 7)

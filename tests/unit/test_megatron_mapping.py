@@ -534,7 +534,8 @@ def test_resume_layout_must_match_the_checkpoint():
     fsdp = ["actor/model", "actor/optim", "critic/model", "critic/optim"]
     check_resume_layout(megatron_tp1_pp2, "ck", strategy="megatron", tp=1, pp=2)
     check_resume_layout(fsdp, "ck", strategy="fsdp", tp=2, pp=1)  # FSDP reshards: any tp/dp resumes
-    out = "or export it (python -m spmd_rl.export ck OUT) and start from it (model.path=OUT trainer.resume=never)"
+    out = ("or export it (python -m spmd_rl.export ck OUT) and start from it (model.path=OUT trainer.resume=never; "
+           "the export holds the actor's weights only)")
     cases = [
         (megatron_tp1_pp2, "megatron", 2, 1, "checkpoint ck holds a megatron actor split tp=1 x pp=2 but this run has "
          "actor.strategy=megatron parallel.tp=2 parallel.pp=1: resume with actor.strategy=megatron parallel.tp=1 "
@@ -548,3 +549,6 @@ def test_resume_layout_must_match_the_checkpoint():
         with pytest.raises(UserError) as err:
             check_resume_layout(names, "ck", strategy=strategy, tp=tp, pp=pp)
         assert str(err.value) == message
+    with pytest.raises(UserError, match=r"^checkpoint ck: the megatron shards .* do not fill a 2 x 2 \(tp x pp\) grid; "
+                       "resume from a complete checkpoint"):
+        check_resume_layout(["actor/tp0_pp0/model", "actor/tp1_pp1/model"], "ck", strategy="megatron", tp=2, pp=2)

@@ -81,7 +81,10 @@ def test_megatron_plan_sizes_qwen_0_5b():
     assert stage_param_count(QWEN05, 2, 2, 1) == first + 896
     assert plan.item("parameters").bytes == 4 * stage_param_count(QWEN05, 2, 2, stage)
     assert plan.item("optimizer state").bytes == 2 * plan.item("gradients").bytes
-    assert plan.item("rollout weights").bytes == 494_032_768  # bf16, tensor-parallel over tp=2: all layers on each stage
+    # The first stage's engine: all layers in bf16, tensor-parallel over tp=2; the other stages have none.
+    first, last = (plan_megatron_stage(cfg, QWEN05, dims(tp=2, pp=2), s, None, device_type="cuda") for s in (0, 1))
+    assert first.item("rollout weights").bytes == 494_032_768 and first.item("KV cache").bytes > 0
+    assert last.item("rollout weights").bytes == 0 and last.item("KV cache").bytes == 0
     critic = plan.item("critic parameters").bytes // 4
     assert critic == stage_param_count(QWEN05, 2, 2, stage, lm_head=False) + (897 if stage == 1 else 0)
     assert plan.item("reference parameters").bytes == plan.item("parameters").bytes

@@ -88,13 +88,6 @@ class MegatronActor:
             return contextlib.nullcontext()
         return torch.autocast(next(self.model.parameters()).device.type, dtype=self.compute_dtype)
 
-    def backward_context(self):
-        """The context the stage's backward runs in. megatron's linear layers replay their
-        forward's autocast state in the backward for CUDA only (``custom_bwd(device_type="cuda")``),
-        so on CPU the backward re-enters the compute context; on CUDA nothing is needed."""
-        if self.compute_dtype is None or next(self.model.parameters()).device.type == "cuda":
-            return contextlib.nullcontext()
-        return self.compute()
 
     @property
     def tied_copy(self) -> bool:
@@ -271,19 +264,20 @@ def build_gpt_model(
 
 def build_actor(args: ModelArgs, tp: int, pp: int, *, seed: int = 0, params_dtype: torch.dtype = torch.bfloat16,
                 hf_state: dict[str, torch.Tensor] | None = None, output_layer: bool = True,
-                recompute: bool = False, compute_dtype: torch.dtype | None = None) -> MegatronActor:
+                recompute: bool = False, compute_dtype: torch.dtype | None = None,
+                role: str = "actor.strategy=megatron") -> MegatronActor:
     """This rank's GPTModel stage for ``args`` over a TP x PP grid (data parallel takes the
     remaining ranks), loaded from ``hf_state`` when given; without its lm-head (``output_layer``)
     for a value model's trunk; ``recompute``: activation checkpointing per layer;
-    ``compute_dtype``: mixed precision (see :meth:`MegatronActor.compute`).
-    torch.distributed must be initialised."""
+    ``compute_dtype``: mixed precision (see :meth:`MegatronActor.compute`); ``role`` names the
+    model in errors. torch.distributed must be initialised."""
     check_megatron_available()
     from megatron.core import parallel_state
 
     try:
         check_megatron_compatible(args, tp, pp)
     except ValueError as e:
-        raise UserError(f"actor.strategy=megatron: {e}") from None
+        raise UserError(f"{role}: {e}") from None
     init_megatron_parallel(tp, pp, seed)
     model, fused_norms, vocab_rows = build_gpt_model(args, tp, pp, params_dtype=params_dtype)
     if recompute:

@@ -58,7 +58,11 @@ def check_resume_layout(saved_names: list[str], checkpoint: str, *, strategy: st
     than this run's: a megatron actor's optimizer state exists per TP x PP shard, so it resumes
     only on the same grid, and an FSDP actor's names differ from a megatron one's. The way out
     either way is the HF export, which any layout can start from."""
-    saved = megatron_grid(saved_names)
+    try:
+        saved = megatron_grid(saved_names)
+    except ValueError as e:
+        raise UserError(f"checkpoint {checkpoint}: {e}; resume from a complete checkpoint (trainer.resume=PATH) "
+                        "or trainer.resume=never") from None
     run = (tp, pp) if strategy == "megatron" else None
     if saved == run:
         return
@@ -68,4 +72,5 @@ def check_resume_layout(saved_names: list[str], checkpoint: str, *, strategy: st
     same = "actor.strategy=fsdp" if saved is None else \
         f"actor.strategy=megatron parallel.tp={saved[0]} parallel.pp={saved[1]}"
     raise UserError(f"checkpoint {checkpoint} holds {held} but this run has {this}: resume with {same}, or export it "
-                    f"(python -m spmd_rl.export {checkpoint} OUT) and start from it (model.path=OUT trainer.resume=never)")
+                    f"(python -m spmd_rl.export {checkpoint} OUT) and start from it (model.path=OUT trainer.resume=never; "
+                    "the export holds the actor's weights only)")

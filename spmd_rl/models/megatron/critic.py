@@ -69,13 +69,13 @@ class MegatronValueModel(nn.Module):
         return run_pipeline(len(split), activation_shapes(inputs, self.trunk.args.hidden_size),
                          forward_steps(self.trunk, inputs),
                          lambda i, hidden: loss_step(i, hidden, inputs[i]), links_of(self.trunk),
-                         forward_only=forward_only, backward_context=self.trunk.backward_context)
+                         forward_only=forward_only)
 
     @torch.no_grad()
     def values(self, batch: RolloutBatch, micro_batch_size: int, *, max_tokens: int = 0) -> torch.Tensor:
         """``[B, T]`` values of the batch's response tokens on every rank (before the update)."""
         groups = ParallelGroups.from_megatron(self.trunk)
-        split = micro_batches(batch, micro_batch_size, max_tokens, groups.dp)
+        split = micro_batches(batch, micro_batch_size, max_tokens, groups.dp, padded=True)
 
         def loss_step(i: int, hidden: torch.Tensor, inputs: ScoringInputs):
             width = split[i][1].response_mask.shape[1]
@@ -98,7 +98,7 @@ class MegatronValueModel(nn.Module):
         norms = []
         for mini in mini_batches(batch, mini_batch_size, cfg.ppo_epochs):
             tokens, seqs = global_counts(mini, groups.dp)
-            split = micro_batches(mini, micro_batch_size, cfg.max_tokens_per_micro_batch, groups.dp)
+            split = micro_batches(mini, micro_batch_size, cfg.max_tokens_per_micro_batch, groups.dp, padded=True)
 
             def loss_step(i: int, hidden: torch.Tensor, inputs: ScoringInputs):
                 micro = split[i][1]
@@ -134,5 +134,6 @@ def build_megatron_critic(cfg, path: str, dims, *, compute_dtype: torch.dtype | 
     args = ModelArgs.from_hf_config(read_hf_config(path))
     trunk = build_actor(args, dims.tp, dims.pp, seed=cfg.trainer.seed, params_dtype=torch.float32,
                         hf_state=load_state_dict(path), output_layer=False,
-                        recompute=cfg.critic.activation_checkpointing, compute_dtype=compute_dtype)
+                        recompute=cfg.critic.activation_checkpointing, compute_dtype=compute_dtype,
+                        role=f"the critic ({path}) under actor.strategy=megatron")
     return MegatronValueModel(trunk)

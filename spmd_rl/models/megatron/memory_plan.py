@@ -8,12 +8,15 @@ with the megatron backend's layout:
   and output layer on the last (a tied embedding split over stages has a copy on each end),
   vocabulary padded to a multiple of tp, everything but the norms divided by tp. Nothing is
   sharded over dp (no distributed optimizer) and nothing is gathered;
-* activations in the compute dtype (``model.dtype``: bf16 autocast on GPU for auto, fp32 on CPU), with the decoder formula of the FSDP plan on right-padded rows (megatron has no padding-free mode) for
-  ``num_layers / pp`` layers. The 1F1B schedule (:mod:`.schedule`) keeps ``pp - r`` micro-batches
-  alive on stage ``r``, so the first stage carries ``pp`` of them and the last one, plus the
-  lm-head's logits of one micro-batch;
-* the rollout engine generates tensor-parallel over the same tp ranks: 1/tp of the model in
-  its dtype and of the KV heads per rank (every pipeline stage holds all layers of it);
+* activations with the decoder formula of the FSDP plan on right-padded rows (megatron has no
+  padding-free mode; token budgets count padded rows) for ``num_layers / pp`` layers, in fp32
+  also under bf16 autocast: the residual stream and norms stay fp32 and megatron's linear
+  Functions save their fp32 inputs and weights, casting again in the backward (an upper bound).
+  The 1F1B schedule (:mod:`.schedule`) keeps ``pp - r`` micro-batches alive on stage ``r``, so
+  the first stage carries ``pp`` of them and the last one, plus the lm-head's logits of one
+  micro-batch (and, under bf16, the bf16 copy of its output layer the logprob keeps);
+* the rollout engine lives on the first stage only (``pipeline_engine.py``) and generates
+  tensor-parallel over its tp ranks: 1/tp of the model in its dtype and of the KV heads;
 * the reference policy and the critic as the policy (the critic without its lm-head, with a
   value head).
 
@@ -67,11 +70,13 @@ def plan_megatron_stage(cfg, args: ModelArgs, dims, stage: int, device_bytes: in
     """The memory plan of one rank of pipeline stage ``stage`` (module doc)."""
     data, actor, critic_cfg = cfg.data, cfg.actor, cfg.critic
     tp, pp = dims.tp, dims.pp
-    b = b_engine = 2 if cfg.model.uses_bf16(device_type) else 4  # compute = engine dtype
+    b_engine = 2 if cfg.model.uses_bf16(device_type) else 4
     fused = cfg.model.kernels == "triton" or (cfg.model.kernels == "auto" and device_type == "cuda")
     seq_len = data.max_prompt_length + data.max_response_length
     stage_args = args.replace(num_layers=args.num_layers // pp)
-    live = min(pp - stage, _micro_batches_per_mini(cfg, dims))  # 1F1B: micro-batches alive on this stage
+
+    def live(section) -> int:  # 1F1B: micro-batches alive on this stage during `section`'s update
+        return min(pp - stage, _micro_batches_per_mini(cfg, section, dims))
 
     def micro_tokens(micro: int, max_tokens: int) -> tuple[int, int]:
         if max_tokens > 0:
@@ -82,9 +87,9 @@ def plan_megatron_stage(cfg, args: ModelArgs, dims, stage: int, device_bytes: in
     def activations(section, shape: ModelArgs) -> int:
         micro = section.micro_batch_size_per_device or actor.micro_batch_size_per_device
         tokens, response = micro_tokens(micro, section.max_tokens_per_micro_batch)
-        return live * micro_batch_activation_bytes(shape.replace(num_layers=shape.num_layers // pp), b, tokens,
-                                                   response, checkpointing=section.activation_checkpointing,
-                                                   packed=False, tp=tp)
+        return live(section) * micro_batch_activation_bytes(
+            shape.replace(num_layers=shape.num_layers // pp), FP32, tokens, response,
+            checkpointing=section.activation_checkpointing, packed=False, tp=tp)
 
     layout = "raise parallel.pp or parallel.tp (a rank holds 1/(tp x pp) of the fp32 model)"
     P = stage_param_count(args, tp, pp, stage)
@@ -99,20 +104,23 @@ def plan_megatron_stage(cfg, args: ModelArgs, dims, stage: int, device_bytes: in
         if c_acts > acts:
             acts, section = c_acts, "critic"
     section_cfg = getattr(cfg, section)
-    alive = _plural(live, "micro-batch", "micro-batches")
+    alive = _plural(live(section_cfg), "micro-batch", "micro-batches")
     knob = ("" if section_cfg.activation_checkpointing else f"set {section}.activation_checkpointing=true or ") + \
         f"lower {section}.micro_batch_size_per_device (1F1B keeps {alive} alive on this stage)"
     _, response_tokens = micro_tokens(actor.micro_batch_size_per_device, actor.max_tokens_per_micro_batch)
+    logits = logits_bytes(args, response_tokens, FP32, kernels="triton" if fused else "torch", tp=tp)
+    if b_engine == 2:  # stage_logprobs' bf16 copy of the [V/tp, H] output layer, kept for the backward
+        logits += padded_vocab_size(args.vocab_size, tp) // tp * args.hidden_size * 2
     items += [
         MemoryItem("activations", acts, False, True, knob, note=f"{alive} of {_plural(stage_args.num_layers, 'layer', 'layers')}"),
-        MemoryItem("logits", logits_bytes(args, response_tokens, b, kernels="triton" if fused else "torch", tp=tp)
-                   if stage == pp - 1 else 0, False, True,
+        MemoryItem("logits", logits if stage == pp - 1 else 0, False, True,
                    ("" if fused else "set model.kernels=triton (fused logprob, CUDA) or ")
                    + "lower actor.micro_batch_size_per_device"),
-        MemoryItem("rollout weights", math.ceil(param_count(args) * b_engine / tp), True, True,
+        MemoryItem("rollout weights", math.ceil(param_count(args) * b_engine / tp) if stage == 0 else 0, True, True,
                    "the engine holds 1/tp of the policy per rank: keep model.dtype=auto (bf16 on GPU), "
                    "raise parallel.tp or use a smaller model"),
-        MemoryItem("KV cache", engine_kv_bytes(cfg, args, seq_len, b_engine, tp, device_type, device_bytes), True, False,
+        MemoryItem("KV cache", engine_kv_bytes(cfg, args, seq_len, b_engine, tp, device_type, device_bytes)
+                   if stage == 0 else 0, True, False,
                    "lower rollout.kv_cache_gb / rollout.gpu_memory_utilization or rollout.max_num_seqs"),
     ]
     if cfg.needs_reference:
@@ -132,12 +140,14 @@ def _plural(count: int, one: str, many: str) -> str:
     return f"{count} {one if count == 1 else many}"
 
 
-def _micro_batches_per_mini(cfg, dims) -> int:
-    """Micro-batches of one mini-batch on a dp rank (an upper bound with dynamic batching: ``pp``)."""
-    if cfg.actor.max_tokens_per_micro_batch > 0:
+def _micro_batches_per_mini(cfg, section, dims) -> int:
+    """Micro-batches of one of ``section``'s (actor or critic) mini-batches on a dp rank (an upper
+    bound with dynamic batching: ``pp``)."""
+    if section.max_tokens_per_micro_batch > 0:
         return dims.pp
-    rows = cfg.actor.ppo_mini_batch_size * cfg.rollout.n // dims.dp_size
-    return max(1, math.ceil(rows / cfg.actor.micro_batch_size_per_device))
+    mini = section.ppo_mini_batch_size or cfg.actor.ppo_mini_batch_size
+    micro = section.micro_batch_size_per_device or cfg.actor.micro_batch_size_per_device
+    return max(1, math.ceil(mini * cfg.rollout.n // dims.dp_size / micro))
 
 
 def plan_megatron_memory(cfg, args: ModelArgs, dims, device_bytes: int | None, **kwargs) -> tuple[int, MemoryPlan]:

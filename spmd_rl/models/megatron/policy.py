@@ -166,7 +166,7 @@ def compute_logprobs(actor: MegatronActor, batch: RolloutBatch, temperature: flo
     micro-batches as ``spmd_rl.trainer.actor.compute_logprobs``."""
     groups = ParallelGroups.from_megatron(actor)
     device = next(actor.model.parameters()).device
-    split = micro_batches(batch, micro_batch_size, max_tokens, groups.dp)
+    split = micro_batches(batch, micro_batch_size, max_tokens, groups.dp, padded=True)  # rows are right-padded
     inputs = padded_scoring_inputs(split, device)
 
     def loss_step(i: int, hidden: torch.Tensor):
@@ -222,7 +222,8 @@ def _mini_batch_step(actor: MegatronActor, groups: ParallelGroups, loss_fn, mini
     tokens, seqs = global_counts(mini, groups.dp)
     agg = dict(global_tokens=tokens, global_seqs=seqs, scale_factor=scale_factor)
     device = next(actor.model.parameters()).device
-    split = micro_batches(mini, cfg.micro_batch_size_per_device, cfg.max_tokens_per_micro_batch, groups.dp)
+    split = micro_batches(mini, cfg.micro_batch_size_per_device, cfg.max_tokens_per_micro_batch, groups.dp,
+                          padded=True)
     inputs = padded_scoring_inputs(split, device)
     metrics: dict[str, float] = defaultdict(float)
 
@@ -240,7 +241,7 @@ def _mini_batch_step(actor: MegatronActor, groups: ParallelGroups, loss_fn, mini
 
     run_pipeline(len(split), activation_shapes(inputs, actor.args.hidden_size),
               forward_steps(actor, inputs), loss_step, links_of(actor),
-              forward_only=False, backward_context=actor.backward_context)
+              forward_only=False)
     if cfg.use_kl_loss and actor.pp_rank == actor.pp_size - 1:
         metrics["actor/kl_coef"] = cfg.kl_loss_coef
     return dict(metrics)

@@ -19,10 +19,8 @@ shape of what it will receive without a shape exchange.
 
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +37,7 @@ class StageLinks:
     dtype: torch.dtype
     device: torch.device
     stages_after: int = 0
+    group: object | None = None  # the pipeline group the point-to-point ops go through (None: the world)
 
     @property
     def is_last(self) -> bool:
@@ -49,7 +48,8 @@ def stage_links(pp_group, pp_rank: int, pp_size: int, dtype: torch.dtype, device
     """Neighbours of stage ``pp_rank`` in ``pp_group`` (any group when ``pp_size == 1``)."""
     prev = dist.get_global_rank(pp_group, pp_rank - 1) if pp_rank > 0 else None
     nxt = dist.get_global_rank(pp_group, pp_rank + 1) if pp_rank < pp_size - 1 else None
-    return StageLinks(prev=prev, next=nxt, dtype=dtype, device=device, stages_after=pp_size - pp_rank - 1)
+    return StageLinks(prev=prev, next=nxt, dtype=dtype, device=device, stages_after=pp_size - pp_rank - 1,
+                      group=pp_group)
 
 
 # forward_step(i, received activation or None) -> this stage's output [s, b, h]
@@ -64,15 +64,16 @@ def _exchange(links: StageLinks, *, send_next: torch.Tensor | None = None, send_
     ``(from prev, from next)``, each None when not asked for or at the end of the pipeline."""
     ops, got_prev, got_next = [], None, None
     if send_next is not None and links.next is not None:
-        ops.append(dist.P2POp(dist.isend, send_next.detach().to(links.dtype).contiguous(), links.next))
+        activation = send_next.detach().to(links.dtype).contiguous()
+        ops.append(dist.P2POp(dist.isend, activation, links.next, group=links.group))
     if send_prev is not None and links.prev is not None:
-        ops.append(dist.P2POp(dist.isend, send_prev.to(links.dtype).contiguous(), links.prev))
+        ops.append(dist.P2POp(dist.isend, send_prev.to(links.dtype).contiguous(), links.prev, group=links.group))
     if recv_prev is not None and links.prev is not None:
         got_prev = torch.empty(recv_prev, dtype=links.dtype, device=links.device)
-        ops.append(dist.P2POp(dist.irecv, got_prev, links.prev))
+        ops.append(dist.P2POp(dist.irecv, got_prev, links.prev, group=links.group))
     if recv_next is not None and links.next is not None:
         got_next = torch.empty(recv_next, dtype=links.dtype, device=links.device)
-        ops.append(dist.P2POp(dist.irecv, got_next, links.next))
+        ops.append(dist.P2POp(dist.irecv, got_next, links.next, group=links.group))
     if ops:
         for request in dist.batch_isend_irecv(ops):
             request.wait()
@@ -80,11 +81,10 @@ def _exchange(links: StageLinks, *, send_next: torch.Tensor | None = None, send_
 
 
 def run_pipeline(num_micro: int, shapes: list[tuple[int, ...]], forward_step: ForwardStep, loss_step: LossStep,
-                 links: StageLinks, *, forward_only: bool,
-                 backward_context: Callable[[], AbstractContextManager] = contextlib.nullcontext) -> list:
+                 links: StageLinks, *, forward_only: bool) -> list:
     """Run the micro-batches through this stage (1F1B when training); return the ``loss_step``
     results per micro-batch on the last stage (``[]`` on other stages). ``shapes[i]`` is
-    micro-batch i's activation shape ``[s, b, h]``; each backward runs in ``backward_context()``."""
+    micro-batch i's activation shape ``[s, b, h]``."""
     results: list = []
     if forward_only:
         for i in range(num_micro):
@@ -110,11 +110,10 @@ def run_pipeline(num_micro: int, shapes: list[tuple[int, ...]], forward_step: Fo
 
     def backward(grad: torch.Tensor | None) -> torch.Tensor | None:
         received, out = waiting.popleft()  # oldest first: micro-batches finish in order
-        with backward_context():
-            if links.is_last:
-                out.backward()
-            else:
-                torch.autograd.backward(out, grad.to(out.dtype))  # activations travel in links.dtype
+        if links.is_last:
+            out.backward()
+        else:
+            torch.autograd.backward(out, grad.to(out.dtype))  # activations travel in links.dtype
         return received.grad if received is not None else None
 
     warmup = min(links.stages_after, num_micro)

@@ -170,15 +170,14 @@ class NativeEngine:
             first = next(model.parameters())
             self.device = torch.device(device) if device is not None else first.device
             self.dtype = dtype if dtype is not None else first.dtype
-            self.model = model.to(device=self.device, dtype=self.dtype).eval()
+            if first.is_meta and device is None:
+                raise UserError("a native engine built from a meta-device model needs device=...")
+            self.model = _materialise(model, self.device, self.dtype, tp_mesh).eval()
         self.tp_group = None
         if tp_mesh is not None and tp_mesh.size() > 1:
             if self.shares_weights:
                 raise UserError("share_weights_with cannot be combined with tensor-parallel generation; "
                                 "leave share_weights_with unset")
-            from spmd_rl.distributed.tensor_parallel import apply_tp
-
-            apply_tp(self.model, tp_mesh)
             self.tp_group = tp_mesh.get_group()
         tp = 1 if self.tp_group is None else tp_mesh.size()
         self._kv_args = self.model.args.replace(num_kv_heads=self.model.args.num_kv_heads // tp)  # this rank's heads
@@ -460,6 +459,21 @@ def _decode_graph_mode(asked: str, device: torch.device, kernels: str, tp_group)
     if asked == "auto" and device.type == "cuda" and kernels == "triton" and tp_group is None:
         return "graph"
     return None
+
+
+def _materialise(model: Transformer, device: torch.device, dtype: torch.dtype, tp_mesh) -> Transformer:
+    """``model`` on ``device`` in ``dtype``, tensor-parallel over ``tp_mesh`` when its size is > 1.
+    Sharding comes first, so a rank allocates only its own shards on the device; a meta-device
+    model gets uninitialised storage there (its weights arrive by ``update_weights``)."""
+    if tp_mesh is not None and tp_mesh.size() > 1:
+        from spmd_rl.distributed.tensor_parallel import apply_tp
+
+        apply_tp(model, tp_mesh)
+    if next(model.parameters()).is_meta:
+        model = model.to_empty(device=device)
+        if model.args.tie_word_embeddings:
+            model.tie_weights()  # to_empty gives the two names separate storage
+    return model.to(device=device, dtype=dtype)
 
 
 def _same_device(asked: torch.device, have: torch.device) -> bool:
