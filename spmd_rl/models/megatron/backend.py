@@ -90,6 +90,11 @@ class MegatronActor:
 
 
     @property
+    def shard_name(self) -> str:
+        """This rank's cell of the model-parallel grid, e.g. ``tp0_pp1`` (its checkpoint keys)."""
+        return f"tp{self.tp_rank}_pp{self.pp_rank}"
+
+    @property
     def tied_copy(self) -> bool:
         """Tied embeddings split over stages: the last stage's ``output_layer`` is a copy of the
         first stage's embedding (kept equal by summing their gradients)."""

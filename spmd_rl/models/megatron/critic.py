@@ -55,8 +55,7 @@ class MegatronValueModel(nn.Module):
 
     @property
     def shard_name(self) -> str:
-        """This rank's cell of the model-parallel grid, e.g. ``tp0_pp1``."""
-        return f"tp{self.trunk.tp_rank}_pp{self.trunk.pp_rank}"
+        return self.trunk.shard_name
 
     def stage_values(self, hidden: torch.Tensor, inputs: ScoringInputs) -> torch.Tensor:
         """``[M]`` fp32 values of the response tokens from the last stage's output ``[T, S, H]``."""
@@ -67,9 +66,8 @@ class MegatronValueModel(nn.Module):
     def _run(self, split, forward_only: bool, loss_step) -> list:
         inputs = padded_scoring_inputs(split, next(self.stage.parameters()).device)
         return run_pipeline(len(split), activation_shapes(inputs, self.trunk.args.hidden_size),
-                         forward_steps(self.trunk, inputs),
-                         lambda i, hidden: loss_step(i, hidden, inputs[i]), links_of(self.trunk),
-                         forward_only=forward_only)
+                            forward_steps(self.trunk, inputs), lambda i, hidden: loss_step(i, hidden, inputs[i]),
+                            links_of(self.trunk), forward_only=forward_only)
 
     @torch.no_grad()
     def values(self, batch: RolloutBatch, micro_batch_size: int, *, max_tokens: int = 0) -> torch.Tensor:

@@ -175,8 +175,7 @@ def compute_logprobs(actor: MegatronActor, batch: RolloutBatch, temperature: flo
         return None, pad_by_lengths(logprobs, inputs[i].response_lengths, split[i][1].response_mask.shape[1])
 
     chunks = run_pipeline(len(split), activation_shapes(inputs, actor.args.hidden_size),
-                       forward_steps(actor, inputs), loss_step, links_of(actor),
-                       forward_only=True)
+                          forward_steps(actor, inputs), loss_step, links_of(actor), forward_only=True)
     width = batch.response_mask.shape[1]
     if chunks:
         out = scatter_rows(chunks, [rows for rows, _ in split], len(batch), width).float()
@@ -240,8 +239,7 @@ def _mini_batch_step(actor: MegatronActor, groups: ParallelGroups, loss_fn, mini
         return loss, None
 
     run_pipeline(len(split), activation_shapes(inputs, actor.args.hidden_size),
-              forward_steps(actor, inputs), loss_step, links_of(actor),
-              forward_only=False)
+                 forward_steps(actor, inputs), loss_step, links_of(actor), forward_only=False)
     if cfg.use_kl_loss and actor.pp_rank == actor.pp_size - 1:
         metrics["actor/kl_coef"] = cfg.kl_loss_coef
     return dict(metrics)

@@ -35,8 +35,7 @@ class MegatronPolicy(nn.Module):
 
     @property
     def shard_name(self) -> str:
-        """This rank's cell of the model-parallel grid, e.g. ``tp0_pp1``."""
-        return f"tp{self.actor.tp_rank}_pp{self.actor.pp_rank}"
+        return self.actor.shard_name
 
     @property
     def args(self):
