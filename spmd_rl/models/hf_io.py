@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from spmd_rl.errors import UserError
@@ -39,11 +41,17 @@ def read_hf_config(path: str | os.PathLike) -> dict:
         raise UserError(f"{config_file} is not valid JSON ({e}); re-export the model folder") from None
 
 
-def load_state_dict(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``."""
+def load_state_dict(path: str | os.PathLike, device: torch.device | str = "cpu",
+                    keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``;
+    with ``keep``, only the names it accepts, the others never read (a pipeline stage's layers)."""
     state: dict[str, torch.Tensor] = {}
     for file in _weight_files(Path(path)):
-        state.update(load_file(file, device=str(device)))
+        if keep is None:
+            state.update(load_file(file, device=str(device)))
+            continue
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            state.update({name: f.get_tensor(name) for name in f.keys() if keep(name)})
     return state
 
 

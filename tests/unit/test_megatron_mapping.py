@@ -552,3 +552,24 @@ def test_resume_layout_must_match_the_checkpoint():
     with pytest.raises(UserError, match=r"^checkpoint ck: the megatron shards .* do not fill a 2 x 2 \(tp x pp\) grid; "
                        "resume from a complete checkpoint"):
         check_resume_layout(["actor/tp0_pp0/model", "actor/tp1_pp1/model"], "ck", strategy="megatron", tp=2, pp=2)
+
+
+def test_a_pipeline_stage_reads_only_its_layers_of_the_checkpoint(tmp_path):
+    from spmd_rl.models import build_model
+    from spmd_rl.models.hf_io import load_state_dict, save_pretrained
+    from spmd_rl.models.megatron.names import hf_names_for_stage
+
+    args = ModelArgs(architecture="LlamaForCausalLM", model_type="llama", vocab_size=30, hidden_size=16,
+                     intermediate_size=24, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=4)
+    model = build_model(None, args=args, seed=0)
+    save_pretrained(model, args, tmp_path, max_shard_bytes=8192)  # several shards: the index path
+    full = load_state_dict(tmp_path)
+    stage1 = load_state_dict(tmp_path, keep=hf_names_for_stage(args, 1, 2))
+    layers = {int(k.split(".")[2]) for k in stage1 if k.startswith("model.layers.")}
+    assert layers == {2, 3}  # the second half of the layers, nothing of the first
+    assert {k for k in stage1 if not k.startswith("model.layers.")} == \
+        {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}  # globals, wanted by hf_to_mcore
+    for name, tensor in stage1.items():
+        assert torch.equal(tensor, full[name]), name
+    with pytest.raises(ValueError, match="num_layers=4 is not divisible by pp=3"):
+        hf_names_for_stage(args, 0, 3)

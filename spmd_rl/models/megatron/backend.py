@@ -28,6 +28,7 @@ from spmd_rl.models.megatron.config import check_megatron_compatible, gpt_model_
 from spmd_rl.models.megatron.cpu import enable_cpu_execution
 from spmd_rl.models.megatron.names import (
     OUTPUT_LAYER,
+    hf_names_for_stage,
     hf_to_mcore,
     iter_hf_weights_from_mcore_shards,
     select_pp_stage,
@@ -267,6 +268,30 @@ def build_gpt_model(
     return model, fused_norms, model_kwargs["vocab_size"]
 
 
+def load_stage_hf_state(path: str, args: ModelArgs, tp: int, pp: int, *, seed: int = 0,
+                        role: str = "actor.strategy=megatron") -> dict[str, torch.Tensor]:
+    """The HF tensors of the checkpoint at ``path`` that this rank's pipeline stage needs
+    (:func:`~spmd_rl.models.megatron.names.hf_names_for_stage`): a rank reads its stage's layers
+    only, not the whole model. Sets up megatron's parallel state to learn the stage."""
+    from megatron.core import parallel_state
+
+    from spmd_rl.models.hf_io import load_state_dict
+
+    _set_up(args, tp, pp, seed, role)
+    return load_state_dict(path, keep=hf_names_for_stage(args, parallel_state.get_pipeline_model_parallel_rank(), pp))
+
+
+def _set_up(args: ModelArgs, tp: int, pp: int, seed: int, role: str) -> None:
+    """megatron-core importable, ``args`` mappable onto GPTModel over tp x pp (UserError naming
+    ``role`` otherwise), and megatron's parallel state initialised (idempotent)."""
+    check_megatron_available()
+    try:
+        check_megatron_compatible(args, tp, pp)
+    except ValueError as e:
+        raise UserError(f"{role}: {e}") from None
+    init_megatron_parallel(tp, pp, seed)
+
+
 def build_actor(args: ModelArgs, tp: int, pp: int, *, seed: int = 0, params_dtype: torch.dtype = torch.bfloat16,
                 hf_state: dict[str, torch.Tensor] | None = None, output_layer: bool = True,
                 recompute: bool = False, compute_dtype: torch.dtype | None = None,
@@ -276,14 +301,9 @@ def build_actor(args: ModelArgs, tp: int, pp: int, *, seed: int = 0, params_dtyp
     for a value model's trunk; ``recompute``: activation checkpointing per layer;
     ``compute_dtype``: mixed precision (see :meth:`MegatronActor.compute`); ``role`` names the
     model in errors. torch.distributed must be initialised."""
-    check_megatron_available()
     from megatron.core import parallel_state
 
-    try:
-        check_megatron_compatible(args, tp, pp)
-    except ValueError as e:
-        raise UserError(f"{role}: {e}") from None
-    init_megatron_parallel(tp, pp, seed)
+    _set_up(args, tp, pp, seed, role)
     model, fused_norms, vocab_rows = build_gpt_model(args, tp, pp, params_dtype=params_dtype)
     if recompute:
         checkpoint_layers(model)

@@ -19,7 +19,7 @@ from torch import nn
 from spmd_rl.algorithms.losses import value_loss
 from spmd_rl.config import CriticConfig
 from spmd_rl.models.megatron import grads
-from spmd_rl.models.megatron.backend import MegatronActor, build_actor
+from spmd_rl.models.megatron.backend import MegatronActor, build_actor, load_stage_hf_state
 from spmd_rl.models.megatron.policy import (
     ParallelGroups,
     activation_shapes,
@@ -127,11 +127,12 @@ def build_megatron_critic(cfg, path: str, dims, *, compute_dtype: torch.dtype | 
     ``parallel.tp`` x ``parallel.pp`` (fp32 parameters, as the megatron policy's), with
     per-layer recompute when ``critic.activation_checkpointing`` and mixed precision with ``compute_dtype``."""
     from spmd_rl.models.args import ModelArgs
-    from spmd_rl.models.hf_io import load_state_dict, read_hf_config
+    from spmd_rl.models.hf_io import read_hf_config
 
     args = ModelArgs.from_hf_config(read_hf_config(path))
+    role = f"the critic ({path}) under actor.strategy=megatron"
     trunk = build_actor(args, dims.tp, dims.pp, seed=cfg.trainer.seed, params_dtype=torch.float32,
-                        hf_state=load_state_dict(path), output_layer=False,
-                        recompute=cfg.critic.activation_checkpointing, compute_dtype=compute_dtype,
-                        role=f"the critic ({path}) under actor.strategy=megatron")
+                        hf_state=load_stage_hf_state(path, args, dims.tp, dims.pp, seed=cfg.trainer.seed, role=role),
+                        output_layer=False, recompute=cfg.critic.activation_checkpointing,
+                        compute_dtype=compute_dtype, role=role)
     return MegatronValueModel(trunk)

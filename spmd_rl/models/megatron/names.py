@@ -17,7 +17,7 @@ Pure tensor reshuffling; no megatron import. Layouts are those of megatron-core 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -297,6 +297,18 @@ def iter_hf_weights_from_mcore_shards(
 
 # ---------------------------------------------------------------------------------------------
 # Pipeline parallelism
+
+
+def hf_names_for_stage(args: ModelArgs, pp_rank: int, pp_size: int) -> Callable[[str], bool]:
+    """Whether an HF parameter name is needed to build pipeline stage ``pp_rank``: its layers,
+    and the global tensors (embedding, final norm, lm-head), which :func:`hf_to_mcore` wants
+    whatever the stage. A rank then reads about 1/pp of a checkpoint's layers."""
+    layers = set(layers_for_pp_stage(args.num_layers, pp_rank, pp_size))
+
+    def keep(name: str) -> bool:
+        match = _HF_LAYER.match(name)
+        return match is None or int(match.group(1)) in layers
+    return keep
 
 
 def layers_for_pp_stage(num_layers: int, pp_rank: int, pp_size: int) -> range:

@@ -21,7 +21,7 @@ from torch import nn
 
 from spmd_rl.errors import UserError
 from spmd_rl.models.megatron import policy as megatron_policy
-from spmd_rl.models.megatron.backend import MegatronActor, build_actor
+from spmd_rl.models.megatron.backend import MegatronActor, build_actor, load_stage_hf_state
 
 
 class MegatronPolicy(nn.Module):
@@ -78,14 +78,15 @@ def build_megatron_policy(cfg, path: str, dims, mesh, *, kernels: str, trainable
     """This rank's stage of the HF checkpoint at ``path`` over ``parallel.tp`` x ``parallel.pp``;
     frozen unless ``trainable``; bf16 ``compute_dtype``: mixed precision over fp32 parameters."""
     from spmd_rl.models.args import ModelArgs
-    from spmd_rl.models.hf_io import load_state_dict, read_hf_config
+    from spmd_rl.models.hf_io import read_hf_config
 
     args = ModelArgs.from_hf_config(read_hf_config(path))
     # fp32 parameters: torch's AdamW updates them in place, so they are the master weights, and
     # the math runs under autocast to compute_dtype, as FSDP's mixed precision casts its gathered
     # parameters (megatron's own bf16 path keeps fp32 copies in its distributed optimizer instead).
     actor = build_actor(args, dims.tp, dims.pp, seed=cfg.trainer.seed, params_dtype=torch.float32,
-                        hf_state=load_state_dict(path), recompute=trainable and cfg.actor.activation_checkpointing,
+                        hf_state=load_stage_hf_state(path, args, dims.tp, dims.pp, seed=cfg.trainer.seed),
+                        recompute=trainable and cfg.actor.activation_checkpointing,
                         compute_dtype=compute_dtype)
     _check_same_dp_group(mesh)
     policy = MegatronPolicy(actor, kernels)
