@@ -39,7 +39,9 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None):
 '''
 EXACT = ("critic/score/mean", "response_length/mean")  # same tokens sampled
 CLOSE = ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/kl_loss", "actor/pg_clipfrac")
-LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": []}  # 2 ranks each
+LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": [],  # 2 ranks each
+           # token-budget micro-batches counted padded (2-3 rows of at most 16 + 5 tokens), many through 1F1B
+           "pp2_token_budget": ["parallel.pp=2", "actor.max_tokens_per_micro_batch=48"]}
 
 
 @pytest.fixture(scope="module")
