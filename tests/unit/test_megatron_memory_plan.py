@@ -104,3 +104,16 @@ def test_megatron_plan_refuses_what_cannot_fit_in_one_line():
     _, split = plan_megatron_memory(cfg, QWEN05, dims(tp=2, pp=4), 4 * GIB, device_type="cuda",
                                     device_source="trainer.memory_limit_gb=4")
     check_plan(split)  # 1/8 of the model per rank fits
+
+
+def test_live_micro_batches_follow_each_sections_own_sizes():
+    from spmd_rl.models.megatron.memory_plan import _micro_batches_per_mini
+
+    cfg = config("critic.enable=true", "algorithm.adv_estimator=gae", "data.train_batch_size=8",
+                 "actor.ppo_mini_batch_size=8", "rollout.n=4", "actor.micro_batch_size_per_device=32",
+                 "critic.micro_batch_size_per_device=4", "critic.ppo_mini_batch_size=4")
+    assert _micro_batches_per_mini(cfg, cfg.actor, dims(pp=4)) == 1  # 32 rows of 32
+    assert _micro_batches_per_mini(cfg, cfg.critic, dims(pp=4)) == 4  # 16 rows of 4
+    assert _micro_batches_per_mini(cfg, cfg.critic, dims(pp=4, dp=2)) == 2
+    budget = config("actor.max_tokens_per_micro_batch=512")
+    assert _micro_batches_per_mini(budget, budget.actor, dims(pp=4)) == 4  # unknown count: pp bounds it
