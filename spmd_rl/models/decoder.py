@@ -266,7 +266,7 @@ class Transformer(nn.Module):
             else:
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
                 values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
-                _copy_full_into(param, values)
+                copy_full_into(param, values)
 
 
 def build_attention_inputs(
@@ -340,7 +340,7 @@ def _prefix_causal_attention(
     return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
 
 
-def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
     """Copy a full-shape CPU tensor into ``param``, which may be a sharded DTensor."""
     if hasattr(param, "device_mesh"):
         # Every rank holds the same full tensor, so each can slice its own shard locally.

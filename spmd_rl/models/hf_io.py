@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -53,6 +53,14 @@ def load_state_dict(path: str | os.PathLike, device: torch.device | str = "cpu",
         with safe_open(file, framework="pt", device=str(device)) as f:
             state.update({name: f.get_tensor(name) for name in f.keys() if keep(name)})
     return state
+
+
+def iter_hf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, CPU tensor)`` of every weight of an HF folder, read one at a time."""
+    for file in _weight_files(Path(path)):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -19,12 +19,13 @@ from spmd_rl.distributed.compile import wrap_decoder_blocks
 from spmd_rl.distributed.parallelize import apply_fsdp, apply_model_parallel
 from spmd_rl.errors import UserError
 from spmd_rl.kernels.backend import resolve_kernel_backend
-from spmd_rl.models import build_model
+from spmd_rl.models import NATIVE_MODEL_TYPES, ModelArgs, build_model, read_hf_config
 from spmd_rl.models.decoder import Transformer
 from spmd_rl.models.megatron.critic import MegatronValueModel, build_megatron_critic
 from spmd_rl.models.megatron.memory_plan import report_megatron_memory_plan
 from spmd_rl.models.megatron.pipeline_engine import FirstStageEngine
 from spmd_rl.models.megatron.trainer_policy import MegatronPolicy, build_megatron_policy, check_megatron_run
+from spmd_rl.models.sharded_load import is_on_meta, materialise_from_hf
 from spmd_rl.observability.logger import MetricsLogger, build_metrics_logger
 from spmd_rl.rewards.overlong import overlong_penalty
 from spmd_rl.rewards.scorer import RewardScorer, build_scorer
@@ -217,10 +218,14 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
     if cfg.critic.enable and cfg.actor.strategy == "megatron":
         critic = build_megatron_critic(cfg, cfg.critic.model_path or cfg.model.path, dims, compute_dtype=param_dtype)
     elif cfg.critic.enable:
-        trunk = _load_decoder(cfg, cfg.critic.model_path or cfg.model.path, device)
+        critic_path = cfg.critic.model_path or cfg.model.path
+        trunk = _load_decoder(cfg, critic_path, device)
         critic = ValueModel(trunk, _hidden_size(trunk), apply_model_parallel(trunk, dims, mesh))
         wrap_decoder_blocks(trunk, compile=cfg.model.compile, activation_checkpointing=cfg.critic.activation_checkpointing)
         critic = apply_fsdp(critic, fsdp_mesh, param_dtype=param_dtype)
+        if is_on_meta(trunk):
+            materialise_from_hf(critic, trunk, critic_path, device)
+            critic.zero_head()  # allocated, not initialised, with the trunk
     if cfg.critic.enable:
         critic_mini = cfg.critic.ppo_mini_batch_size or cfg.actor.ppo_mini_batch_size
         critic_optimizer = build_optimizer(critic, cfg.critic.optim)
@@ -256,14 +261,15 @@ def _fsdp_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, kerne
                                                                           next(decoder.parameters()).dtype)
     report_memory_plan(cfg, decoder, dims, device, log, engine_shares_weights=share)  # UserError if it cannot fit
     if not share:
-        engine_model = copy.deepcopy(decoder).to(engine_dtype).eval()
-        engine = build_engine(cfg.rollout.engine, engine_model, device=device,
-                              **engine_options(cfg, tokenizer, dims, mesh))
+        engine = build_engine(cfg.rollout.engine, _engine_model(cfg, decoder, device, engine_dtype), device=device,
+                              dtype=engine_dtype, **engine_options(cfg, tokenizer, dims, mesh))
     param_dtype = compute_dtype(cfg, device, default=None)
     fsdp_mesh = dims.fsdp_mesh(mesh)
     sp_group = apply_model_parallel(decoder, dims, mesh)  # TP/SP shard the decoder before FSDP
     wrap_decoder_blocks(decoder, compile=cfg.model.compile, activation_checkpointing=cfg.actor.activation_checkpointing)
     policy = apply_fsdp(PolicyModel(decoder, kernels, sp_group), fsdp_mesh, param_dtype=param_dtype)
+    if is_on_meta(decoder):
+        materialise_from_hf(policy, decoder, cfg.model.path, device)
     if share:  # after fully_shard, which moves the parameters into FSDP's own storage
         engine = build_engine("native", weightless_decoder(decoder), device=device, share_weights_with=policy.decoder,
                               **engine_options(cfg, tokenizer, dims, mesh))
@@ -275,9 +281,22 @@ def _fsdp_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, kerne
         ref = PolicyModel(ref_decoder, kernels, apply_model_parallel(ref_decoder, dims, mesh))
         wrap_decoder_blocks(ref_decoder, compile=cfg.model.compile, activation_checkpointing=False)  # frozen: no backward
         ref = ref.requires_grad_(False).eval()
-        ref = apply_fsdp(ref, fsdp_mesh, param_dtype=param_dtype,
-                         offload_to_cpu=cfg.ref.offload and device.type == "cuda")
+        offload = cfg.ref.offload and device.type == "cuda"
+        ref = apply_fsdp(ref, fsdp_mesh, param_dtype=param_dtype, offload_to_cpu=offload)
+        if is_on_meta(ref_decoder):  # offloaded shards live in host memory
+            materialise_from_hf(ref, ref_decoder, cfg.ref.path or cfg.model.path, "cpu" if offload else device)
     return policy, ref, engine, decoder
+
+
+def _engine_model(cfg: Config, decoder: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+    """The engine's own copy of the policy. For a decoder still on the meta device: a meta copy the
+    native engine allocates itself (its tp shard; the weights come with the sync before the first
+    rollout), or, for the other engines, which need weights to start, the checkpoint loaded."""
+    if not is_on_meta(decoder):
+        return copy.deepcopy(decoder).to(dtype).eval()
+    if cfg.rollout.engine == "native":
+        return copy.deepcopy(decoder)
+    return build_model(cfg.model.path, device=device, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code).eval()
 
 
 def _megatron_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, kernels: str, log):
@@ -313,9 +332,6 @@ def _megatron_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, k
 
 def read_model_args(path: str):
     """The native decoder's ``ModelArgs`` of the HF folder at ``path``."""
-    from spmd_rl.models.args import ModelArgs
-    from spmd_rl.models.hf_io import read_hf_config
-
     return ModelArgs.from_hf_config(read_hf_config(path))
 
 
@@ -344,9 +360,16 @@ def weightless_decoder(decoder: torch.nn.Module) -> torch.nn.Module:
 
 
 def _load_decoder(cfg: Config, path: str, device: torch.device) -> torch.nn.Module:
-    decoder = build_model(path, device=device, dtype=torch.float32,
-                          prefer_native=cfg.model.implementation != "generic", seed=cfg.trainer.seed,
-                          trust_remote_code=cfg.model.trust_remote_code)
+    """The native decoder of ``path`` on the meta device, to be sharded and then filled shard by
+    shard (:func:`~spmd_rl.models.sharded_load.materialise_from_hf`), or a generic transformers
+    model loaded whole on ``device``."""
+    config = read_hf_config(path)
+    if cfg.model.implementation != "generic" and config.get("model_type") in NATIVE_MODEL_TYPES:
+        with torch.device("meta"):
+            decoder = Transformer(ModelArgs.from_hf_config(config))
+    else:
+        decoder = build_model(path, device=device, dtype=torch.float32, prefer_native=False, seed=cfg.trainer.seed,
+                              trust_remote_code=cfg.model.trust_remote_code)
     if hasattr(decoder, "set_kernels"):  # the native decoder; generic models keep transformers' attention
         decoder.set_kernels(kernel_backend(cfg.model.kernels, device))
     return decoder

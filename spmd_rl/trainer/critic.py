@@ -29,8 +29,13 @@ class ValueModel(nn.Module):
         self.decoder = decoder
         self.sp_group = sp_group  # Ulysses sequence-parallel group (None = off)
         self.value_head = nn.Linear(hidden_size, 1, bias=True)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        self.zero_head()
+
+    @torch.no_grad()
+    def zero_head(self) -> None:
+        """Values of 0 everywhere (also re-run after the trunk is allocated from the meta device)."""
+        self.value_head.weight.zero_()
+        self.value_head.bias.zero_()
 
     def forward(self, inputs: ScoringInputs) -> torch.Tensor:
         """``[M]`` fp32 values, one per response token."""
