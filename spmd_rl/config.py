@@ -25,7 +25,8 @@ class ModelConfig:
     tokenizer_path: str = ""
     """Tokenizer folder; empty = model.path."""
     random_init: bool = False
-    """Ignore weights in model.path and initialise randomly from its config.json (SFT from scratch)."""
+    """Ignore weights in model.path and initialise randomly (seeded by trainer.seed) from its
+    config.json: SFT from scratch, or an RL run of a random policy (native decoder, FSDP actor)."""
     implementation: Literal["auto", "native", "generic"] = "auto"
     """auto = the native decoder for Llama/Qwen2/Qwen3/Mistral, transformers' model otherwise."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"

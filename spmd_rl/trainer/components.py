@@ -224,7 +224,7 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
         wrap_decoder_blocks(trunk, compile=cfg.model.compile, activation_checkpointing=cfg.critic.activation_checkpointing)
         critic = apply_fsdp(critic, fsdp_mesh, param_dtype=param_dtype)
         if is_on_meta(trunk):
-            materialise_from_hf(critic, trunk, critic_path, device)
+            _materialise(cfg, critic, trunk, critic_path, device)
             critic.zero_head()  # allocated, not initialised, with the trunk
     if cfg.critic.enable:
         critic_mini = cfg.critic.ppo_mini_batch_size or cfg.actor.ppo_mini_batch_size
@@ -268,8 +268,7 @@ def _fsdp_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, kerne
     sp_group = apply_model_parallel(decoder, dims, mesh)  # TP/SP shard the decoder before FSDP
     wrap_decoder_blocks(decoder, compile=cfg.model.compile, activation_checkpointing=cfg.actor.activation_checkpointing)
     policy = apply_fsdp(PolicyModel(decoder, kernels, sp_group), fsdp_mesh, param_dtype=param_dtype)
-    if is_on_meta(decoder):
-        materialise_from_hf(policy, decoder, cfg.model.path, device)
+    _materialise(cfg, policy, decoder, cfg.model.path, device)
     if share:  # after fully_shard, which moves the parameters into FSDP's own storage
         engine = build_engine("native", weightless_decoder(decoder), device=device, share_weights_with=policy.decoder,
                               **engine_options(cfg, tokenizer, dims, mesh))
@@ -283,9 +282,22 @@ def _fsdp_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, kerne
         ref = ref.requires_grad_(False).eval()
         offload = cfg.ref.offload and device.type == "cuda"
         ref = apply_fsdp(ref, fsdp_mesh, param_dtype=param_dtype, offload_to_cpu=offload)
-        if is_on_meta(ref_decoder):  # offloaded shards live in host memory
-            materialise_from_hf(ref, ref_decoder, cfg.ref.path or cfg.model.path, "cpu" if offload else device)
+        # offloaded shards live in host memory
+        _materialise(cfg, ref, ref_decoder, cfg.ref.path or cfg.model.path, torch.device("cpu") if offload else device)
     return policy, ref, engine, decoder
+
+
+def _materialise(cfg: Config, model: torch.nn.Module, decoder: torch.nn.Module, path: str, device: torch.device) -> None:
+    """Allocate the shards of ``model`` (sharded on the meta device) and fill ``decoder`` in it: from
+    the HF folder ``path``, or with ``model.random_init`` the seeded init, which gives every
+    rank's slice of the same full tensors (``Transformer.init_weights``). A loaded model is kept."""
+    if not is_on_meta(decoder):
+        return
+    if cfg.model.random_init:
+        model.to_empty(device=device)
+        decoder.init_weights(seed=cfg.trainer.seed)
+    else:
+        materialise_from_hf(model, decoder, path, device)
 
 
 def _engine_model(cfg: Config, decoder: torch.nn.Module, device: torch.device, dtype: torch.dtype):
@@ -296,6 +308,8 @@ def _engine_model(cfg: Config, decoder: torch.nn.Module, device: torch.device, d
         return copy.deepcopy(decoder).to(dtype).eval()
     if cfg.rollout.engine == "native":
         return copy.deepcopy(decoder)
+    if cfg.model.random_init:
+        return build_model(None, args=decoder.args, device=device, dtype=dtype, seed=cfg.trainer.seed).eval()
     return build_model(cfg.model.path, device=device, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code).eval()
 
 
@@ -367,6 +381,10 @@ def _load_decoder(cfg: Config, path: str, device: torch.device) -> torch.nn.Modu
     if cfg.model.implementation != "generic" and config.get("model_type") in NATIVE_MODEL_TYPES:
         with torch.device("meta"):
             decoder = Transformer(ModelArgs.from_hf_config(config))
+    elif cfg.model.random_init:
+        raise UserError(f"model.random_init=true needs the native decoder ({', '.join(sorted(NATIVE_MODEL_TYPES))}); "
+                        f"{path} is model_type {config.get('model_type')!r} (model.implementation="
+                        f"{cfg.model.implementation}): load its weights instead (model.random_init=false)")
     else:
         decoder = build_model(path, device=device, dtype=torch.float32, prefer_native=False, seed=cfg.trainer.seed,
                               trust_remote_code=cfg.model.trust_remote_code)

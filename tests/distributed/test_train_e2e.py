@@ -168,3 +168,20 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(sft_model):
     last_step = read_metrics(metrics)[-1]["step"]
     assert 2 <= last_step < 500
     assert (run_dir / "checkpoints/latest").read_text() == f"step_{last_step:06d}"
+
+
+def test_random_init_trains_from_a_config_only_folder(sft_model, tmp_path):
+    # model.random_init: the folder needs no weights; the policy (and the reference of the KL
+    # loss) start from the seeded init, which the engine then generates from.
+    import shutil
+
+    folder = tmp_path / "config_only"
+    shutil.copytree(sft_model / "init", folder, ignore=shutil.ignore_patterns("*.safetensors*"))
+    assert not list(folder.glob("*.safetensors"))
+    run(torchrun("spmd_rl.train", 1, *grpo_args(sft_model, 1, f"model.path={folder}", "model.random_init=true",
+                                                "actor.use_kl_loss=true", f"trainer.run_dir={tmp_path / 'run'}",
+                                                "trainer.save_freq=0")), REPO)
+    rows = read_metrics(tmp_path / "run/metrics.jsonl")
+    assert rows[0]["rollout/logprob_diff_max"] < 1e-4  # the engine got the trainer's random init
+    assert rows[0]["actor/kl_loss"] == pytest.approx(0.0, abs=1e-6)  # the reference is the same init
+    assert rows[0]["actor/entropy"] > 3.5  # near ln(vocab) = 3.9: a random policy, not the SFT-ed weights

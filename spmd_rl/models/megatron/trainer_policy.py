@@ -67,6 +67,7 @@ def check_megatron_run(cfg, dims) -> None:
         f"rollout.engine={cfg.rollout.engine} (the native engine takes megatron's weights)": cfg.rollout.engine != "native",
         "model.implementation=generic (GPTModel covers the native decoder's families)": cfg.model.implementation == "generic",
         "model.compile=true (it compiles the native decoder's blocks)": cfg.model.compile,
+        "model.random_init=true (stages load the HF checkpoint)": cfg.model.random_init,
     }
     for what, bad in refused.items():
         if bad:
