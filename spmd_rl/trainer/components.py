@@ -223,9 +223,8 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
         critic = ValueModel(trunk, _hidden_size(trunk), apply_model_parallel(trunk, dims, mesh))
         wrap_decoder_blocks(trunk, compile=cfg.model.compile, activation_checkpointing=cfg.critic.activation_checkpointing)
         critic = apply_fsdp(critic, fsdp_mesh, param_dtype=param_dtype)
-        if is_on_meta(trunk):
-            _materialise(cfg, critic, trunk, critic_path, device)
-            critic.zero_head()  # allocated, not initialised, with the trunk
+        _materialise(cfg, critic, trunk, critic_path, device)
+        critic.zero_head()  # a head allocated with the trunk holds no values yet
     if cfg.critic.enable:
         critic_mini = cfg.critic.ppo_mini_batch_size or cfg.actor.ppo_mini_batch_size
         critic_optimizer = build_optimizer(critic, cfg.critic.optim)
