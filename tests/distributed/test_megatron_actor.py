@@ -61,8 +61,8 @@ CASES = {
 }
 
 
-def native_policy(args: ModelArgs) -> PolicyModel:
-    return PolicyModel(build_model(None, args=args, seed=0))
+def native_policy(args: ModelArgs, device: str = "cpu") -> PolicyModel:
+    return PolicyModel(build_model(None, args=args, seed=0, device=device))
 
 
 def global_batch(args: ModelArgs) -> RolloutBatch:
@@ -139,15 +139,16 @@ def _with_micro(cfg: ActorConfig, micro: int) -> ActorConfig:
     return replace(cfg, micro_batch_size_per_device=micro)
 
 
-def reference(args: ModelArgs, batch: RolloutBatch) -> dict:
-    policy = native_policy(args)
-    logprobs = compute_logprobs(policy, batch, 1.0, ROWS, "cpu")
+def reference(args: ModelArgs, batch: RolloutBatch, device: str = "cpu") -> dict:
+    """The native policy's logprobs, update metrics and parameters (on the CPU) on ``device``."""
+    policy = native_policy(args, device)
+    logprobs = compute_logprobs(policy, batch, 1.0, ROWS, device).cpu()
     optimizer = build_optimizer(policy, OPTIM)
     scheduler = build_lr_scheduler(optimizer, OPTIM, total_steps=1)
     metrics = update_policy(policy, optimizer, scheduler, batch, _with_micro(ACTOR, ROWS // MICRO_BATCHES),
                             temperature=1.0, mini_batch_size=ROWS, scale_factor=SCALE_FACTOR, dp_group=None,
-                            dp_size=1, device="cpu")
-    params = {k: v.detach().clone() for k, v in policy.decoder.state_dict().items()}
+                            dp_size=1, device=device)
+    params = {k: v.detach().cpu().clone() for k, v in policy.decoder.state_dict().items()}
     if args.tie_word_embeddings:
         params.pop("lm_head.weight")  # the tied copy: HF weights of a tied model carry only the embedding
     return {"logprobs": logprobs, "metrics": metrics, "params": params}

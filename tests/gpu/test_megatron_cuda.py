@@ -57,23 +57,9 @@ def _worker(rank, port, compute_dtype, out_path):
 
 
 def native_reference():
-    from spmd_rl.models import build_model
-    from spmd_rl.trainer.actor import compute_logprobs, update_policy
-    from spmd_rl.trainer.optim import build_lr_scheduler, build_optimizer
-    from spmd_rl.trainer.policy import PolicyModel
-    from tests.distributed.test_megatron_actor import ACTOR, LLAMA, MICRO_BATCHES, OPTIM, ROWS, SCALE_FACTOR, \
-        _with_micro, global_batch
+    from tests.distributed.test_megatron_actor import LLAMA, global_batch, reference
 
-    policy = PolicyModel(build_model(None, args=LLAMA, seed=0, device="cuda"))
-    batch = global_batch(LLAMA)
-    logprobs = compute_logprobs(policy, batch, 1.0, ROWS, "cuda")
-    optimizer = build_optimizer(policy, OPTIM)
-    scheduler = build_lr_scheduler(optimizer, OPTIM, total_steps=1)
-    metrics = update_policy(policy, optimizer, scheduler, batch, _with_micro(ACTOR, ROWS // MICRO_BATCHES),
-                            temperature=1.0, mini_batch_size=ROWS, scale_factor=SCALE_FACTOR, dp_group=None,
-                            dp_size=1, device="cuda")
-    params = {k: v.detach().cpu() for k, v in policy.decoder.state_dict().items()}
-    return {"logprobs": logprobs.cpu(), "metrics": metrics, "params": params}
+    return reference(LLAMA, global_batch(LLAMA), device="cuda")
 
 
 def run(tmp_path, compute_dtype):
