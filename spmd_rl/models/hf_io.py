@@ -45,22 +45,23 @@ def load_state_dict(path: str | os.PathLike, device: torch.device | str = "cpu",
                     keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """All tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``;
     with ``keep``, only the names it accepts, the others never read (a pipeline stage's layers)."""
+    if keep is not None:
+        return {name: t.to(device) for name, t in iter_hf_tensors(path, keep)}
     state: dict[str, torch.Tensor] = {}
     for file in _weight_files(Path(path)):
-        if keep is None:
-            state.update(load_file(file, device=str(device)))
-            continue
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            state.update({name: f.get_tensor(name) for name in f.keys() if keep(name)})
+        state.update(load_file(file, device=str(device)))
     return state
 
 
-def iter_hf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, CPU tensor)`` of every weight of an HF folder, read one at a time."""
+def iter_hf_tensors(path: str | os.PathLike,
+                    keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, CPU tensor)`` of every weight of an HF folder (that ``keep`` accepts), read one at
+    a time; the others are never read."""
     for file in _weight_files(Path(path)):
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                if keep is None or keep(name):
+                    yield name, f.get_tensor(name)
 
 
 def _weight_files(folder: Path) -> list[Path]:

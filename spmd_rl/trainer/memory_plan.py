@@ -162,6 +162,17 @@ def micro_batch_activation_bytes(args: ModelArgs, dtype_bytes: int, tokens: int,
     return layers + final_norm + response_tokens * b * H
 
 
+def micro_batch_tokens(data, micro_batch_size: int, max_tokens: int) -> tuple[int, int]:
+    """``(tokens, response tokens)`` of the largest micro-batch: ``micro_batch_size`` full-length
+    sequences, or a ``max_tokens`` budget (> 0), response tokens then in the proportion of a
+    full-length sequence; a sequence longer than the budget goes alone."""
+    seq_len = data.max_prompt_length + data.max_response_length
+    if max_tokens > 0:
+        tokens = max(max_tokens, seq_len)
+        return tokens, tokens * data.max_response_length // seq_len
+    return micro_batch_size * seq_len, micro_batch_size * data.max_response_length
+
+
 def logits_bytes(args: ModelArgs, response_tokens: int, dtype_bytes: int, *, kernels: str, tp: int = 1) -> int:
     """What the lm-head -> logprob step holds for ``response_tokens`` tokens (module docstring)."""
     vocab = math.ceil(args.vocab_size / tp)
@@ -214,12 +225,6 @@ def plan_memory(cfg, model_args: ModelArgs, dims, device_bytes: int | None, *, d
     def sharded(params: int, bytes_per_param: int) -> int:
         return math.ceil(params / shard) * bytes_per_param
 
-    def micro_tokens(micro: int, max_tokens: int) -> tuple[int, int]:
-        if max_tokens > 0:  # dynamic batch: a sequence longer than the budget goes alone
-            tokens = max(max_tokens, seq_len)
-            return tokens, tokens * data.max_response_length // seq_len
-        return micro * seq_len, micro * data.max_response_length
-
     P = param_count(model_args)
     items = [
         MemoryItem("parameters", sharded(P, 4), not actor.offload.params, True,
@@ -233,13 +238,14 @@ def plan_memory(cfg, model_args: ModelArgs, dims, device_bytes: int | None, *, d
                    math.ceil((root_param_count(model_args) + 2 * block_param_count(model_args)) * b / tp),
                    False, True, "raise parallel.tp (the embedding and lm-head are gathered whole)"),
     ]
-    tokens, response_tokens = micro_tokens(actor.micro_batch_size_per_device, actor.max_tokens_per_micro_batch)
+    tokens, response_tokens = micro_batch_tokens(data, actor.micro_batch_size_per_device,
+                                                 actor.max_tokens_per_micro_batch)
     acts = micro_batch_activation_bytes(model_args, b, tokens, response_tokens,
                                         checkpointing=actor.activation_checkpointing, packed=packed, tp=tp, sp=sp)
     section, ac = "actor", actor.activation_checkpointing
     if critic_cfg.enable:
-        c_tokens, c_response = micro_tokens(critic_cfg.micro_batch_size_per_device or actor.micro_batch_size_per_device,
-                                            critic_cfg.max_tokens_per_micro_batch)
+        c_micro = critic_cfg.micro_batch_size_per_device or actor.micro_batch_size_per_device
+        c_tokens, c_response = micro_batch_tokens(data, c_micro, critic_cfg.max_tokens_per_micro_batch)
         c_acts = micro_batch_activation_bytes(critic_args or model_args, b, c_tokens, c_response,
                                               checkpointing=critic_cfg.activation_checkpointing,
                                               packed=packed, tp=tp, sp=sp)

@@ -42,6 +42,7 @@ from spmd_rl.trainer.memory_plan import (
     format_plan,
     logits_bytes,
     micro_batch_activation_bytes,
+    micro_batch_tokens,
     param_count,
 )
 
@@ -78,15 +79,9 @@ def plan_megatron_stage(cfg, args: ModelArgs, dims, stage: int, device_bytes: in
     def live(section) -> int:  # 1F1B: micro-batches alive on this stage during `section`'s update
         return min(pp - stage, _micro_batches_per_mini(cfg, section, dims))
 
-    def micro_tokens(micro: int, max_tokens: int) -> tuple[int, int]:
-        if max_tokens > 0:
-            tokens = max(max_tokens, seq_len)
-            return tokens, tokens * data.max_response_length // seq_len
-        return micro * seq_len, micro * data.max_response_length
-
     def activations(section, shape: ModelArgs) -> int:
         micro = section.micro_batch_size_per_device or actor.micro_batch_size_per_device
-        tokens, response = micro_tokens(micro, section.max_tokens_per_micro_batch)
+        tokens, response = micro_batch_tokens(data, micro, section.max_tokens_per_micro_batch)
         return live(section) * micro_batch_activation_bytes(
             shape.replace(num_layers=shape.num_layers // pp), FP32, tokens, response,
             checkpointing=section.activation_checkpointing, packed=False, tp=tp)
@@ -107,12 +102,14 @@ def plan_megatron_stage(cfg, args: ModelArgs, dims, stage: int, device_bytes: in
     alive = _plural(live(section_cfg), "micro-batch", "micro-batches")
     knob = ("" if section_cfg.activation_checkpointing else f"set {section}.activation_checkpointing=true or ") + \
         f"lower {section}.micro_batch_size_per_device (1F1B keeps {alive} alive on this stage)"
-    _, response_tokens = micro_tokens(actor.micro_batch_size_per_device, actor.max_tokens_per_micro_batch)
+    _, response_tokens = micro_batch_tokens(data, actor.micro_batch_size_per_device,
+                                            actor.max_tokens_per_micro_batch)
     logits = logits_bytes(args, response_tokens, FP32, kernels="triton" if fused else "torch", tp=tp)
     if b_engine == 2:  # stage_logprobs' bf16 copy of the [V/tp, H] output layer, kept for the backward
         logits += padded_vocab_size(args.vocab_size, tp) // tp * args.hidden_size * 2
     items += [
-        MemoryItem("activations", acts, False, True, knob, note=f"{alive} of {_plural(stage_args.num_layers, 'layer', 'layers')}"),
+        MemoryItem("activations", acts, False, True, knob,
+                   note=f"{alive} of {_plural(stage_args.num_layers, 'layer', 'layers')}"),
         MemoryItem("logits", logits if stage == pp - 1 else 0, False, True,
                    ("" if fused else "set model.kernels=triton (fused logprob, CUDA) or ")
                    + "lower actor.micro_batch_size_per_device"),
