@@ -283,11 +283,23 @@ class OffloadConfig:
 
 
 @dataclass
+class MegatronOptions:
+    use_distributed_optimizer: bool = True
+    """actor.strategy=megatron: shard the AdamW state over data parallel (ZeRO-1, as megatron-core's
+    distributed optimizer): gradients are reduce-scattered, each dp rank steps 1/dp of the flat
+    parameters and the ranks all-gather the result; the same update, 8/dp instead of 8 bytes of
+    optimizer state per parameter. false = every dp rank keeps the whole state. (FSDP2 shards
+    the optimizer state with the parameters already.)"""
+
+
+@dataclass
 class ActorConfig:
     strategy: Literal["fsdp", "megatron"] = "fsdp"
     """Training backend of the policy: fsdp = the native decoder under FSDP2 (+ TP/SP); megatron =
     megatron-core's GPTModel over parallel.tp x parallel.pp (pip install -e '.[megatron]'); runs on
-    CPU/gloo too. Not combined with a critic, sequence parallelism, offload or an external engine."""
+    CPU/gloo too. Not combined with sequence parallelism, offload or an external engine."""
+    megatron: MegatronOptions = field(default_factory=MegatronOptions)
+    """Options of actor.strategy=megatron."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and LR schedule of the policy."""
     ppo_mini_batch_size: int = 8
@@ -387,6 +399,8 @@ class CriticConfig:
     """Recompute each block of the value model's trunk in the backward (see actor.activation_checkpointing)."""
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     """Host-memory offload of the critic's parameters / optimizer state during generation."""
+    megatron: MegatronOptions = field(default_factory=MegatronOptions)
+    """Options of the critic under actor.strategy=megatron."""
 
     def __post_init__(self):
         rule_errors([

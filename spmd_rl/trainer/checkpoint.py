@@ -26,7 +26,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from spmd_rl.durable_files import fsync_dir, fsync_tree, write_text_atomic
 from spmd_rl.errors import UserError
@@ -155,8 +160,12 @@ class Checkpointer:
                             "Resume with the same actor/critic setup (checkpoints from before the critic was "
                             "added store the policy as model/optim and cannot be resumed) or set trainer.resume=never") from e
         for name, (model, optimizer) in trained.items():
-            set_state_dict(model, optimizer, model_state_dict=state[f"{name}/model"],
-                           optim_state_dict=state[f"{name}/optim"])
+            if _dp_sharded(optimizer):
+                set_model_state_dict(model, state[f"{name}/model"])
+                optimizer.load_sharded_state_dict(state[f"{name}/{optimizer.STATE_KEY}"])
+            else:
+                set_state_dict(model, optimizer, model_state_dict=state[f"{name}/model"],
+                               optim_state_dict=state[f"{name}/optim"])
         rng_file = path / f"rng_rank{self.rank}.pt"
         if rng_file.is_file():  # absent when resuming on more ranks than saved: fresh generators
             restore_rng_state(torch.load(rng_file, weights_only=True))
@@ -185,8 +194,18 @@ def _is_complete(folder: Path) -> bool:
     return (folder / "trainer_state.pt").is_file() and (folder / ".metadata").is_file()
 
 
+def _dp_sharded(optimizer) -> bool:
+    """An optimizer whose state is sharded over data parallel (the megatron backend's ZeRO-1):
+    it lays out its own state dict (DTensors over the dp mesh, DCP reshards them)."""
+    return hasattr(optimizer, "sharded_state_dict")
+
+
 def _state_dicts(trained: Trained) -> dict:
     state = {}
     for name, (model, optimizer) in trained.items():
-        state[f"{name}/model"], state[f"{name}/optim"] = get_state_dict(model, optimizer)
+        if _dp_sharded(optimizer):
+            state[f"{name}/model"] = get_model_state_dict(model)
+            state[f"{name}/{optimizer.STATE_KEY}"] = optimizer.sharded_state_dict()
+        else:
+            state[f"{name}/model"], state[f"{name}/optim"] = get_state_dict(model, optimizer)
     return state

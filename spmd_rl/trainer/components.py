@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from spmd_rl.algorithms.kl import build_kl_controller
-from spmd_rl.config import Config
+from spmd_rl.config import Config, MegatronOptions, OptimConfig
 from spmd_rl.data.rl_dataset import PromptSample, RLDataset
 from spmd_rl.data.sampler import PromptSampler
 from spmd_rl.data.tokenizer import load_tokenizer
@@ -209,7 +209,7 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
         policy, ref, engine, decoder = _fsdp_policy(cfg, dims, mesh, device, tokenizer, kernels, log)
     # Optimizer steps per RL step: one per mini-batch per PPO epoch.
     updates_per_step = cfg.actor.ppo_epochs * (data.train_batch_size // cfg.actor.ppo_mini_batch_size)
-    optimizer = build_optimizer(policy, cfg.actor.optim)
+    optimizer = _optimizer(policy, cfg.actor.optim, cfg.actor.megatron, mesh)
     scheduler = build_lr_scheduler(optimizer, cfg.actor.optim, total_steps * updates_per_step)
     param_dtype = compute_dtype(cfg, device, default=None)
     fsdp_mesh = dims.fsdp_mesh(mesh)
@@ -227,7 +227,7 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
         critic.zero_head()  # a head allocated with the trunk holds no values yet
     if cfg.critic.enable:
         critic_mini = cfg.critic.ppo_mini_batch_size or cfg.actor.ppo_mini_batch_size
-        critic_optimizer = build_optimizer(critic, cfg.critic.optim)
+        critic_optimizer = _optimizer(critic, cfg.critic.optim, cfg.critic.megatron, mesh)
         critic_scheduler = build_lr_scheduler(critic_optimizer, cfg.critic.optim,
                                               total_steps * cfg.critic.ppo_epochs * (data.train_batch_size // critic_mini))
     kl_ctrl = None
@@ -310,6 +310,14 @@ def _engine_model(cfg: Config, decoder: torch.nn.Module, device: torch.device, d
     if cfg.model.random_init:
         return build_model(None, args=decoder.args, device=device, dtype=dtype, seed=cfg.trainer.seed).eval()
     return build_model(cfg.model.path, device=device, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code).eval()
+
+
+def _optimizer(model, optim: OptimConfig, megatron: MegatronOptions, mesh) -> torch.optim.Optimizer:
+    """AdamW of a trained model: over the whole model, or, for megatron stages with the
+    distributed optimizer, over this dp rank's range of it (ZeRO-1)."""
+    if isinstance(model, MegatronPolicy | MegatronValueModel) and megatron.use_distributed_optimizer:
+        return model.sharded_optimizer(optim, mesh["dp"])
+    return build_optimizer(model, optim)
 
 
 def _megatron_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, kernels: str, log):

@@ -24,7 +24,7 @@ from spmd_rl.distributed.collectives import all_reduce_sum, reduce_metrics
 from spmd_rl.durable_files import write_text_atomic
 from spmd_rl.errors import UserError
 from spmd_rl.export import checkpoint_state_names
-from spmd_rl.models.megatron.checkpoint import check_resume_layout
+from spmd_rl.models.megatron.checkpoint import check_optimizer_layout, check_resume_layout
 from spmd_rl.observability.memory import memory_metrics
 from spmd_rl.observability.profiler import StepProfiler
 from spmd_rl.observability.progress import progress_bar
@@ -311,8 +311,12 @@ class PPOTrainer:
         if path is None:
             c.logger.start_at(0)
             return
-        check_resume_layout(checkpoint_state_names(path), str(path), strategy=self.cfg.actor.strategy,
-                            tp=self.cfg.parallel.tp, pp=self.cfg.parallel.pp)
+        cfg, saved = self.cfg, checkpoint_state_names(path)
+        check_resume_layout(saved, str(path), strategy=cfg.actor.strategy, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+        if cfg.actor.strategy == "megatron":
+            check_optimizer_layout(saved, str(path), sharded={
+                "actor": cfg.actor.megatron.use_distributed_optimizer,
+                "critic": cfg.critic.megatron.use_distributed_optimizer})
         state = c.checkpointer.load(path, c.trained())
         self.step = state["step"]
         c.sampler.load_state_dict(state["sampler"])

@@ -50,14 +50,18 @@ ACTOR = ActorConfig(optim=OPTIM, ppo_mini_batch_size=ROWS, entropy_coeff=0.01, u
 SCALE_FACTOR = 8
 LOGPROB_ATOL, PARAM_ATOL, PARAM_RTOL = 1e-5, 3e-6, 1e-5
 
-# name -> (model, tp, pp, world size, activation recompute, compute dtype); dp = world / (tp * pp)
+# name -> (model, tp, pp, world size, activation recompute, compute dtype, distributed optimizer);
+# dp = world / (tp * pp)
 CASES = {
-    "tp2_pp2": (LLAMA, 2, 2, 4, False, None),
-    "tp2_tied_padded_vocab": (QWEN2_TIED, 2, 1, 2, False, None),
-    "dp2_pp2_tied": (QWEN2_TIED, 1, 2, 4, False, None),
-    "tp2_pp2_recompute": (LLAMA, 2, 2, 4, True, None),  # every layer recomputed in the backward
+    "tp2_pp2": (LLAMA, 2, 2, 4, False, None, False),
+    "tp2_tied_padded_vocab": (QWEN2_TIED, 2, 1, 2, False, None, False),
+    "dp2_pp2_tied": (QWEN2_TIED, 1, 2, 4, False, None, False),
+    "tp2_pp2_recompute": (LLAMA, 2, 2, 4, True, None, False),  # every layer recomputed in the backward
     # bf16 mixed precision (autocast over the fp32 parameters), recomputed under the same autocast
-    "tp2_pp2_bf16_recompute": (LLAMA, 2, 2, 4, True, torch.bfloat16),
+    "tp2_pp2_bf16_recompute": (LLAMA, 2, 2, 4, True, torch.bfloat16, False),
+    # ZeRO-1: AdamW state sharded over dp (the tied copies' gradient sum, TP-replicated norms)
+    "dp2_pp2_tied_distributed_optimizer": (QWEN2_TIED, 1, 2, 4, False, None, True),
+    "dp2_tp2_distributed_optimizer": (LLAMA, 2, 1, 4, False, None, True),
 }
 
 
@@ -88,7 +92,7 @@ def global_batch(args: ModelArgs) -> RolloutBatch:
     return batch
 
 
-def _worker(rank, world_size, args, tp, pp, recompute, compute_dtype, batch, out_path):
+def _worker(rank, world_size, args, tp, pp, recompute, compute_dtype, distributed, batch, out_path):
     from megatron.core import parallel_state as ps
 
     from spmd_rl.models.megatron.backend import build_actor
@@ -111,6 +115,17 @@ def _worker(rank, world_size, args, tp, pp, recompute, compute_dtype, batch, out
     cfg = _with_micro(ACTOR, share // MICRO_BATCHES)
     logprobs = megatron_logprobs(actor, mine, 1.0, share // MICRO_BATCHES)
     optimizer = build_optimizer(actor.model, OPTIM)
+    if distributed:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from spmd_rl.models.megatron.distributed_optimizer import ShardedAdamW
+
+        # megatron's rank order (tp fastest, then dp, then pp), as the trainer's ParallelDims
+        mesh = init_device_mesh("cpu", (pp, dp_size, tp), mesh_dim_names=("pp", "dp", "tp"))
+        optimizer = ShardedAdamW(actor.model, OPTIM, mesh["dp"], tp_rank=actor.tp_rank,
+                                 skip_tied_copy=actor.tied_copy)
+        numel = sum(p.numel() for p in actor.model.parameters())
+        assert optimizer.shard.numel() == -(-numel // dp_size) < numel  # this rank's range only
     scheduler = build_lr_scheduler(optimizer, OPTIM, total_steps=1)
     metrics = update(actor, optimizer, scheduler, mine, cfg, temperature=1.0, mini_batch_size=share,
                      scale_factor=SCALE_FACTOR)
@@ -156,10 +171,10 @@ def reference(args: ModelArgs, batch: RolloutBatch, device: str = "cpu") -> dict
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_megatron_update_equals_single_process(tmp_path, process_group, case):
-    args, tp, pp, world_size, recompute, compute_dtype = CASES[case]
+    args, tp, pp, world_size, recompute, compute_dtype, distributed = CASES[case]
     batch = global_batch(args)
     out = tmp_path / "out.pt"
-    run_on_ranks(_worker, world_size, args, tp, pp, recompute, compute_dtype, batch, str(out))
+    run_on_ranks(_worker, world_size, args, tp, pp, recompute, compute_dtype, distributed, batch, str(out))
     got = torch.load(out, weights_only=True)
     ref = reference(args, batch)
     if compute_dtype is not None:

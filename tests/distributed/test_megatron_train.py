@@ -40,6 +40,8 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None):
 EXACT = ("critic/score/mean", "response_length/mean")  # same tokens sampled
 CLOSE = ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/kl_loss", "actor/pg_clipfrac")
 LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": [],  # 2 ranks each
+           # dp2 shards AdamW over the two ranks by default (actor.megatron.use_distributed_optimizer)
+           "dp2_whole_optimizer": ["actor.megatron.use_distributed_optimizer=false"],
            # token-budget micro-batches counted padded (2-3 rows of at most 16 + 5 tokens), many through 1F1B
            "pp2_token_budget": ["parallel.pp=2", "actor.max_tokens_per_micro_batch=48"]}
 
@@ -136,6 +138,14 @@ def test_megatron_run_resumes_exactly(workdir, fsdp_reference):
     assert (f"checkpoint {checkpoint} holds a megatron actor split tp=1 x pp=2 but this run has actor.strategy=megatron "
             "parallel.tp=2 parallel.pp=1: resume with actor.strategy=megatron parallel.tp=1 parallel.pp=2, or export it"
             in refused.stdout + refused.stderr)
+    # The optimizer state was saved sharded over dp (the default): the whole-state layout is refused.
+    refused = launch(workdir, run_dir, 2, *megatron, "actor.megatron.use_distributed_optimizer=false",
+                     "trainer.resume=auto", config="grpo_addition.yaml")
+    assert refused.returncode != 0
+    assert (f"checkpoint {checkpoint} holds the actor's AdamW state sharded over data parallel "
+            "(actor.megatron.use_distributed_optimizer=true) but this run has "
+            "actor.megatron.use_distributed_optimizer=false: resume with actor.megatron.use_distributed_optimizer=true"
+            in refused.stdout + refused.stderr)
     rows = train(workdir, run_dir, 2, *megatron, "trainer.resume=auto")
     assert [r["step"] for r in rows] == [1, 2]  # the log continues after the resumed step
     assert_rows_match(rows[1:], ref_rows[1:])
@@ -161,7 +171,7 @@ def fsdp_ppo_reference(workdir):
 
 
 # pp2 also recomputes every layer's activations in the backward (megatron's "full" recompute)
-CRITIC_LAYOUTS = {"tp2": ["parallel.tp=2"],
+CRITIC_LAYOUTS = {"tp2": ["parallel.tp=2"], "dp2": [],  # dp2: both AdamW states sharded over the 2 ranks
                   "pp2_recompute": ["parallel.pp=2", "actor.activation_checkpointing=true",
                                     "critic.activation_checkpointing=true"]}
 

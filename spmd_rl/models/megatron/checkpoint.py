@@ -15,6 +15,7 @@ import torch
 
 from spmd_rl.errors import UserError
 from spmd_rl.models.args import ModelArgs
+from spmd_rl.models.megatron.distributed_optimizer import STATE_KEY
 from spmd_rl.models.megatron.names import OUTPUT_LAYER, iter_hf_weights_from_mcore_shards, stage_name_to_global
 
 SHARD_STATE = re.compile(r"^actor/tp(\d+)_pp(\d+)/model$")
@@ -74,3 +75,21 @@ def check_resume_layout(saved_names: list[str], checkpoint: str, *, strategy: st
     raise UserError(f"checkpoint {checkpoint} holds {held} but this run has {this}: resume with {same}, or export it "
                     f"(python -m spmd_rl.export {checkpoint} OUT) and start from it (model.path=OUT trainer.resume=never; "
                     "the export holds the actor's weights only)")
+
+
+def check_optimizer_layout(saved_names: list[str], checkpoint: str, *, sharded: dict[str, bool]) -> None:
+    """UserError (one line) when a megatron model's optimizer state in a checkpoint is laid out
+    other than this run's: sharded over dp (``<model>/.../optim_dp_sharded``, the distributed
+    optimizer) or whole (``<model>/.../optim``). ``sharded`` maps "actor" / "critic" to this run's
+    ``*.megatron.use_distributed_optimizer``."""
+    for role, run_sharded in sharded.items():
+        held = {name.rsplit("/", 1)[1] == STATE_KEY for name in saved_names
+                if name.startswith(f"{role}/tp") and name.rsplit("/", 1)[1] in ("optim", STATE_KEY)}
+        if held and held != {run_sharded}:
+            saved = held.pop()
+            raise UserError(
+                f"checkpoint {checkpoint} holds the {role}'s AdamW state "
+                f"{'sharded over data parallel' if saved else 'whole on every dp rank'} "
+                f"({role}.megatron.use_distributed_optimizer={str(saved).lower()}) but this run has "
+                f"{role}.megatron.use_distributed_optimizer={str(run_sharded).lower()}: resume with "
+                f"{role}.megatron.use_distributed_optimizer={str(saved).lower()}")

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from spmd_rl.algorithms.losses import value_loss
-from spmd_rl.config import CriticConfig
+from spmd_rl.config import CriticConfig, OptimConfig
 from spmd_rl.models.megatron import grads
 from spmd_rl.models.megatron.backend import MegatronActor, build_actor, load_stage_hf_state
+from spmd_rl.models.megatron.distributed_optimizer import ShardedAdamW
 from spmd_rl.models.megatron.policy import (
     ParallelGroups,
     activation_shapes,
@@ -56,6 +57,10 @@ class MegatronValueModel(nn.Module):
     @property
     def shard_name(self) -> str:
         return self.trunk.shard_name
+
+    def sharded_optimizer(self, cfg: OptimConfig, dp_mesh) -> ShardedAdamW:
+        """AdamW with its state sharded over ``dp_mesh`` (``critic.megatron.use_distributed_optimizer``)."""
+        return ShardedAdamW(self, cfg, dp_mesh, tp_rank=self.trunk.tp_rank, skip_tied_copy=False)
 
     def stage_values(self, hidden: torch.Tensor, inputs: ScoringInputs) -> torch.Tensor:
         """``[M]`` fp32 values of the response tokens from the last stage's output ``[T, S, H]``."""
@@ -105,16 +110,15 @@ class MegatronValueModel(nn.Module):
                 loss, m = value_loss(vpreds, micro.values.to(device), micro.returns.to(device), mask,
                                      clip=cfg.cliprange_value, agg_mode=cfg.loss_agg_mode, global_tokens=tokens,
                                      global_seqs=seqs, scale_factor=scale_factor)
-                # gradients are summed over dp (grads.all_reduce_grads): the loss is this rank's share
+                # gradients are summed over dp (grads.optimizer_step): the loss is this rank's share
                 sums["critic/vf_loss"] += loss.item() * groups.dp_size
                 sums["critic/vf_clipfrac"] += float(m["vf_clipfrac"]) / len(split)
                 sums["critic/vpred_mean"] += float(m["vpred_mean"]) / len(split)
                 return loss, None
 
             self._run(split, False, loss_step)
-            grads.all_reduce_grads(self, groups.dp, groups.dp_size)
-            norms.append(grads.optimizer_step(self, optimizer, scheduler, cfg.optim.grad_clip, tp_rank=trunk.tp_rank,
-                                              model_parallel_group=groups.model_parallel, skip_tied_copy=False))
+            norms.append(grads.optimizer_step(self, optimizer, scheduler, cfg.optim.grad_clip, groups=groups,
+                                              tp_rank=trunk.tp_rank, skip_tied_copy=False))
         sums = broadcast_object_from_last_stage(trunk, dict(sums))
         metrics = {k: v / len(norms) for k, v in sums.items()}
         metrics.update(grad_norm_metrics(norms, "critic"))

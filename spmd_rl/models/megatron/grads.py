@@ -1,9 +1,9 @@
 """Gradients of a megatron-core policy stage: data-parallel sum, tied-embedding sync, the global
 norm over the TP x PP grid, clipping and the optimizer step.
 
-We drive GPTModel with plain torch autograd and a torch optimizer, not megatron's DDP and
-distributed optimizer, so the collectives megatron's ``finalize_model_grads`` would run are
-done here, with the same rules:
+We drive GPTModel with plain torch autograd and a torch optimizer (or our ZeRO-1 AdamW,
+:mod:`.distributed_optimizer`), not megatron's DDP and distributed optimizer, so the
+collectives megatron's ``finalize_model_grads`` would run are done here, with the same rules:
 
 * data parallel: the loss is already normalised by the global token (or sequence) count of the
   mini-batch, so the gradients are summed over the dp group (gloo has no average);
@@ -66,7 +66,7 @@ def sync_tied_embedding_grads(weight: torch.Tensor, embedding_group) -> None:
 
 def counted_once(name: str, param: torch.Tensor, tp_rank: int, skip_tied_copy: bool) -> bool:
     """Whether this rank's ``param`` enters the global norm (see the module doc)."""
-    if skip_tied_copy and name == OUTPUT_LAYER:
+    if skip_tied_copy and (name == OUTPUT_LAYER or name.endswith("." + OUTPUT_LAYER)):
         return False
     return bool(getattr(param, "tensor_model_parallel", False)) or tp_rank == 0
 
@@ -91,13 +91,27 @@ def clip_grads_(model: torch.nn.Module, total_norm: float, max_norm: float) -> N
                 p.grad.mul_(max_norm / (total_norm + 1e-6))
 
 
-def optimizer_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: float, *, tp_rank: int,
-                   model_parallel_group, skip_tied_copy: bool) -> float:
-    """Clip by the global norm, step (skipped when the norm is not finite: every rank sees the
-    same norm, so all skip together), advance the schedule, clear gradients; return the norm."""
-    norm = global_grad_norm(model, tp_rank=tp_rank, model_parallel_group=model_parallel_group,
-                            skip_tied_copy=skip_tied_copy)
-    clip_grads_(model, norm, grad_clip)
+def optimizer_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: float, *, groups, tp_rank: int,
+                   skip_tied_copy: bool, tied: torch.Tensor | None = None) -> float:
+    """Reduce the gradients over dp (and the tied embedding's over its group), clip by the
+    global norm, step (skipped when the norm is not finite: every rank sees the same norm, so
+    all skip together), advance the schedule, clear gradients; return the norm.
+
+    ``optimizer`` is a torch optimizer over the whole stage (gradients all-reduced over dp) or a
+    :class:`.distributed_optimizer.ShardedAdamW` (reduce-scattered; each rank steps its range)."""
+    if getattr(optimizer, "reduce_grads", None) is not None:  # ZeRO-1: the tied sum first, then dp
+        if tied is not None:
+            sync_tied_embedding_grads(tied, groups.embedding)
+        optimizer.reduce_grads()
+        norm = optimizer.grad_norm(groups.model_parallel)
+        optimizer.clip_grads_(norm, grad_clip)
+    else:
+        all_reduce_grads(model, groups.dp, groups.dp_size)
+        if tied is not None:
+            sync_tied_embedding_grads(tied, groups.embedding)
+        norm = global_grad_norm(model, tp_rank=tp_rank, model_parallel_group=groups.model_parallel,
+                                skip_tied_copy=skip_tied_copy)
+        clip_grads_(model, norm, grad_clip)
     if math.isfinite(norm):
         optimizer.step()
     scheduler.step()

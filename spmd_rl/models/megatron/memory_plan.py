@@ -6,8 +6,9 @@ with the megatron backend's layout:
 * parameters, gradients, AdamW state: fp32, 4 + 4 + 8 bytes per parameter of this rank's
   stage and TP shard: ``num_layers / pp`` blocks, the embedding on the first stage, final norm
   and output layer on the last (a tied embedding split over stages has a copy on each end),
-  vocabulary padded to a multiple of tp, everything but the norms divided by tp. Nothing is
-  sharded over dp (no distributed optimizer) and nothing is gathered;
+  vocabulary padded to a multiple of tp, everything but the norms divided by tp. The AdamW
+  state is divided by dp too with the distributed optimizer (``*.megatron.use_distributed_optimizer``,
+  :mod:`.distributed_optimizer`); nothing is gathered;
 * activations with the decoder formula of the FSDP plan on right-padded rows (megatron has no
   padding-free mode; token budgets count padded rows) for ``num_layers / pp`` layers, in fp32
   also under bf16 autocast: the residual stream and norms stay fp32 and megatron's linear
@@ -92,7 +93,8 @@ def plan_megatron_stage(cfg, args: ModelArgs, dims, stage: int, device_bytes: in
     items = [
         MemoryItem("parameters", P * FP32, True, True, layout),
         MemoryItem("gradients", P * FP32, False, True, layout),
-        MemoryItem("optimizer state", 2 * P * FP32, True, True, layout),
+        MemoryItem("optimizer state", adamw_state_bytes(P, dims.dp_size, actor.megatron.use_distributed_optimizer),
+                   True, True, _optimizer_knob("actor", cfg.actor, dims.dp_size, layout)),
     ]
     if critic_cfg.enable:
         c_acts = activations(critic_cfg, critic_args or args)
@@ -128,9 +130,23 @@ def plan_megatron_stage(cfg, args: ModelArgs, dims, stage: int, device_bytes: in
         items += [
             MemoryItem("critic parameters", Pc * FP32, True, True, layout),
             MemoryItem("critic gradients", Pc * FP32, False, True, layout),
-            MemoryItem("critic optimizer state", 2 * Pc * FP32, True, True, layout),
+            MemoryItem("critic optimizer state",
+                       adamw_state_bytes(Pc, dims.dp_size, critic_cfg.megatron.use_distributed_optimizer),
+                       True, True, _optimizer_knob("critic", critic_cfg, dims.dp_size, layout)),
         ]
     return MemoryPlan(tuple(items), device_bytes, device_source)
+
+
+def adamw_state_bytes(params: int, dp: int, sharded: bool) -> int:
+    """AdamW's two fp32 moments for ``params`` parameters, this rank's ``ceil(params / dp)``
+    range of them under the distributed optimizer."""
+    return 2 * FP32 * (math.ceil(params / dp) if sharded else params)
+
+
+def _optimizer_knob(section: str, section_cfg, dp: int, layout: str) -> str:
+    if dp > 1 and not section_cfg.megatron.use_distributed_optimizer:
+        return f"set {section}.megatron.use_distributed_optimizer=true (AdamW state over the {dp} dp ranks) or {layout}"
+    return layout
 
 
 def _plural(count: int, one: str, many: str) -> str:

@@ -201,12 +201,8 @@ def update(actor: MegatronActor, optimizer, scheduler, batch: RolloutBatch, cfg:
         for key, value in _mini_batch_step(actor, groups, loss_fn, mini, cfg, temperature, scale_factor, kernels,
                                            generator).items():
             sums[key] += value
-        grads.all_reduce_grads(actor.model, groups.dp, groups.dp_size)
-        if tied is not None:
-            grads.sync_tied_embedding_grads(tied, groups.embedding)
-        norms.append(grads.optimizer_step(actor.model, optimizer, scheduler, cfg.optim.grad_clip,
-                                          tp_rank=actor.tp_rank, model_parallel_group=groups.model_parallel,
-                                          skip_tied_copy=actor.tied_copy))
+        norms.append(grads.optimizer_step(actor.model, optimizer, scheduler, cfg.optim.grad_clip, groups=groups,
+                                          tp_rank=actor.tp_rank, skip_tied_copy=actor.tied_copy, tied=tied))
     sums = broadcast_object_from_last_stage(actor, dict(sums))
     metrics = {k: v / len(norms) for k, v in sums.items()}
     metrics.update(grad_norm_metrics(norms, "actor"))

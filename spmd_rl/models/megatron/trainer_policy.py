@@ -19,9 +19,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from spmd_rl.config import OptimConfig
 from spmd_rl.errors import UserError
 from spmd_rl.models.megatron import policy as megatron_policy
 from spmd_rl.models.megatron.backend import MegatronActor, build_actor, load_stage_hf_state
+from spmd_rl.models.megatron.distributed_optimizer import ShardedAdamW
 
 
 class MegatronPolicy(nn.Module):
@@ -50,6 +52,10 @@ class MegatronPolicy(nn.Module):
     def update(self, optimizer, scheduler, batch, cfg, **kwargs) -> dict[str, float]:
         """PPO epochs over the batch's mini-batches (see ``spmd_rl.models.megatron.policy.update``)."""
         return megatron_policy.update(self.actor, optimizer, scheduler, batch, cfg, kernels=self.kernels, **kwargs)
+
+    def sharded_optimizer(self, cfg: OptimConfig, dp_mesh) -> ShardedAdamW:
+        """AdamW with its state sharded over ``dp_mesh`` (``actor.megatron.use_distributed_optimizer``)."""
+        return ShardedAdamW(self, cfg, dp_mesh, tp_rank=self.actor.tp_rank, skip_tied_copy=self.actor.tied_copy)
 
     def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The whole model as HF-named tensors, one at a time, on every rank (a collective)."""
