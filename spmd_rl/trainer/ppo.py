@@ -230,7 +230,7 @@ class PPOTrainer:
         if self.actor_updates_now:
             with timer("update_actor"):
                 metrics.update(c.update_actor(batch, torch.Generator().manual_seed(c.seed * 1_000_003 + self.step)))
-        metrics.update(compute_rollout_metrics(batch))
+        metrics.update(compute_rollout_metrics(batch, c.dp_group))
         metrics = reduce_metrics(metrics, c.dp_group)
         if c.critic is not None:
             metrics.update(self.critic_metrics(batch))

@@ -82,13 +82,14 @@ def hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_state_dict(folder)
 
 
-def assert_rows_match(rows: list[dict], reference: list[dict], close: tuple[str, ...] = CLOSE) -> None:
+def assert_rows_match(rows: list[dict], reference: list[dict], close: tuple[str, ...] = CLOSE, *,
+                      atol: float = 1e-7) -> None:
     assert [r["step"] for r in rows] == [r["step"] for r in reference]
     for row, ref in zip(rows, reference):
         for key in EXACT:
             assert row[key] == ref[key], (row["step"], key)
         for key in close:
-            assert row[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (row["step"], key)
+            assert row[key] == pytest.approx(ref[key], rel=1e-5, abs=atol), (row["step"], key)
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +183,10 @@ def test_megatron_critic_equals_the_single_process_fsdp_critic(workdir, fsdp_ppo
                      *CRITIC_LAYOUTS[layout])
     assert rows[0]["critic/values/mean"] == 0.0  # the zero-initialised head, as the FSDP critic's
     assert rows[1]["critic/values/mean"] != 0.0
-    assert_rows_match(rows, fsdp_ppo_reference, CRITIC_CLOSE)
+    # On dp=2 the batch-wide advantage whitening sums in another order: step 2's pg_loss (a sum of
+    # cancelling terms, -3.8e-3) moves by 1.5e-7, as much as the FSDP critic's on 2 ranks (measured:
+    # FSDP dp2 3.8e-5 relative, megatron dp2 3.9e-5 with the sharded or the whole AdamW state alike).
+    assert_rows_match(rows, fsdp_ppo_reference, CRITIC_CLOSE, atol=1e-6 if layout == "dp2" else 1e-7)
 
 
 def test_megatron_critic_resumes_exactly(workdir, fsdp_ppo_reference):

@@ -117,3 +117,28 @@ def test_live_micro_batches_follow_each_sections_own_sizes():
     assert _micro_batches_per_mini(cfg, cfg.critic, dims(pp=4, dp=2)) == 2
     budget = config("actor.max_tokens_per_micro_batch=512")
     assert _micro_batches_per_mini(budget, budget.actor, dims(pp=4)) == 4  # unknown count: pp bounds it
+
+
+def test_distributed_optimizer_divides_the_adamw_state_by_dp():
+    cfg = config("critic.enable=true", "algorithm.adv_estimator=gae", "data.train_batch_size=8",
+                 "actor.ppo_mini_batch_size=8")
+    P = stage_param_count(QWEN05, 2, 1, 0)
+    sharded = plan_megatron_stage(cfg, QWEN05, dims(tp=2, dp=3), 0, None)
+    assert sharded.item("optimizer state").bytes == 8 * -(-P // 3)  # this rank's ceil(P / dp) range
+    assert sharded.item("gradients").bytes == 4 * P  # gradients stay whole (reduce-scattered in place)
+    Pc = stage_param_count(QWEN05, 2, 1, 0, lm_head=False) + QWEN05.hidden_size + 1
+    assert sharded.item("critic optimizer state").bytes == 8 * -(-Pc // 3)
+    whole = plan_megatron_stage(config("actor.megatron.use_distributed_optimizer=false"), QWEN05,
+                                dims(tp=2, dp=3), 0, None)
+    assert whole.item("optimizer state").bytes == 8 * P
+    # A plan that does not fit because of the whole AdamW state names the switch first.
+    tight = config("actor.megatron.use_distributed_optimizer=false", "trainer.memory_limit_gb=2",
+                   "actor.micro_batch_size_per_device=1", "data.max_prompt_length=64", "data.max_response_length=64",
+                   "rollout.max_num_seqs=4", "rollout.kv_cache_gb=0.01")
+    _, plan = plan_megatron_memory(tight, QWEN05, dims(dp=4), 2 * GIB, device_type="cuda",
+                                   device_source="trainer.memory_limit_gb=2")
+    with pytest.raises(UserError) as err:
+        check_plan(plan)
+    assert str(err.value).endswith("biggest item: optimizer state 3.68 GiB: set actor.megatron.use_distributed_optimizer"
+                                   "=true (AdamW state over the 4 dp ranks) or raise parallel.pp or parallel.tp "
+                                   "(a rank holds 1/(tp x pp) of the fp32 model)")
