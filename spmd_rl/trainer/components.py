@@ -335,6 +335,8 @@ def _megatron_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, k
     if cfg.needs_reference:
         ref = build_megatron_policy(cfg, cfg.ref.path or cfg.model.path, dims, mesh, kernels=kernels, trainable=False,
                                     compute_dtype=mixed)
+        if cfg.ref.offload:  # on the device for its logprob pass only (on CPU: copies aside, no saving)
+            ref.wait_in_host_memory(device)
     with torch.device("meta"):  # the engine allocates its own tp shard; the stages' weights fill it
         engine_model = Transformer(policy.args)
     stage = policy.actor.pp_rank

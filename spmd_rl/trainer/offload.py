@@ -17,6 +17,11 @@ Contract (what the tests check):
   parameter references, FSDP's bookkeeping and the DTensor wrappers are untouched, only the
   local storage under them changes.
 
+The megatron backend's ZeRO-1 optimizer (``models/megatron/distributed_optimizer.py``) owns one
+flat buffer that its model's parameters view; it stands in the modules list and hands out that
+buffer (re-pointing every view on assignment) and its gradient buffer, which is all zeros
+between updates and so is dropped and recreated rather than copied.
+
 Where the storage lives (what was found to work with FSDP2): a ``fully_shard``-ed parameter is an
 ``nn.Parameter`` wrapping a DTensor whose ``_local_tensor`` is a view of ``FSDPParam
 ._sharded_param_data``, the flat (padded) shard FSDP all-gathers from. Both must move together,
@@ -52,8 +57,14 @@ class _Slot:
     """One device tensor the model or optimizer holds, and how to re-point its holder."""
 
     key: tuple  # stable identity of the holder, to find the same host buffer next time
-    tensor: torch.Tensor  # the tensor to move (contiguous)
-    assign: Callable[[torch.Tensor], None]  # re-point the holder at a tensor like ``tensor``
+    tensor: torch.Tensor | None  # the tensor to move (contiguous)
+    assign: Callable[[torch.Tensor | None], None]  # re-point the holder at a tensor like ``tensor``
+    zeros: bool = False  # all zeros (a cleared gradient buffer): dropped (assign(None)), reloaded as zeros
+    shape: torch.Size = torch.Size()
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        self.shape, self.dtype = self.tensor.shape, self.tensor.dtype
 
 
 class HostOffload:
@@ -104,12 +115,14 @@ class HostOffload:
         slots += [s for opt in self.optimizers for s in _optimizer_slots(opt, self.device)]
         moved = 0
         for slot in slots:
+            if slot.zeros:
+                continue
             host = self._buffer_for(slot)
             host.copy_(slot.tensor, non_blocking=self.pin_memory)
             moved += host.numel() * host.element_size()
         self._synchronize()  # host buffers hold the values before the device tensors are dropped
         for slot in slots:
-            slot.assign(self._buffers[slot.key])
+            slot.assign(None if slot.zeros else self._buffers[slot.key])
             slot.tensor = None  # our reference was the last one: the device memory is free now
         self._moved = slots
         if self.device.type == "cuda":
@@ -123,6 +136,9 @@ class HostOffload:
             raise ValueError("reload() called without offload(): the state is already on the device")
         moved = 0
         for slot in self._moved:
+            if slot.zeros:
+                slot.assign(torch.zeros(slot.shape, dtype=slot.dtype, device=self.device))
+                continue
             host = self._buffers[slot.key]
             fresh = torch.empty(host.shape, dtype=host.dtype, device=self.device)
             fresh.copy_(host, non_blocking=self.pin_memory)
@@ -146,8 +162,8 @@ class HostOffload:
             torch.cuda.synchronize(self.device)
 
 
-def _reshard(module: nn.Module) -> None:
-    if FSDPModule is None:
+def _reshard(module) -> None:
+    if FSDPModule is None or not isinstance(module, nn.Module):
         return
     for m in module.modules():
         if isinstance(m, FSDPModule):
@@ -167,7 +183,9 @@ def _fsdp_params(module: nn.Module) -> list:
     return found
 
 
-def _param_slots(module: nn.Module, device: torch.device) -> list[_Slot]:
+def _param_slots(module, device: torch.device) -> list[_Slot]:
+    if hasattr(module, "flat_slots"):  # parameters views into one flat buffer (the megatron backend's ZeRO-1)
+        return module.flat_slots(device)
     slots, covered = [], set()
     for fsdp_param in _fsdp_params(module):
         param = fsdp_param.sharded_param
@@ -251,8 +269,8 @@ def build_host_offload(cfg, components) -> HostOffload:
     for section, model, optimizer in ((cfg.actor, c.policy, c.optimizer), (cfg.critic, c.critic, c.critic_optimizer)):
         if model is None:
             continue
-        if section.offload.params:
-            modules.append(model)
+        if section.offload.params:  # a ZeRO-1 optimizer owns the flat buffer its model's parameters view
+            modules.append(optimizer if hasattr(optimizer, "flat_slots") else model)
         if section.offload.optimizer:
             optimizers.append(optimizer)
     return HostOffload(modules, optimizers, device=c.device)

@@ -5,7 +5,8 @@ on a global batch split over dp ranks, its loss normalised by the global row cou
 same ``grads.optimizer_step`` the megatron actor uses. Against one process running plain AdamW
 on the whole batch: the same gradient norm (clipping active), the same parameters after every
 step, while each rank keeps only ``ceil(N / dp)`` elements of each moment. A non-finite
-gradient on one rank makes every rank skip the step. A checkpoint written on dp=2 resumes on
+gradient on one rank makes every rank skip the step; host offload between steps changes
+nothing. A checkpoint written on dp=2 resumes on
 dp=3 (DCP reshards the moments) and the next step still equals the one-process run.
 """
 
@@ -83,6 +84,27 @@ def train_step(model, optimizer, scheduler, groups, step: int, rank: int, dp_siz
                                 skip_tied_copy=False)
 
 
+def offload_and_reload(model, optimizer, chunk: int) -> None:
+    """``actor.offload``: the flat parameter buffer and the moments move to host buffers (the
+    cleared gradient buffer is dropped), every parameter view follows, and all comes back."""
+    from spmd_rl.trainer.offload import HostOffload
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    offload = HostOffload([optimizer], [optimizer], device="cpu")
+    flat = optimizer.flat
+    moved = offload.offload()
+    # parameters (padded) + exp_avg + exp_avg_sq + AdamW's step counter (on the compute device here: the CPU)
+    assert moved == 4 * flat.numel() + 2 * 4 * chunk + 4
+    assert optimizer.flat is not flat and optimizer.flat_grad is None
+    assert all(p.grad is None for p in model.parameters())
+    host = optimizer.flat.data_ptr()
+    assert all(host <= p.data_ptr() < host + 4 * optimizer.flat.numel() for p in model.parameters())
+    assert optimizer.shard.data_ptr() == host + 4 * optimizer.start
+    assert offload.reload() == moved
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+
+
 def _train_worker(rank, world_size, out_path):
     model, optimizer, scheduler, groups = sharded_setup(world_size)
     numel = sum(p.numel() for p in model.parameters())
@@ -95,6 +117,8 @@ def _train_worker(rank, world_size, out_path):
     for step in range(STEPS):
         norms.append(train_step(model, optimizer, scheduler, groups, step, rank, world_size))
         params.append({k: v.clone() for k, v in model.state_dict().items()})
+        if step == 0:
+            offload_and_reload(model, optimizer, chunk)
     # A NaN gradient on one rank: the norm is NaN everywhere and every rank skips the step.
     before = {k: v.clone() for k, v in model.state_dict().items()}
     moment = moments["exp_avg"].clone()

@@ -40,8 +40,11 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None):
 EXACT = ("critic/score/mean", "response_length/mean")  # same tokens sampled
 CLOSE = ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/kl_loss", "actor/pg_clipfrac")
 LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": [],  # 2 ranks each
-           # dp2 shards AdamW over the two ranks by default (actor.megatron.use_distributed_optimizer)
-           "dp2_whole_optimizer": ["actor.megatron.use_distributed_optimizer=false"],
+           # dp2 shards AdamW over the two ranks by default (actor.megatron.use_distributed_optimizer);
+           # host offload while generating moves its flat buffers, or each parameter of the whole-state AdamW
+           "dp2_offload": ["actor.offload.params=true", "actor.offload.optimizer=true", "ref.offload=true"],
+           "dp2_whole_optimizer_offload": ["actor.megatron.use_distributed_optimizer=false", "actor.offload.params=true",
+                                           "actor.offload.optimizer=true"],
            # token-budget micro-batches counted padded (2-3 rows of at most 16 + 5 tokens), many through 1F1B
            "pp2_token_budget": ["parallel.pp=2", "actor.max_tokens_per_micro_batch=48"]}
 
@@ -107,6 +110,11 @@ def test_megatron_run_equals_the_single_process_fsdp_run(workdir, fsdp_reference
     assert f"the first pipeline stage generates each dp share, tensor-parallel over {engine_tp} rank(s)" in STDOUT[run_dir]
     assert "megatron pipeline stage" in STDOUT[run_dir] and "memory plan per rank" in STDOUT[run_dir]
     assert_rows_match(rows, ref_rows)
+    if "offload" in layout:  # the fp32 parameters and, once the first step made them, AdamW's moments
+        P = sum(t.numel() for t in hf_weights(workdir / "model").values())
+        moments = 8 * P // 2 if layout == "dp2_offload" else 8 * P  # half of them each when sharded over dp2
+        moved = [row["perf/offloaded_gb"] * 1024**3 for row in rows]
+        assert moved[0] >= 4 * P and moved[1] >= 4 * P + moments, moved
     weights = hf_weights(run_dir / "hf")  # exported from the stages: gathered over TP, PP
     assert sorted(weights) == sorted(ref_weights)
     # Two Adam steps move a weight by up to 2 x lr = 4e-4; an element whose gradient sits at the
@@ -172,7 +180,8 @@ def fsdp_ppo_reference(workdir):
 
 
 # pp2 also recomputes every layer's activations in the backward (megatron's "full" recompute)
-CRITIC_LAYOUTS = {"tp2": ["parallel.tp=2"], "dp2": [],  # dp2: both AdamW states sharded over the 2 ranks
+# dp2: both AdamW states sharded over the 2 ranks, and the critic waits in host memory while generating
+CRITIC_LAYOUTS = {"tp2": ["parallel.tp=2"], "dp2": ["critic.offload.params=true", "critic.offload.optimizer=true"],
                   "pp2_recompute": ["parallel.pp=2", "actor.activation_checkpointing=true",
                                     "critic.activation_checkpointing=true"]}
 

@@ -121,6 +121,39 @@ class ShardedAdamW(torch.optim.AdamW):
         super().zero_grad(set_to_none)
         self.flat_grad.zero_()
 
+    # -- host offload (``*.offload.params``: spmd_rl.trainer.offload.HostOffload) -------------------
+
+    def flat_slots(self, device: torch.device) -> list:
+        """The parameter buffer and the (cleared) gradient buffer as offload slots; assigning a
+        buffer re-points every parameter, the owned range and the gradient views at it."""
+        from spmd_rl.trainer.offload import _Slot
+
+        if self.flat.device != device:
+            return []
+        if self.shard.grad is not None or self.flat_grad.count_nonzero():
+            raise ValueError("ShardedAdamW: offload between updates (after zero_grad), not inside one")
+        return [_Slot(("flat_params", id(self)), self.flat, self._point_params_at),
+                _Slot(("flat_grads", id(self)), self.flat_grad, self._point_grads_at, zeros=True)]
+
+    def _point_params_at(self, flat: torch.Tensor) -> None:
+        self.flat = flat
+        offset = 0
+        for p in self.params:
+            p.data = flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.shard.data = flat[self.start : self.start + self.chunk]
+
+    def _point_grads_at(self, flat_grad: torch.Tensor | None) -> None:
+        """``None``: drop the gradient buffer (while offloaded); a tensor: use it."""
+        self.flat_grad = flat_grad
+        self.grad_views = []
+        offset = 0
+        for p in self.params:
+            view = None if flat_grad is None else flat_grad[offset : offset + p.numel()].view_as(p)
+            self.grad_views.append(view)
+            p.grad = view
+            offset += p.numel()
+
     # -- checkpoints -----------------------------------------------------------------------------
 
     def sharded_state_dict(self) -> dict:

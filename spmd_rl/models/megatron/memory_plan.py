@@ -91,10 +91,11 @@ def plan_megatron_stage(cfg, args: ModelArgs, dims, stage: int, device_bytes: in
     P = stage_param_count(args, tp, pp, stage)
     acts, section = activations(actor, args), "actor"
     items = [
-        MemoryItem("parameters", P * FP32, True, True, layout),
+        MemoryItem("parameters", P * FP32, not actor.offload.params, True,
+                   f"set actor.offload.params=true or {layout}", layout),
         MemoryItem("gradients", P * FP32, False, True, layout),
         MemoryItem("optimizer state", adamw_state_bytes(P, dims.dp_size, actor.megatron.use_distributed_optimizer),
-                   True, True, _optimizer_knob("actor", cfg.actor, dims.dp_size, layout)),
+                   not actor.offload.optimizer, True, *_optimizer_knobs("actor", cfg.actor, dims.dp_size, layout)),
     ]
     if critic_cfg.enable:
         c_acts = activations(critic_cfg, critic_args or args)
@@ -122,17 +123,20 @@ def plan_megatron_stage(cfg, args: ModelArgs, dims, stage: int, device_bytes: in
                    if stage == 0 else 0, True, False,
                    "lower rollout.kv_cache_gb / rollout.gpu_memory_utilization or rollout.max_num_seqs"),
     ]
-    if cfg.needs_reference:
-        items.append(MemoryItem("reference parameters", P * FP32, True, True, layout))
+    if cfg.needs_reference:  # ref.offload: on the device only for its logprob pass, less than the update's peak
+        items.append(MemoryItem("reference parameters", P * FP32, not cfg.ref.offload, not cfg.ref.offload,
+                                f"set ref.offload=true or {layout}"))
     if critic_cfg.enable:
         shape = critic_args or args
         Pc = stage_param_count(shape, tp, pp, stage, lm_head=False) + (shape.hidden_size + 1 if stage == pp - 1 else 0)
         items += [
-            MemoryItem("critic parameters", Pc * FP32, True, True, layout),
+            MemoryItem("critic parameters", Pc * FP32, not critic_cfg.offload.params, True,
+                       f"set critic.offload.params=true or {layout}", layout),
             MemoryItem("critic gradients", Pc * FP32, False, True, layout),
             MemoryItem("critic optimizer state",
                        adamw_state_bytes(Pc, dims.dp_size, critic_cfg.megatron.use_distributed_optimizer),
-                       True, True, _optimizer_knob("critic", critic_cfg, dims.dp_size, layout)),
+                       not critic_cfg.offload.optimizer, True,
+                       *_optimizer_knobs("critic", critic_cfg, dims.dp_size, layout)),
         ]
     return MemoryPlan(tuple(items), device_bytes, device_source)
 
@@ -143,10 +147,12 @@ def adamw_state_bytes(params: int, dp: int, sharded: bool) -> int:
     return 2 * FP32 * (math.ceil(params / dp) if sharded else params)
 
 
-def _optimizer_knob(section: str, section_cfg, dp: int, layout: str) -> str:
+def _optimizer_knobs(section: str, section_cfg, dp: int, layout: str) -> tuple[str, str]:
+    """What shrinks the AdamW state: ``(while generating, during the update)``."""
+    training = layout
     if dp > 1 and not section_cfg.megatron.use_distributed_optimizer:
-        return f"set {section}.megatron.use_distributed_optimizer=true (AdamW state over the {dp} dp ranks) or {layout}"
-    return layout
+        training = f"set {section}.megatron.use_distributed_optimizer=true (AdamW state over the {dp} dp ranks) or {layout}"
+    return f"set {section}.offload.optimizer=true or {training}", training
 
 
 def _plural(count: int, one: str, many: str) -> str:

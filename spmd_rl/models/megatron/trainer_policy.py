@@ -24,6 +24,7 @@ from spmd_rl.errors import UserError
 from spmd_rl.models.megatron import policy as megatron_policy
 from spmd_rl.models.megatron.backend import MegatronActor, build_actor, load_stage_hf_state
 from spmd_rl.models.megatron.distributed_optimizer import ShardedAdamW
+from spmd_rl.trainer.offload import HostOffload
 
 
 class MegatronPolicy(nn.Module):
@@ -34,6 +35,13 @@ class MegatronPolicy(nn.Module):
         self.actor = actor
         self.kernels = kernels
         self.stage = actor.model
+        self.host_offload: HostOffload | None = None  # ref.offload: host memory between logprob passes
+
+    def wait_in_host_memory(self, device: torch.device) -> None:
+        """``ref.offload``: keep this frozen stage in host memory, on the device only while
+        :meth:`logprobs` runs."""
+        self.host_offload = HostOffload([self], device=device)
+        self.host_offload.offload()
 
     @property
     def shard_name(self) -> str:
@@ -46,8 +54,15 @@ class MegatronPolicy(nn.Module):
     @torch.no_grad()
     def logprobs(self, batch, temperature: float, micro_batch_size: int, *, max_tokens: int = 0) -> torch.Tensor:
         """``[B, T]`` response logprobs on every rank (old or reference logprobs)."""
-        return megatron_policy.compute_logprobs(self.actor, batch, temperature, micro_batch_size,
-                                                max_tokens=max_tokens, kernels=self.kernels)
+        if self.host_offload is None:
+            return megatron_policy.compute_logprobs(self.actor, batch, temperature, micro_batch_size,
+                                                    max_tokens=max_tokens, kernels=self.kernels)
+        self.host_offload.reload()
+        try:
+            return megatron_policy.compute_logprobs(self.actor, batch, temperature, micro_batch_size,
+                                                    max_tokens=max_tokens, kernels=self.kernels)
+        finally:
+            self.host_offload.offload()
 
     def update(self, optimizer, scheduler, batch, cfg, **kwargs) -> dict[str, float]:
         """PPO epochs over the batch's mini-batches (see ``spmd_rl.models.megatron.policy.update``)."""
@@ -66,10 +81,6 @@ def check_megatron_run(cfg, dims) -> None:
     """One-line UserError for the switches the megatron actor does not combine with."""
     refused = {
         f"parallel.sp={dims.sp} (megatron's context parallelism is not wired)": dims.sp > 1,
-        "actor.offload.params/optimizer": cfg.actor.offload.params or cfg.actor.offload.optimizer,
-        "ref.offload=true": cfg.needs_reference and cfg.ref.offload,
-        "critic.offload.params/optimizer": cfg.critic.enable and (cfg.critic.offload.params
-                                                                  or cfg.critic.offload.optimizer),
         f"rollout.engine={cfg.rollout.engine} (the native engine takes megatron's weights)": cfg.rollout.engine != "native",
         "model.implementation=generic (GPTModel covers the native decoder's families)": cfg.model.implementation == "generic",
         "model.compile=true (it compiles the native decoder's blocks)": cfg.model.compile,
