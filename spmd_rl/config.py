@@ -368,7 +368,8 @@ class RefConfig:
     """Reference policy weights; empty = model.path (the initial policy). Loaded when
     actor.use_kl_loss or algorithm.use_kl_in_reward is on."""
     offload: bool = False
-    """Keep the reference's shards in host memory between uses (GPU only; on CPU they already are)."""
+    """Keep the reference's shards in host memory between uses. FSDP: its CPU offload, GPU only (on
+    CPU they already are); megatron: the stage waits in host buffers outside its logprob pass."""
 
 
 @dataclass
