@@ -21,7 +21,11 @@ from spmd_rl.errors import UserError
 
 
 def check_tp_divisible(args, tp: int) -> None:
-    """Every sharded dimension must split evenly over the tp ranks."""
+    """Every sharded dimension must split evenly over the tp ranks; no sparse (MoE) layers."""
+    if getattr(args, "is_moe", False) and tp > 1:
+        raise UserError(f"parallel.tp={tp} with a mixture-of-experts model ({args.num_experts} experts) is not supported: "
+                        "the experts are not split over tensor-parallel ranks; use parallel.tp=1 and shard it with "
+                        "parallel.dp_shard (FSDP) and parallel.sp")
     # The vocabulary may split unevenly (torch.chunk sizes); the logprob handles any vocab_start.
     sizes = {"attention heads": args.num_heads, "key/value heads": args.num_kv_heads,
              "intermediate size": args.intermediate_size}

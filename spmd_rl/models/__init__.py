@@ -10,7 +10,7 @@ from spmd_rl.models.decoder import DecoderLayer, Transformer
 from spmd_rl.models.generic import GenericCausalLM
 from spmd_rl.models.hf_io import load_pretrained, load_state_dict, read_hf_config, save_pretrained
 
-NATIVE_MODEL_TYPES = {"llama", "qwen2", "qwen3", "mistral"}
+NATIVE_MODEL_TYPES = {"llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe"}
 
 __all__ = [
     "NATIVE_MODEL_TYPES",

@@ -1,7 +1,8 @@
 """Shape and option set of a native decoder, read from and written to an HF ``config.json``.
 
-``ModelArgs`` is the one place that knows how the four supported HF families (Llama, Mistral,
-Qwen2, Qwen3) spell their options. The decoder itself only sees the normalised fields.
+``ModelArgs`` is the one place that knows how the supported HF families (Llama, Mistral,
+Qwen2, Qwen3, and the mixture-of-experts Mixtral and Qwen3-MoE) spell their options. The
+decoder itself only sees the normalised fields.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ DEFAULT_ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
+MOE_MODEL_TYPES = ("mixtral", "qwen3_moe")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -47,8 +51,18 @@ class ModelArgs:
     pad_token_id: int | None = None
     o_proj_bias: bool = False  # bias on o_proj (Llama/Qwen3 `attention_bias`; never Qwen2)
     sliding_window: int | None = None  # attend to the last `sliding_window` tokens (Mistral v0.1)
+    # Mixture of experts (Mixtral, Qwen3-MoE; models/moe.py): 0 experts = dense MLPs everywhere.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # each expert's intermediate size (Mixtral: intermediate_size)
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights (always on for Mixtral)
+    moe_layers: tuple[int, ...] = ()  # indices of the sparse layers; the others keep a dense MLP
 
     def __post_init__(self) -> None:
+        self.moe_layers = tuple(self.moe_layers)
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, num_experts="
+                             f"{self.num_experts}]")
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2 != 0:
@@ -67,6 +81,7 @@ class ModelArgs:
                 "load it through the generic transformers path (GenericCausalLM) instead"
             )
         _check_unsupported_options(cfg, model_type)
+        moe = _read_moe(cfg, model_type)
         num_heads = int(cfg["num_attention_heads"])
         rope_theta, rope_scaling = _read_rope(cfg)
         bias = bool(cfg.get("attention_bias", False))
@@ -89,12 +104,29 @@ class ModelArgs:
             # Qwen2 always has q/k/v bias and never an o_proj bias; Llama/Qwen3 share one flag.
             attention_bias=True if model_type == "qwen2" else bias,
             o_proj_bias=False if model_type == "qwen2" else bias,
-            qk_norm=model_type == "qwen3",
-            sliding_window=cfg.get("sliding_window") if model_type == "mistral" else None,
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            sliding_window=cfg.get("sliding_window") if model_type in ("mistral", "mixtral") else None,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
             pad_token_id=cfg.get("pad_token_id"),
+            **moe,
         )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def mixtral_names(self) -> bool:
+        """Mixtral spells its sparse block ``block_sparse_moe`` with experts ``w1/w3/w2``."""
+        return self.model_type == "mixtral"
+
+    def active_ffn_size(self, layer: int) -> int:
+        """Intermediate features one token goes through in ``layer``'s feed-forward
+        (``k x moe_intermediate_size`` in a sparse layer): what its FLOPs scale with."""
+        if layer in self.moe_layers:
+            return self.num_experts_per_tok * self.moe_intermediate_size
+        return self.intermediate_size
 
     def to_hf_config(self) -> dict:
         """A ``config.json`` dict that transformers (4.x and 5.x) loads into the same model."""
@@ -126,7 +158,25 @@ class ModelArgs:
         cfg["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
         cfg["rope_parameters"] = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
         cfg.update(self._family_options())
+        cfg.update(self._moe_options())
         return cfg
+
+    def _moe_options(self) -> dict:
+        if self.model_type == "mixtral":
+            if self.moe_layers != tuple(range(self.num_layers)) or self.moe_intermediate_size != self.intermediate_size \
+                    or not self.norm_topk_prob:
+                raise ValueError("mixtral has sparse layers only, experts of intermediate_size and normalised routing")
+            return {"num_local_experts": self.num_experts, "num_experts_per_tok": self.num_experts_per_tok,
+                    "router_jitter_noise": 0.0, "output_router_logits": False}
+        if self.model_type == "qwen3_moe":
+            return {"num_experts": self.num_experts, "num_experts_per_tok": self.num_experts_per_tok,
+                    "moe_intermediate_size": self.moe_intermediate_size, "norm_topk_prob": self.norm_topk_prob,
+                    "decoder_sparse_step": 1,
+                    "mlp_only_layers": [i for i in range(self.num_layers) if i not in self.moe_layers],
+                    "output_router_logits": False}
+        if self.is_moe:
+            raise ValueError(f"model_type {self.model_type!r} has no mixture-of-experts layers")
+        return {}
 
     def _family_options(self) -> dict:
         """Config keys whose spelling differs between the four families."""
@@ -136,11 +186,11 @@ class ModelArgs:
             return {"use_sliding_window": False, "sliding_window": None}
         if self.attention_bias != self.o_proj_bias and self.model_type != "mistral":
             raise ValueError(f"{self.model_type} ties the q/k/v and o_proj biases to one attention_bias flag")
-        if self.model_type == "mistral":
+        if self.model_type in ("mistral", "mixtral"):
             if self.attention_bias or self.o_proj_bias or self.qk_norm:
-                raise ValueError("mistral has no attention bias and no qk_norm")
+                raise ValueError(f"{self.model_type} has no attention bias and no qk_norm")
             return {"sliding_window": self.sliding_window}
-        if self.qk_norm != (self.model_type == "qwen3"):
+        if self.qk_norm != (self.model_type in ("qwen3", "qwen3_moe")):
             raise ValueError(f"qk_norm={self.qk_norm} does not match model_type {self.model_type!r}")
         options: dict[str, Any] = {"attention_bias": self.attention_bias}
         if self.model_type == "llama":
@@ -154,6 +204,24 @@ class ModelArgs:
         return dataclasses.replace(self, **changes)
 
 
+def _read_moe(cfg: dict, model_type: str) -> dict:
+    """The mixture-of-experts fields of a Mixtral / Qwen3-MoE config (empty for dense families)."""
+    if model_type not in MOE_MODEL_TYPES:
+        return {}
+    num_layers = int(cfg["num_hidden_layers"])
+    experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+    if model_type == "mixtral":
+        return dict(num_experts=experts, num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)),
+                    moe_intermediate_size=int(cfg["intermediate_size"]), norm_topk_prob=True,
+                    moe_layers=tuple(range(num_layers)))
+    step = int(cfg.get("decoder_sparse_step", 1))
+    dense = set(cfg.get("mlp_only_layers") or [])
+    sparse = tuple(i for i in range(num_layers) if i not in dense and experts > 0 and (i + 1) % step == 0)
+    return dict(num_experts=experts, num_experts_per_tok=int(cfg.get("num_experts_per_tok", 8)),
+                moe_intermediate_size=int(cfg["moe_intermediate_size"]),
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), moe_layers=sparse)
+
+
 def _check_unsupported_options(cfg: dict, model_type: str) -> None:
     """UserError for HF options that change the math in ways the native decoder does not implement."""
     act = cfg.get("hidden_act", "silu")
@@ -161,7 +229,7 @@ def _check_unsupported_options(cfg: dict, model_type: str) -> None:
         raise UserError(f"hidden_act {act!r} is not supported by the native decoder (only 'silu'); use GenericCausalLM")
     if cfg.get("mlp_bias"):
         raise UserError("mlp_bias=true is not supported by the native decoder; use GenericCausalLM")
-    if model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe") and cfg.get("use_sliding_window"):
         raise UserError(
             f"{model_type} with use_sliding_window=true is not supported by the native decoder; use GenericCausalLM"
         )

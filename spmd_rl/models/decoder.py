@@ -33,6 +33,7 @@ from spmd_rl.kernels.attention import causal_attention
 from spmd_rl.kernels.paged_attention import paged_decode_attention
 from spmd_rl.kernels.varlen_attention import varlen_attention
 from spmd_rl.models.args import ModelArgs
+from spmd_rl.models.moe import SparseMoE
 from spmd_rl.models.rope import apply_rope, compute_cos_sin, compute_inv_freq
 
 
@@ -181,13 +182,19 @@ class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = Attention(args, layer_idx)
-        self.mlp = MLP(args)
+        self.ffn_name = "mlp"  # the feed-forward's name in HF checkpoints
+        if layer_idx in args.moe_layers:
+            self.ffn_name = "block_sparse_moe" if args.mixtral_names else "mlp"
+            setattr(self, self.ffn_name, SparseMoE(args.hidden_size, args.moe_intermediate_size, args.num_experts,
+                                                   args.num_experts_per_tok, args.norm_topk_prob, args.mixtral_names))
+        else:
+            self.mlp = MLP(args)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, inputs)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
 
 
 class DecoderStack(nn.Module):

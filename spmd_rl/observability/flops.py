@@ -56,13 +56,20 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
-def layer_matmul_flops_per_token(args: ModelArgs) -> int:
-    """Forward FLOPs of one decoder layer's weight matmuls for one token (no attention scores)."""
+def layer_matmul_flops_per_token(args: ModelArgs, layer: int = 0) -> int:
+    """Forward FLOPs of decoder layer ``layer``'s weight matmuls for one token (no attention
+    scores). A sparse layer counts the router and the k experts the token visits, not all of them."""
     H, D = args.hidden_size, args.head_dim
     q_and_o = 2 * (2 * H * args.num_heads * D)
     k_and_v = 2 * (2 * H * args.num_kv_heads * D)
-    mlp = 3 * (2 * H * args.intermediate_size)
-    return q_and_o + k_and_v + mlp
+    mlp = 3 * (2 * H * args.active_ffn_size(layer))
+    router = 2 * H * args.num_experts if layer in args.moe_layers else 0
+    return q_and_o + k_and_v + mlp + router
+
+
+def decoder_matmul_flops_per_token(args: ModelArgs) -> int:
+    """:func:`layer_matmul_flops_per_token` summed over the layers."""
+    return sum(layer_matmul_flops_per_token(args, layer) for layer in range(args.num_layers))
 
 
 def lm_head_flops_per_token(args: ModelArgs) -> int:
@@ -99,7 +106,7 @@ def decoder_flops_per_token(args: ModelArgs, seq_len: int) -> float:
     """
     if seq_len <= 0:
         raise ValueError(f"seq_len must be > 0, got {seq_len}")
-    dense = args.num_layers * layer_matmul_flops_per_token(args) + lm_head_flops_per_token(args)
+    dense = decoder_matmul_flops_per_token(args) + lm_head_flops_per_token(args)
     return dense + attention_flops(args, seq_len) / seq_len
 
 
@@ -116,7 +123,7 @@ def forward_flops(args: ModelArgs, token_lengths: list[int], lm_head_tokens: int
     lm_tokens = num_tokens if lm_head_tokens is None else lm_head_tokens
     if not 0 <= lm_tokens <= num_tokens:
         raise ValueError(f"lm_head_tokens must be in [0, {num_tokens}] (the number of tokens), got {lm_head_tokens}")
-    weights = num_tokens * args.num_layers * layer_matmul_flops_per_token(args)
+    weights = num_tokens * decoder_matmul_flops_per_token(args)
     attention = sum(attention_flops(args, L) for L in token_lengths)
     return weights + attention + lm_tokens * lm_head_flops_per_token(args)
 

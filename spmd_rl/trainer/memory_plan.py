@@ -109,8 +109,8 @@ class MemoryPlan:
 # ------------------------------------------------------------------------------------ counts
 
 
-def block_param_count(args: ModelArgs) -> int:
-    """Parameters of one decoder block."""
+def block_param_count(args: ModelArgs, layer: int = 0) -> int:
+    """Parameters of decoder block ``layer`` (a sparse one holds every expert and the router)."""
     H, D = args.hidden_size, args.head_dim
     q, kv = args.num_heads * D, args.num_kv_heads * D
     attention = H * q + 2 * H * kv + q * H
@@ -120,7 +120,14 @@ def block_param_count(args: ModelArgs) -> int:
         attention += H
     if args.qk_norm:
         attention += 2 * D
-    return attention + 3 * H * args.intermediate_size + 2 * H
+    ffn = 3 * H * args.intermediate_size
+    if layer in args.moe_layers:
+        ffn = args.num_experts * 3 * H * args.moe_intermediate_size + H * args.num_experts
+    return attention + ffn + 2 * H
+
+
+def largest_block_param_count(args: ModelArgs) -> int:
+    return max(block_param_count(args, layer) for layer in range(args.num_layers))
 
 
 def root_param_count(args: ModelArgs) -> int:
@@ -131,19 +138,23 @@ def root_param_count(args: ModelArgs) -> int:
 
 def param_count(args: ModelArgs) -> int:
     """Parameters of the decoder (tied embeddings counted once)."""
-    return args.num_layers * block_param_count(args) + root_param_count(args)
+    return sum(block_param_count(args, layer) for layer in range(args.num_layers)) + root_param_count(args)
 
 
 def activation_bytes_per_token_layer(args: ModelArgs, dtype_bytes: int, *, packed: bool = True, tp: int = 1) -> int:
-    """Bytes autograd saves per token in one decoder layer (module docstring's formula)."""
+    """Bytes autograd saves per token in one decoder layer (module docstring's formula; a sparse
+    layer counts the k experts a token visits, plus its k gathered inputs and the router's scores)."""
     H, D = args.hidden_size, args.head_dim
     heads, kv_heads = args.num_heads // tp, args.num_kv_heads // tp
-    a_q, a_kv, inter, b = heads * D, kv_heads * D, args.intermediate_size // tp, dtype_bytes
+    widest = max(args.active_ffn_size(layer) for layer in range(args.num_layers))
+    a_q, a_kv, inter, b = heads * D, kv_heads * D, widest // tp, dtype_bytes
     total = 2 * (4 * H + 4 + b * H) + 2 * b * H + b * (2 * a_q + 2 * a_kv) + 4 * heads + 4 * b * inter
     if packed:
         total += b * a_q
     if args.qk_norm:
         total += (4 + b) * (a_q + a_kv) + 4 * (heads + kv_heads)
+    if args.is_moe:
+        total += args.num_experts_per_tok * b * H + 4 * args.num_experts
     return total
 
 
@@ -235,7 +246,7 @@ def plan_memory(cfg, model_args: ModelArgs, dims, device_bytes: int | None, *, d
                    "set actor.offload.optimizer=true or raise parallel.dp_shard",
                    "raise parallel.dp_shard (or parallel.tp): the update needs the optimizer state on the device"),
         MemoryItem("gathered weights",
-                   math.ceil((root_param_count(model_args) + 2 * block_param_count(model_args)) * b / tp),
+                   math.ceil((root_param_count(model_args) + 2 * largest_block_param_count(model_args)) * b / tp),
                    False, True, "raise parallel.tp (the embedding and lm-head are gathered whole)"),
     ]
     tokens, response_tokens = micro_batch_tokens(data, actor.micro_batch_size_per_device,

@@ -104,6 +104,23 @@ PPO_GAE = ["algorithm.adv_estimator=gae", "critic.enable=true", "critic.optim.lr
            "critic.optim.weight_decay=0.0", "actor.micro_batch_size_per_device=4", "algorithm.lam=0.95"]
 
 
+@pytest.fixture(scope="module")
+def moe_workdir(tmp_path_factory):
+    return make_tiny_setup(tmp_path_factory.mktemp("invariance_moe"), experts=4)
+
+
+@pytest.mark.slow
+def test_moe_model_two_ranks_equal_one_rank(moe_workdir):
+    # Qwen3-MoE, 4 experts, top-2: the update (router and experts included) does not depend on the split
+    cases = {"grpo_kl": GRPO + ["actor.use_kl_loss=true", "actor.kl_loss_coef=0.1"], "ppo_gae": PPO_GAE}
+    one = run_cases(moe_workdir, 1, cases, "moe")
+    two = run_cases(moe_workdir, 2, cases, "moe")
+    for name in cases:
+        assert any(".experts.3." in k for k in one[name]["params"])
+        assert_same_params(one[name]["params"], two[name]["params"])
+        assert two[name]["metrics"]["actor/pg_loss"] == pytest.approx(one[name]["metrics"]["actor/pg_loss"], abs=1e-6)
+
+
 @pytest.mark.slow
 def test_two_ranks_equal_one_rank_for_grpo_and_ppo_gae(workdir):
     cases = {"grpo": GRPO, "ppo_gae": PPO_GAE,

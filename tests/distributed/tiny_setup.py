@@ -10,13 +10,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def make_tiny_setup(root: Path, num_train: int = 64) -> Path:
-    """Write ``root/data/{train,test}.parquet`` and ``root/model``; return ``root``."""
+def make_tiny_setup(root: Path, num_train: int = 64, experts: int = 0) -> Path:
+    """Write ``root/data/{train,test}.parquet`` and ``root/model`` (a Qwen3-MoE model with
+    ``experts`` experts per layer when > 0); return ``root``."""
     for cmd in (
         [sys.executable, "-m", "spmd_rl.data.prepare.addition", "--out", str(root / "data"), "--num-train",
          str(num_train), "--num-test", "8", "--max-digits", "2", "--tokenizer-out", str(root / "model")],
         [sys.executable, str(REPO / "examples/make_tiny_model.py"), "--tokenizer", str(root / "model"),
-         "--out", str(root / "model"), "--hidden-size", "32", "--layers", "2"],
+         "--out", str(root / "model"), "--hidden-size", "32", "--layers", "2", "--experts", str(experts)],
     ):
         subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=300)
     from spmd_rl.models import ModelArgs, build_model, read_hf_config, save_pretrained

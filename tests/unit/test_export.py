@@ -254,7 +254,7 @@ def _bad_inputs(runs: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
                                          "folder outside it"),
         "generic model": ([str(ckpt), out, f"model.path={gpt2}"],
                           f"this run trained the generic transformers model (model_type 'gpt2' in {gpt2}); export "
-                          "supports checkpoints of the native decoder only (llama, mistral, qwen2, qwen3)"),
+                          "supports checkpoints of the native decoder only (llama, mistral, mixtral, qwen2, qwen3, qwen3_moe)"),
         # Qwen2 weights with a Llama config: Llama has no q/k/v biases (the untied lm_head exists in both).
         "other architecture": ([str(ckpt), out, "--config", str(runs / "llama" / "config.yaml")],
                                f"checkpoint {ckpt} does not match the architecture in {runs / 'llama' / 'model' / 'config.json'} "

@@ -309,7 +309,7 @@ def test_user_errors(tmp_path):
     (tmp_path / "noweights" / "config.json").write_text(json.dumps(tiny_args().to_hf_config()))
     with pytest.raises(UserError, match=r"^no weights in .*noweights: expected model.safetensors or model.safetensors.index.json$"):
         load_pretrained(tmp_path / "noweights")
-    with pytest.raises(UserError, match=r"^model_type 'gpt2' is not supported by the native decoder \(supported: llama, mistral, qwen2, qwen3\)"):
+    with pytest.raises(UserError, match=r"^model_type 'gpt2' is not supported by the native decoder \(supported: llama, mistral, mixtral, qwen2, qwen3, qwen3_moe\)"):
         ModelArgs.from_hf_config({"model_type": "gpt2"})
     dynamic = {**read_cfg_stub(), "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}
     with pytest.raises(UserError, match=r"^rope_type 'dynamic' is not supported by the native decoder \(supported: default, linear, llama3, yarn\)"):

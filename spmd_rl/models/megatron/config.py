@@ -24,6 +24,10 @@ def check_megatron_compatible(args: ModelArgs, tp: int = 1, pp: int = 1) -> None
     """ValueError (one line) when ``args`` or the parallel degrees cannot be mapped onto GPTModel."""
     if tp < 1 or pp < 1:
         raise ValueError(f"tensor/pipeline parallel sizes must be >= 1, got tp={tp}, pp={pp}")
+    if args.is_moe:
+        raise ValueError(f"{args.model_type} is a mixture-of-experts model ({args.num_experts} experts): its sparse "
+                         "layers are not mapped to megatron-core (no expert parallelism); train it with "
+                         "actor.strategy=fsdp")
     if args.o_proj_bias:
         # megatron's add_bias_linear puts a bias on every linear (MLP included), ours only on o_proj.
         raise ValueError("attention_bias on o_proj (Llama/Qwen3 attention_bias=true) has no megatron-core "

@@ -184,7 +184,8 @@ class NativeEngine:
         self.tokenizer = tokenizer
         self.kernels = resolve_kernel_backend(kernels, self.device)
         self.model.set_kernels(self.kernels)
-        self.decode_graphs = _decode_graph_mode(decode_graphs, self.device, self.kernels, self.tp_group)
+        self.decode_graphs = _decode_graph_mode(decode_graphs, self.device, self.kernels, self.tp_group,
+                                                moe=self.model.args.is_moe)
         self._graphs: DecodeGraphs | None = None  # built with the KV pool, dropped with it
         self.max_num_seqs, self.max_seq_len = max_num_seqs, max_seq_len
         self.block_size, self.num_blocks = block_size, num_blocks
@@ -450,13 +451,14 @@ def native_engine_options(rollout_cfg, kernels: str = "auto") -> dict:
 DECODE_GRAPH_MODES = ("auto", "off", "static")
 
 
-def _decode_graph_mode(asked: str, device: torch.device, kernels: str, tp_group) -> str | None:
+def _decode_graph_mode(asked: str, device: torch.device, kernels: str, tp_group, *, moe: bool = False) -> str | None:
     """``"graph"`` (capture), ``"static"`` (fixed buffers, no capture) or None (packed eager
-    steps). Capture needs CUDA, a decode path with no host sync (Triton) and no DTensor
-    collectives (tensor parallelism)."""
+    steps). Capture needs CUDA, a decode path with no host sync (Triton), no DTensor
+    collectives (tensor parallelism) and no mixture-of-experts layers (their per-expert token
+    gathers have data-dependent shapes)."""
     if asked == "static":
         return "static"
-    if asked == "auto" and device.type == "cuda" and kernels == "triton" and tp_group is None:
+    if asked == "auto" and device.type == "cuda" and kernels == "triton" and tp_group is None and not moe:
         return "graph"
     return None
 

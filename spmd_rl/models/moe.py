@@ -1,0 +1,69 @@
+"""Sparse mixture-of-experts feed-forward (Mixtral, arXiv:2401.04088; Qwen3-MoE).
+
+Token-choice top-k routing: a linear router scores every expert, the softmax (in fp32) of those
+scores picks each token's ``k`` best experts, and the token's output is the sum of those experts'
+SwiGLU outputs weighted by their probabilities (renormalised over the ``k`` when the model says
+so: always for Mixtral, ``norm_topk_prob`` for Qwen3-MoE). No auxiliary load-balancing loss:
+RL fine-tuning keeps the pretrained router's balance (as verl's FSDP path does).
+
+Every expert runs on every forward, also on zero tokens: each parameter then gets a gradient
+(zeros for an idle expert) on every rank, which FSDP's reduce-scatter needs, and the module has
+no data-dependent control flow beyond the gathers. Parameter names follow the HF checkpoints:
+``gate`` (router) and ``experts.{e}.{gate,up,down}_proj`` (Qwen3-MoE) or ``experts.{e}.{w1,w3,w2}``
+(Mixtral), under the layer's ``mlp`` or ``block_sparse_moe``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights, experts)`` ``[N, k]``: each token's ``k`` most probable experts and their fp32
+    probabilities, renormalised to sum to 1 when ``normalize``."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
+
+
+class Expert(nn.Module):
+    """One SwiGLU expert, ``down(silu(gate(x)) * up(x))``, with the family's parameter names."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, mixtral_names: bool) -> None:
+        super().__init__()
+        self.names = ("w1", "w3", "w2") if mixtral_names else ("gate_proj", "up_proj", "down_proj")
+        gate, up, down = self.names
+        setattr(self, gate, nn.Linear(hidden_size, intermediate_size, bias=False))
+        setattr(self, up, nn.Linear(hidden_size, intermediate_size, bias=False))
+        setattr(self, down, nn.Linear(intermediate_size, hidden_size, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (getattr(self, n) for n in self.names)
+        return down(F.silu(gate(x)) * up(x))
+
+
+class SparseMoE(nn.Module):
+    """Router + ``num_experts`` experts; ``[..., H] -> [..., H]``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
+                 normalize: bool, mixtral_names: bool = False) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.normalize = normalize
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(hidden_size, intermediate_size, mixtral_names) for _ in range(num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weights, chosen = route(self.gate(flat), self.top_k, self.normalize)
+        weights = weights.to(flat.dtype)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)  # tokens routed to e, and in which of their k slots
+            routed = expert(flat[token]) * weights[token, slot, None]
+            out.index_add_(0, token, routed.to(out.dtype))  # bf16 under autocast, into the fp32 stream
+        return out.view_as(x)
