@@ -297,7 +297,7 @@ class ActorConfig:
     strategy: Literal["fsdp", "megatron"] = "fsdp"
     """Training backend of the policy: fsdp = the native decoder under FSDP2 (+ TP/SP); megatron =
     megatron-core's GPTModel over parallel.tp x parallel.pp (pip install -e '.[megatron]'); runs on
-    CPU/gloo too. Not combined with sequence parallelism, offload or an external engine."""
+    CPU/gloo too. Not combined with sequence parallelism, an external engine or mixture-of-experts models."""
     megatron: MegatronOptions = field(default_factory=MegatronOptions)
     """Options of actor.strategy=megatron."""
     optim: OptimConfig = field(default_factory=OptimConfig)

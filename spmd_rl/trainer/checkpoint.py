@@ -197,7 +197,9 @@ def _is_complete(folder: Path) -> bool:
 def _dp_sharded(optimizer) -> bool:
     """An optimizer whose state is sharded over data parallel (the megatron backend's ZeRO-1):
     it lays out its own state dict (DTensors over the dp mesh, DCP reshards them)."""
-    return hasattr(optimizer, "sharded_state_dict")
+    from spmd_rl.models.megatron.distributed_optimizer import ShardedAdamW  # pure python: no megatron-core
+
+    return isinstance(optimizer, ShardedAdamW)
 
 
 def _state_dicts(trained: Trained) -> dict:

@@ -76,12 +76,15 @@ class HostOffload:
         device: the compute device the tensors live on while in use.
         host_device: where they wait; must be a CPU device.
         pin_memory: page-locked host buffers; default: when CUDA is available.
+        frozen: the tensors never change (a reference model): once the host buffers hold them,
+            :meth:`offload` only drops the device copies.
     """
 
     def __init__(self, modules: list[nn.Module] = (), optimizers: list[torch.optim.Optimizer] = (), *,
                  device: torch.device | str, host_device: torch.device | str = "cpu",
-                 pin_memory: bool | None = None):
+                 pin_memory: bool | None = None, frozen: bool = False):
         self.modules = list(modules)
+        self.frozen = frozen
         self.optimizers = list(optimizers)
         self.device = torch.device(device)
         self.host_device = torch.device(host_device)
@@ -115,7 +118,7 @@ class HostOffload:
         slots += [s for opt in self.optimizers for s in _optimizer_slots(opt, self.device)]
         moved = 0
         for slot in slots:
-            if slot.zeros:
+            if slot.zeros or (self.frozen and self._holds(slot)):
                 continue
             host = self._buffer_for(slot)
             host.copy_(slot.tensor, non_blocking=self.pin_memory)
@@ -147,6 +150,10 @@ class HostOffload:
         self._synchronize()
         self._moved = None
         return moved
+
+    def _holds(self, slot: _Slot) -> bool:
+        buf = self._buffers.get(slot.key)
+        return buf is not None and buf.shape == slot.shape and buf.dtype == slot.dtype
 
     def _buffer_for(self, slot: _Slot) -> torch.Tensor:
         src = slot.tensor

@@ -314,9 +314,10 @@ class PPOTrainer:
         cfg, saved = self.cfg, checkpoint_state_names(path)
         check_resume_layout(saved, str(path), strategy=cfg.actor.strategy, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
         if cfg.actor.strategy == "megatron":
-            check_optimizer_layout(saved, str(path), sharded={
-                "actor": cfg.actor.megatron.use_distributed_optimizer,
-                "critic": cfg.critic.megatron.use_distributed_optimizer})
+            sharded = {"actor": cfg.actor.megatron.use_distributed_optimizer}
+            if cfg.critic.enable:
+                sharded["critic"] = cfg.critic.megatron.use_distributed_optimizer
+            check_optimizer_layout(saved, str(path), sharded=sharded)
         state = c.checkpointer.load(path, c.trained())
         self.step = state["step"]
         c.sampler.load_state_dict(state["sampler"])

@@ -106,6 +106,7 @@ def offload_and_reload(model, optimizer, chunk: int) -> None:
 
 
 def _train_worker(rank, world_size, out_path):
+    torch.optim.AdamW([nn.Parameter(torch.zeros(1))])  # a plain AdamW first: torch wraps AdamW.step then
     model, optimizer, scheduler, groups = sharded_setup(world_size)
     numel = sum(p.numel() for p in model.parameters())
     chunk = math.ceil(numel / world_size)
@@ -113,12 +114,18 @@ def _train_worker(rank, world_size, out_path):
     assert optimizer.shard.numel() == chunk and moments["exp_avg"].numel() == chunk
     assert all(p.data_ptr() in range(optimizer.flat.data_ptr(), optimizer.flat.data_ptr() + 4 * numel)
                for p in model.parameters())  # the parameters are views into the flat buffer
+    calls = []
+    optimizer.register_step_pre_hook(lambda *_: calls.append(1))
     norms, params = [], []
     for step in range(STEPS):
         norms.append(train_step(model, optimizer, scheduler, groups, step, rank, world_size))
         params.append({k: v.clone() for k, v in model.state_dict().items()})
         if step == 0:
             offload_and_reload(model, optimizer, chunk)
+        if step == 1:  # between updates the gradient buffer is freed; the next backward recreates it
+            optimizer.release_grads()
+            assert optimizer.flat_grad is None and all(p.grad is None for p in model.parameters())
+    assert len(calls) == STEPS  # torch's step wrapper (hooks, profiler) runs once per step
     # A NaN gradient on one rank: the norm is NaN everywhere and every rank skips the step.
     before = {k: v.clone() for k, v in model.state_dict().items()}
     moment = moments["exp_avg"].clone()

@@ -125,7 +125,7 @@ def test_distributed_optimizer_divides_the_adamw_state_by_dp():
     P = stage_param_count(QWEN05, 2, 1, 0)
     sharded = plan_megatron_stage(cfg, QWEN05, dims(tp=2, dp=3), 0, None)
     assert sharded.item("optimizer state").bytes == 8 * -(-P // 3)  # this rank's ceil(P / dp) range
-    assert sharded.item("gradients").bytes == 4 * P  # gradients stay whole (reduce-scattered in place)
+    assert sharded.item("gradients").bytes == 4 * P  # the gradient buffer stays whole (reduce-scattered in place)
     Pc = stage_param_count(QWEN05, 2, 1, 0, lm_head=False) + QWEN05.hidden_size + 1
     assert sharded.item("critic optimizer state").bytes == 8 * -(-Pc // 3)
     whole = plan_megatron_stage(config("actor.megatron.use_distributed_optimizer=false"), QWEN05,

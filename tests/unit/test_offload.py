@@ -91,6 +91,17 @@ def test_plain_model_and_adam_state_round_trip_bit_exact_and_release_device_copi
     assert_bit_exact(snapshot(model, optimizer), snapshot(reference, ref_opt))
 
 
+def test_frozen_model_is_copied_to_the_host_once():
+    model = tiny_mlp().requires_grad_(False)  # a reference model: its values never change
+    before = [p.clone() for p in model.parameters()]
+    offload = HostOffload([model], device="cpu", frozen=True)
+    assert offload.offload() == 44  # the first time, the host buffers are filled
+    for _ in range(2):
+        assert offload.reload() == 44
+        assert offload.offload() == 0  # then only the device copies are dropped
+        assert_bit_exact(list(model.parameters()), before)
+
+
 def test_params_only_or_optimizer_only():
     model = tiny_mlp()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)

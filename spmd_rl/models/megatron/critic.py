@@ -99,6 +99,7 @@ class MegatronValueModel(nn.Module):
         device = next(self.stage.parameters()).device
         sums: dict[str, float] = defaultdict(float)
         norms = []
+        grads.begin_update(optimizer)
         for mini in mini_batches(batch, mini_batch_size, cfg.ppo_epochs):
             tokens, seqs = global_counts(mini, groups.dp)
             split = micro_batches(mini, micro_batch_size, cfg.max_tokens_per_micro_batch, groups.dp, padded=True)
@@ -119,6 +120,7 @@ class MegatronValueModel(nn.Module):
             self._run(split, False, loss_step)
             norms.append(grads.optimizer_step(self, optimizer, scheduler, cfg.optim.grad_clip, groups=groups,
                                               tp_rank=trunk.tp_rank, skip_tied_copy=False))
+        grads.end_update(optimizer)
         sums = broadcast_object_from_last_stage(trunk, dict(sums))
         metrics = {k: v / len(norms) for k, v in sums.items()}
         metrics.update(grad_norm_metrics(norms, "critic"))

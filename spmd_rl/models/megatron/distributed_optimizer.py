@@ -6,19 +6,20 @@ holds the same AdamW moments (8 bytes per parameter). Here a stage's trainable p
 become views into one flat fp32 buffer, cut into dp contiguous ranges of ``ceil(N / dp)``
 elements (torch.chunk's split); dp rank r owns range r:
 
-1. backward accumulates straight into a flat gradient buffer the parameters' ``.grad`` views;
-2. the buffer is reduce-scattered over dp: a rank receives the dp-sum of its own range only;
+1. backward accumulates straight into a flat gradient buffer the parameters' ``.grad`` view
+   (allocated for the update only);
+2. the buffer is reduce-scattered over dp in place: a rank gets the dp-sum of its own range;
 3. the global norm sums the squares of the owned range's elements that count once
    (:func:`.grads.counted_once`), over dp and then over the TP x PP group;
 4. AdamW steps the owned range (elementwise, so the numbers equal an unsharded step);
-5. an all-gather over dp refills the flat buffer, so every parameter view is current.
+5. an all-gather over dp (in place) refills the flat buffer, so every parameter view is current.
 
-Per rank: parameters N + gradients N (as before) + moments 2N/dp.
+Per rank: parameters N + gradients N during an update (as before) + moments 2N/dp.
 
 Checkpoints store the moments as 1-D DTensors of the unpadded length N sharded over the dp
 mesh (torch.chunk's split again), so DCP reshards them when a run resumes on another dp size.
 Their state dict is saved as ``<model>/optim_dp_sharded`` (not ``/optim``), so a checkpoint
-says which layout its optimizer state has (``checkpoint.check_resume_layout``).
+says which layout its optimizer state has (``checkpoint.check_optimizer_layout``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ class ShardedAdamW(torch.optim.AdamW):
     """AdamW over this dp rank's range of ``model``'s flattened trainable parameters.
 
     It is a torch optimizer (LR schedulers drive it as any other) whose single parameter is the
-    owned range; :meth:`reduce_grads` must run between the backward passes and :meth:`step`."""
+    owned range; :meth:`reduce_grads` must run between the backward passes and :meth:`step`.
+    The gradient buffer exists during an update only: :meth:`allocate_grads` before the first
+    backward, :meth:`release_grads` after the last step (so it holds no memory while generating)."""
 
     STATE_KEY = STATE_KEY
 
@@ -58,39 +61,50 @@ class ShardedAdamW(torch.optim.AdamW):
         self.dp_rank = dp_mesh.get_local_rank()
         self.numel = sum(p.numel() for p in self.params)
         self.chunk = math.ceil(self.numel / self.dp_size)
-        device = self.params[0].device
-        self.flat = torch.zeros(self.chunk * self.dp_size, dtype=torch.float32, device=device)
-        self.flat_grad = torch.zeros_like(self.flat)
-        self.grad_views = []
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            self.flat[offset : offset + n].view_as(p).copy_(p.detach())
-            p.data = self.flat[offset : offset + n].view_as(p)  # the parameter now lives in the flat buffer
-            self.grad_views.append(self.flat_grad[offset : offset + n].view_as(p))
-            p.grad = self.grad_views[-1]  # autograd accumulates into it in place
-            offset += n
         self.start = self.dp_rank * self.chunk
         self.owned = max(0, min(self.chunk, self.numel - self.start))  # the rest of the range is padding
-        shard = nn.Parameter(self.flat[self.start : self.start + self.chunk])  # a view: steps write through
-        self.counted = _counted_ranges(named, self.start, self.chunk, tp_rank, skip_tied_copy)
-        on_cuda = device.type == "cuda"
-        super().__init__([shard], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
-                         fused=on_cuda or None)
+        flat = torch.zeros(self.chunk * self.dp_size, dtype=torch.float32, device=self.params[0].device)
+        offset = 0
+        for p in self.params:
+            flat[offset : offset + p.numel()].view_as(p).copy_(p.detach())
+            offset += p.numel()
+        shard = nn.Parameter(flat[self.start : self.start + self.chunk])  # a view: steps write through
         self.shard = shard
+        self._point_params_at(flat)  # the parameters now live in the flat buffer
+        self.flat_grad: torch.Tensor | None = None
+        self.grad_views: list[torch.Tensor | None] = []
+        self.allocate_grads()
+        self.counted = _counted_ranges(named, self.start, self.chunk, tp_rank, skip_tied_copy)
+        super().__init__([shard], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                         fused=flat.device.type == "cuda" or None)
+        # After every step (skipped ones excepted), the ranges go back to every rank. A hook, not
+        # an override of step(): torch wraps step() for its hooks and profiler ranges once.
+        self.register_step_post_hook(lambda optimizer, args, kwargs: optimizer._all_gather())
+
+    def allocate_grads(self) -> None:
+        """A zeroed flat gradient buffer, the parameters' ``.grad`` views into it (autograd then
+        accumulates in place)."""
+        if self.flat_grad is None:
+            self._point_grads_at(torch.zeros_like(self.flat))
+
+    def release_grads(self) -> None:
+        """Drop the gradient buffer (between updates)."""
+        self._point_grads_at(None)
 
     @torch.no_grad()
     def reduce_grads(self) -> None:
-        """Reduce-scatter the flat gradient over dp into the owned range's ``.grad``."""
-        for p, view in zip(self.params, self.grad_views):
-            if p.grad is not None and p.grad.data_ptr() != view.data_ptr():  # someone reset .grad
-                view.add_(p.grad)
+        """Reduce-scatter the flat gradient over dp, in place: the owned range's ``.grad`` is its
+        slice of the buffer (the other slices hold partial sums afterwards, cleared by zero_grad)."""
+        pending = [p.grad for p in self.params]  # views into the buffer, or standalone (no buffer then)
+        self.allocate_grads()
+        for p, grad, view in zip(self.params, pending, self.grad_views):
+            if grad is not None and grad.data_ptr() != view.data_ptr():  # accumulated outside the buffer
+                view.add_(grad)
             p.grad = view
-        if self.dp_size == 1:
-            self.shard.grad = self.flat_grad.clone()
-            return
-        self.shard.grad = torch.empty(self.chunk, dtype=torch.float32, device=self.flat.device)
-        dist.reduce_scatter_tensor(self.shard.grad, self.flat_grad, group=self.dp_group)
+        owned = self.flat_grad[self.start : self.start + self.chunk]
+        if self.dp_size > 1:
+            dist.reduce_scatter_single(owned, self.flat_grad, group=self.dp_group)
+        self.shard.grad = owned
 
     @torch.no_grad()
     def grad_norm(self, model_parallel_group) -> float:
@@ -110,16 +124,16 @@ class ShardedAdamW(torch.optim.AdamW):
             self.shard.grad.mul_(max_norm / (total_norm + 1e-6))
 
     @torch.no_grad()
-    def step(self, closure=None):
-        """Step the owned range, then all-gather every range into the flat parameter buffer."""
-        loss = super().step(closure)
+    def _all_gather(self) -> None:
+        """Every rank's stepped range into the flat parameter buffer (in place: the owned range
+        is already there)."""
         if self.dp_size > 1:
-            dist.all_gather_into_tensor(self.flat, self.shard.detach().clone(), group=self.dp_group)
-        return loss
+            dist.all_gather_single(self.flat, self.flat[self.start : self.start + self.chunk], group=self.dp_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
-        self.flat_grad.zero_()
+        if self.flat_grad is not None:
+            self.flat_grad.zero_()
 
     # -- host offload (``*.offload.params``: spmd_rl.trainer.offload.HostOffload) -------------------
 
@@ -130,10 +144,12 @@ class ShardedAdamW(torch.optim.AdamW):
 
         if self.flat.device != device:
             return []
-        if self.shard.grad is not None or self.flat_grad.count_nonzero():
+        if self.shard.grad is not None:
             raise ValueError("ShardedAdamW: offload between updates (after zero_grad), not inside one")
-        return [_Slot(("flat_params", id(self)), self.flat, self._point_params_at),
-                _Slot(("flat_grads", id(self)), self.flat_grad, self._point_grads_at, zeros=True)]
+        slots = [_Slot(("flat_params", id(self)), self.flat, self._point_params_at)]
+        if self.flat_grad is not None:  # all zeros after zero_grad: dropped, not copied
+            slots.append(_Slot(("flat_grads", id(self)), self.flat_grad, self._point_grads_at, zeros=True))
+        return slots
 
     def _point_params_at(self, flat: torch.Tensor) -> None:
         self.flat = flat

@@ -117,3 +117,16 @@ def optimizer_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: floa
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
+
+
+def begin_update(optimizer) -> None:
+    """Before an update's first backward: the distributed optimizer's gradient buffer."""
+    if getattr(optimizer, "allocate_grads", None) is not None:
+        optimizer.allocate_grads()
+
+
+def end_update(optimizer) -> None:
+    """After an update's last step: free the distributed optimizer's gradient buffer (the
+    whole-state path's gradients are already freed by ``zero_grad(set_to_none=True)``)."""
+    if getattr(optimizer, "release_grads", None) is not None:
+        optimizer.release_grads()

@@ -40,7 +40,7 @@ class MegatronPolicy(nn.Module):
     def wait_in_host_memory(self, device: torch.device) -> None:
         """``ref.offload``: keep this frozen stage in host memory, on the device only while
         :meth:`logprobs` runs."""
-        self.host_offload = HostOffload([self], device=device)
+        self.host_offload = HostOffload([self], device=device, frozen=True)
         self.host_offload.offload()
 
     @property
