@@ -6,7 +6,9 @@ costs two all-reduces forward and two backward. The embedding and the lm-head ar
 vocabulary: the embedding sums partial lookups, and the lm-head is never applied as a module —
 the trainer hands its local ``[V/tp, H]`` shard to the fused logprob (``kernels/logprob.py``),
 which combines the partial log-sum-exp over the group instead of gathering ``[N, V]`` logits.
-Norms stay replicated. FSDP2 is applied afterwards over the data-parallel dimensions.
+Norms stay replicated; Qwen3's per-head q/k norms meet only the local heads, so their gradients
+are summed over the group in the backward. FSDP2 is applied afterwards over the data-parallel
+dimensions.
 """
 
 from __future__ import annotations
@@ -14,44 +16,57 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from spmd_rl.errors import UserError
+from spmd_rl.models.moe import SparseMoE
 
 
 def check_tp_divisible(args, tp: int) -> None:
-    """Every sharded dimension must split evenly over the tp ranks; no sparse (MoE) layers."""
-    if getattr(args, "is_moe", False) and tp > 1:
-        raise UserError(f"parallel.tp={tp} with a mixture-of-experts model ({args.num_experts} experts) is not supported: "
-                        "the experts are not split over tensor-parallel ranks; use parallel.tp=1 and shard it with "
-                        "parallel.dp_shard (FSDP) and parallel.sp")
+    """Every sharded dimension must split evenly over the tp ranks."""
     # The vocabulary may split unevenly (torch.chunk sizes); the logprob handles any vocab_start.
     sizes = {"attention heads": args.num_heads, "key/value heads": args.num_kv_heads,
              "intermediate size": args.intermediate_size}
+    if args.is_moe:
+        sizes["expert intermediate size"] = args.moe_intermediate_size
     bad = [f"{name} {n}" for name, n in sizes.items() if n % tp]
     if bad:
         raise UserError(f"parallel.tp={tp} must divide the model's {', '.join(bad)}: choose a tp that divides them")
 
 
-def block_plan() -> dict[str, object]:
-    """The DTensor plan of one decoder block (module names relative to the block)."""
-    return {
+def block_plan(block: nn.Module | None = None) -> dict[str, object]:
+    """The DTensor plan of one decoder block (module names relative to the block).
+
+    A sparse (MoE) block splits every expert like the dense MLP, but its down projection leaves
+    partial sums (``Partial``): the block adds its experts' partial outputs locally and
+    all-reduces once (``SparseMoE.tp_mesh``), not once per expert. The router stays replicated."""
+    plan = {
         "self_attn.q_proj": ColwiseParallel(),
         "self_attn.k_proj": ColwiseParallel(),
         "self_attn.v_proj": ColwiseParallel(),
         "self_attn.o_proj": RowwiseParallel(),
-        "mlp.gate_proj": ColwiseParallel(),
-        "mlp.up_proj": ColwiseParallel(),
-        "mlp.down_proj": RowwiseParallel(),
     }
+    ffn = getattr(block, getattr(block, "ffn_name", "mlp"), None)
+    if isinstance(ffn, SparseMoE):
+        for e, expert in enumerate(ffn.experts):
+            gate, up, down = (f"{block.ffn_name}.experts.{e}.{name}" for name in expert.names)
+            plan.update({gate: ColwiseParallel(), up: ColwiseParallel(), down: RowwiseParallel(output_layouts=Partial())})
+        return plan
+    plan.update({"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()})
+    return plan
 
 
 def apply_tp(decoder: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     """Shard a native ``Transformer`` over ``tp_mesh`` in place; returns it."""
     check_tp_divisible(decoder.args, tp_mesh.size())
     for block in decoder.model.layers:
-        parallelize_module(block, tp_mesh, block_plan())
+        parallelize_module(block, tp_mesh, block_plan(block))
+        if block.self_attn.q_norm is not None:  # per-head norms see this rank's heads: partial gradients
+            block.self_attn.q_norm.grad_sum_group = block.self_attn.k_norm.grad_sum_group = tp_mesh.get_group()
+        ffn = getattr(block, block.ffn_name)
+        if isinstance(ffn, SparseMoE):
+            ffn.tp_mesh = tp_mesh
     parallelize_module(decoder.model.embed_tokens, tp_mesh,
                        RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
     if decoder.args.tie_word_embeddings:

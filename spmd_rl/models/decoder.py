@@ -33,6 +33,7 @@ from spmd_rl.kernels.attention import causal_attention
 from spmd_rl.kernels.paged_attention import paged_decode_attention
 from spmd_rl.kernels.varlen_attention import varlen_attention
 from spmd_rl.models.args import ModelArgs
+from spmd_rl.models.grad_sum import sum_grad_over
 from spmd_rl.models.moe import SparseMoE
 from spmd_rl.models.rope import apply_rope, compute_cos_sin, compute_inv_freq
 
@@ -57,11 +58,15 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        # Tensor parallelism of a per-head norm (Qwen3's q/k norm): the replicated weight meets
+        # only this rank's heads, so its gradient is a partial sum over the group.
+        self.grad_sum_group = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        weight = self.weight if self.grad_sum_group is None else sum_grad_over(self.weight, self.grad_sum_group)
+        return weight * x32.to(x.dtype)
 
 
 class RotaryEmbedding:

@@ -6,6 +6,10 @@ SwiGLU outputs weighted by their probabilities (renormalised over the ``k`` when
 so: always for Mixtral, ``norm_topk_prob`` for Qwen3-MoE). No auxiliary load-balancing loss:
 RL fine-tuning keeps the pretrained router's balance (as verl's FSDP path does).
 
+Under tensor parallelism every expert is split like the dense MLP (gate/up by columns, down by
+rows) and returns partial sums, which the block adds up locally and all-reduces once; the
+routing weights scale only those local slices, so their gradient is summed over the group.
+
 Every expert runs on every forward, also on zero tokens: each parameter then gets a gradient
 (zeros for an idle expert) on every rank, which FSDP's reduce-scatter needs, and the module has
 no data-dependent control flow beyond the gathers. Parameter names follow the HF checkpoints:
@@ -18,6 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Partial, Replicate
+
+from spmd_rl.models.grad_sum import sum_grad_over
 
 
 def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,14 +63,20 @@ class SparseMoE(nn.Module):
         self.normalize = normalize
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.experts = nn.ModuleList(Expert(hidden_size, intermediate_size, mixtral_names) for _ in range(num_experts))
+        self.tp_mesh = None  # tensor parallel (distributed/tensor_parallel.py): experts return partial sums
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weights, chosen = route(self.gate(flat), self.top_k, self.normalize)
         weights = weights.to(flat.dtype)
+        if self.tp_mesh is not None:  # they scale this rank's slices of the experts' outputs only
+            weights = sum_grad_over(weights, self.tp_mesh.get_group())
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(chosen == e)  # tokens routed to e, and in which of their k slots
             routed = expert(flat[token]) * weights[token, slot, None]
             out.index_add_(0, token, routed.to(out.dtype))  # bf16 under autocast, into the fp32 stream
+        if self.tp_mesh is not None:  # each rank summed its slice of every expert: one all-reduce
+            out = DTensor.from_local(out, self.tp_mesh, [Partial()], run_check=False)
+            out = out.redistribute(self.tp_mesh, [Replicate()]).to_local()
         return out.view_as(x)

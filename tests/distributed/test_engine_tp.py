@@ -19,6 +19,11 @@ pytestmark = pytest.mark.slow
 ARGS = ModelArgs(architecture="Qwen2ForCausalLM", model_type="qwen2", vocab_size=61, hidden_size=32,
                  intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                  tie_word_embeddings=False, attention_bias=True)
+# Mixtral: 3 experts (top-2) in both layers, each split over tp like the dense MLP
+MIXTRAL = ModelArgs(architecture="MixtralForCausalLM", model_type="mixtral", vocab_size=61, hidden_size=32,
+                    intermediate_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, num_experts=3,
+                    num_experts_per_tok=2, moe_intermediate_size=32, moe_layers=(0, 1))
+MODELS = {"qwen2": ARGS, "mixtral": MIXTRAL}
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [7], [9, 9, 9, 9, 9]]
 CASES = {
     "greedy": SamplingParams(n=1, temperature=0.0, max_new_tokens=12),
@@ -30,28 +35,29 @@ def generate_all(engine):
     return {name: engine.generate(PROMPTS, params) for name, params in CASES.items()}
 
 
-def updated_weights():
+def updated_weights(args: ModelArgs = ARGS):
     """Full tensors of a different model (seed 1), as the trainer would stream them."""
-    return list(build_model(None, args=ARGS, seed=1).named_parameters())
+    return list(build_model(None, args=args, seed=1).named_parameters())
 
 
-def _worker(rank, world_size, out_path):
+def _worker(rank, world_size, out_path, model="qwen2"):
+    args = MODELS[model]
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
-    engine = NativeEngine(build_model(None, args=ARGS, seed=0), max_num_seqs=4, max_seq_len=40,
+    engine = NativeEngine(build_model(None, args=args, seed=0), max_num_seqs=4, max_seq_len=40,
                           num_blocks=24, block_size=4, max_num_batched_tokens=16, tp_mesh=mesh)
     before = generate_all(engine)
-    engine.update_weights(iter(updated_weights()))
+    engine.update_weights(iter(updated_weights(args)))
     after = generate_all(engine)
     # Built on the meta device: each rank allocates only its shards, then takes the streamed weights.
     from spmd_rl.models.decoder import Transformer
 
     with torch.device("meta"):
-        weightless = Transformer(ARGS)
+        weightless = Transformer(args)
     lazy = NativeEngine(weightless, device="cpu", max_num_seqs=4, max_seq_len=40, num_blocks=24, block_size=4,
                         max_num_batched_tokens=16, tp_mesh=mesh)
     q_proj = lazy.model.model.layers[0].self_attn.q_proj.weight
-    assert q_proj.to_local().shape == (ARGS.num_heads * ARGS.head_dim // world_size, ARGS.hidden_size)
-    lazy.update_weights(iter(updated_weights()))
+    assert q_proj.to_local().shape == (args.num_heads * args.head_dim // world_size, args.hidden_size)
+    lazy.update_weights(iter(updated_weights(args)))
     assert flatten(generate_all(lazy)) == flatten(after), "a meta-built engine generates as the built one"
     outputs = [None] * world_size
     dist.all_gather_object(outputs, (before, after))
@@ -64,14 +70,16 @@ def flatten(results):
             for name, out in results.items()}
 
 
-def test_tp2_generation_equals_single_process(tmp_path):
-    run_on_ranks(_worker, 2, str(tmp_path / "tp.pt"))
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_tp2_generation_equals_single_process(tmp_path, model):
+    args = MODELS[model]
+    run_on_ranks(_worker, 2, str(tmp_path / "tp.pt"), model)
     got = torch.load(tmp_path / "tp.pt", weights_only=False)
     assert got["kv_heads_per_rank"] == 1  # each rank caches its own kv head only
-    reference = NativeEngine(build_model(None, args=ARGS, seed=0), max_num_seqs=4, max_seq_len=40,
+    reference = NativeEngine(build_model(None, args=args, seed=0), max_num_seqs=4, max_seq_len=40,
                              num_blocks=24, block_size=4, max_num_batched_tokens=16)
     ref_before = flatten(generate_all(reference))
-    reference.update_weights(iter(updated_weights()))
+    reference.update_weights(iter(updated_weights(args)))
     ref_after = flatten(generate_all(reference))
     for before, after in got["ranks"]:
         for ref, out in ((ref_before, flatten(before)), (ref_after, flatten(after))):

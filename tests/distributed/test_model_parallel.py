@@ -26,6 +26,13 @@ ARGS = ModelArgs(architecture="Qwen2ForCausalLM", model_type="qwen2", vocab_size
                  tie_word_embeddings=False, attention_bias=True)
 # Adam's eps is raised from 1e-8: with it, a gradient element at the 1e-9 noise floor (where
 # reduction order alone decides its value) could take a full lr-sized step either way.
+# Qwen3-MoE, 4 experts (top-2) in layer 0, a dense MLP in layer 1: experts split over tp like the MLP
+MOE_ARGS = ModelArgs(architecture="Qwen3MoeForCausalLM", model_type="qwen3_moe", vocab_size=64, hidden_size=32,
+                     intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True,
+                     num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, moe_layers=(0,))
+# Qwen3's per-head q/k norms see 1/tp of the heads: their gradients are summed over tp
+QWEN3 = ARGS.replace(architecture="Qwen3ForCausalLM", model_type="qwen3", attention_bias=False, qk_norm=True)
+MODELS = {"untied": ARGS, "tied": ARGS.replace(tie_word_embeddings=True), "moe": MOE_ARGS, "qwen3": QWEN3}
 OPTIM = OptimConfig(lr=1e-2, weight_decay=0.1, grad_clip=0.5, eps=1e-4)
 ATOL, RTOL = 3e-6, 1e-5
 
@@ -57,10 +64,10 @@ def full_params(policy):
     return {k: full(v) for k, v in policy.decoder.state_dict().items()}
 
 
-def _worker(rank, world_size, degrees, tied, out_path):
+def _worker(rank, world_size, degrees, model, out_path):
     dims = ParallelDims(*degrees, 1, world_size)
     mesh = dims.build_mesh("cpu")
-    decoder = build_model(None, args=ARGS.replace(tie_word_embeddings=tied), seed=0)
+    decoder = build_model(None, args=MODELS[model], seed=0)
     sp_group = apply_model_parallel(decoder, dims, mesh)
     policy = apply_fsdp(PolicyModel(decoder, sp_group=sp_group), dims.fsdp_mesh(mesh))
     prompts, responses = global_batch()
@@ -78,8 +85,8 @@ def _worker(rank, world_size, degrees, tied, out_path):
     dist.barrier()
 
 
-def reference(tied):
-    policy = PolicyModel(build_model(None, args=ARGS.replace(tie_word_embeddings=tied), seed=0))
+def reference(model):
+    policy = PolicyModel(build_model(None, args=MODELS[model], seed=0))
     optimizer = build_optimizer(policy, OPTIM)
     prompts, responses = global_batch()
     logprobs, _ = policy(build_scoring_inputs(prompts, responses, "cpu"))
@@ -101,21 +108,25 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("model", sorted(MODELS))
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_parallel_step_equals_single_process(tmp_path, case, tied):
-    if tied and case not in ("tp2", "sp2"):
+def test_parallel_step_equals_single_process(tmp_path, case, model):
+    if model == "tied" and case not in ("tp2", "sp2"):
         pytest.skip("tied embeddings are covered by the two-rank cases")
+    if model == "moe" and case not in ("tp2", "sp2", "dp2_tp2"):
+        pytest.skip("experts are covered by tp2, sp2 and dp2_tp2")
+    if model == "qwen3" and case not in ("tp2", "sp2_tp2"):
+        pytest.skip("q/k norms under tensor parallelism are covered by tp2 and sp2_tp2")
     degrees, world_size = CASES[case]
     out = tmp_path / "out.pt"
-    run_on_ranks(_worker, world_size, degrees, tied, str(out))
+    run_on_ranks(_worker, world_size, degrees, model, str(out))
     got = torch.load(out, weights_only=True)
-    ref = reference(tied)
+    ref = reference(model)
     assert torch.allclose(got["logprobs"], ref["logprobs"], atol=ATOL, rtol=RTOL)
     assert abs(got["norm"] - ref["norm"]) < 1e-5 * max(1.0, ref["norm"])
     for name, value in ref["grads"].items():
         assert torch.allclose(got["grads"][name], value, atol=1e-7, rtol=1e-4), f"grad of {name}"
     for name, value in ref["params"].items():
         assert torch.allclose(got["params"][name], value, atol=ATOL, rtol=RTOL), name
-    initial = build_model(None, args=ARGS.replace(tie_word_embeddings=tied), seed=0).state_dict()
+    initial = build_model(None, args=MODELS[model], seed=0).state_dict()
     assert max((ref["params"][k] - initial[k]).abs().max().item() for k in ref["params"]) > 1e-3

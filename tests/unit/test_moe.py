@@ -4,7 +4,7 @@ The native decoder gives transformers' logits for both families (routing made un
 random router), reads and writes their checkpoints and configs, gives every expert a gradient
 (zeros for an idle one), counts parameters and FLOPs with the experts a token visits, and runs
 in the native engine (greedy output = full recompute; logprobs = the trainer's). What is not
-wired is refused in one line: tensor parallelism over experts, the megatron backend."""
+wired is refused in one line: the megatron backend; a tp that does not divide the experts."""
 
 from __future__ import annotations
 
@@ -148,16 +148,15 @@ def test_native_engine_generates_and_scores_as_the_trainer(family):
     assert (got - ref).abs().max().item() < 1e-5
 
 
-def test_what_is_not_wired_is_refused_in_one_line():
+def test_what_does_not_fit_is_refused_in_one_line():
     from spmd_rl.distributed.tensor_parallel import check_tp_divisible
     from spmd_rl.models.megatron.config import check_megatron_compatible
 
+    check_tp_divisible(QWEN3_MOE, 2)  # experts split over tp like the dense MLP (test_model_parallel.py)
     with pytest.raises(UserError) as err:
-        check_tp_divisible(QWEN3_MOE, 2)
-    assert str(err.value) == ("parallel.tp=2 with a mixture-of-experts model (4 experts) is not supported: the experts "
-                              "are not split over tensor-parallel ranks; use parallel.tp=1 and shard it with "
-                              "parallel.dp_shard (FSDP) and parallel.sp")
-    check_tp_divisible(QWEN3_MOE, 1)
+        check_tp_divisible(QWEN3_MOE.replace(moe_intermediate_size=17), 2)
+    assert str(err.value) == ("parallel.tp=2 must divide the model's expert intermediate size 17: "
+                              "choose a tp that divides them")
     with pytest.raises(ValueError, match=r"^mixtral is a mixture-of-experts model \(3 experts\): its sparse layers are "
                                          r"not mapped to megatron-core \(no expert parallelism\); train it with "
                                          r"actor.strategy=fsdp$"):
