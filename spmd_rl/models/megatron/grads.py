@@ -10,6 +10,9 @@ collectives megatron's ``finalize_model_grads`` would run are done here, with th
 * tied embeddings split over stages: the first stage's embedding and the last stage's
   ``output_layer`` copy get the sum of both gradients (megatron's embedding group), which is
   the gradient of the single tied matrix, so the two copies stay equal after the step;
+* per-head q/k layernorms (Qwen3) are replicated over TP but each rank applies them to its own
+  heads, so their gradients are partial sums: summed over the TP group (as megatron's
+  ``finalize_model_grads`` does for ``qk_layernorm``);
 * the norm counts every element once: TP-sharded tensors on every TP rank, replicated ones
   (norms) on TP rank 0 only, the tied copy on the first stage only, then a sum over the
   model-parallel (TP x PP) group (megatron's ``param_is_not_tensor_parallel_duplicate``).
@@ -47,6 +50,24 @@ def all_reduce_grads(model: torch.nn.Module, group, world_size: int) -> None:
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+PER_HEAD_NORMS = ("q_layernorm.weight", "k_layernorm.weight")
+
+
+def sum_per_head_norm_grads(model: torch.nn.Module, tp_group, tp_size: int) -> None:
+    """Sum the q/k layernorm gradients over TP (one flat collective; module doc)."""
+    if tp_size == 1:
+        return
+    params = [p for name, p in model.named_parameters() if name.endswith(PER_HEAD_NORMS) and p.grad is not None]
+    if not params:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat, group=tp_group)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
 
 
 def tied_embedding_weight(model: torch.nn.Module, first: bool, last: bool) -> torch.Tensor | None:
@@ -99,6 +120,7 @@ def optimizer_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: floa
 
     ``optimizer`` is a torch optimizer over the whole stage (gradients all-reduced over dp) or a
     :class:`.distributed_optimizer.ShardedAdamW` (reduce-scattered; each rank steps its range)."""
+    sum_per_head_norm_grads(model, groups.tp, groups.tp_size)
     if getattr(optimizer, "reduce_grads", None) is not None:  # ZeRO-1: the tied sum first, then dp
         if tied is not None:
             sync_tied_embedding_grads(tied, groups.embedding)

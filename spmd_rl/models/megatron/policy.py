@@ -45,6 +45,8 @@ class ParallelGroups:
     dp_size: int
     model_parallel: object  # TP x PP: the gradient norm
     embedding: object | None  # first + last stage, when tied embeddings are split over stages
+    tp: object = None  # per-head norms' partial gradients
+    tp_size: int = 1
 
     @classmethod
     def from_megatron(cls, actor: MegatronActor) -> "ParallelGroups":
@@ -54,7 +56,8 @@ class ParallelGroups:
         if actor.tied_copy and ps.is_rank_in_embedding_group():
             embedding = ps.get_embedding_group()
         return cls(dp=ps.get_data_parallel_group(), dp_size=ps.get_data_parallel_world_size(),
-                   model_parallel=ps.get_model_parallel_group(), embedding=embedding)
+                   model_parallel=ps.get_model_parallel_group(), embedding=embedding,
+                   tp=ps.get_tensor_model_parallel_group(), tp_size=ps.get_tensor_model_parallel_world_size())
 
 
 # ---------------------------------------------------------------------------------------------
