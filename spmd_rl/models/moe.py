@@ -3,17 +3,19 @@
 Token-choice top-k routing: a linear router scores every expert, the softmax (in fp32) of those
 scores picks each token's ``k`` best experts, and the token's output is the sum of those experts'
 SwiGLU outputs weighted by their probabilities (renormalised over the ``k`` when the model says
-so: always for Mixtral, ``norm_topk_prob`` for Qwen3-MoE). No auxiliary load-balancing loss:
-RL fine-tuning keeps the pretrained router's balance (as verl's FSDP path does).
+so: always for Mixtral, ``norm_topk_prob`` for Qwen3-MoE). There is no auxiliary
+load-balancing loss: the router trains on the RL loss alone.
 
 Under tensor parallelism every expert is split like the dense MLP (gate/up by columns, down by
 rows) and returns partial sums, which the block adds up locally and all-reduces once; the
 routing weights scale only those local slices, so their gradient is summed over the group.
 
+The (token, slot) pairs are sorted by expert so each expert runs once on a contiguous slice
+(one host sync per layer for the slice sizes; experts run one after another, no grouped GEMM).
 Every expert runs on every forward, also on zero tokens: each parameter then gets a gradient
-(zeros for an idle expert) on every rank, which FSDP's reduce-scatter needs, and the module has
-no data-dependent control flow beyond the gathers. Parameter names follow the HF checkpoints:
-``gate`` (router) and ``experts.{e}.{gate,up,down}_proj`` (Qwen3-MoE) or ``experts.{e}.{w1,w3,w2}``
+(zeros for an idle expert) on every rank, which FSDP's reduce-scatter needs.
+
+Parameter names follow the HF checkpoints: ``gate`` (router) and ``experts.{e}.{gate,up,down}_proj`` (Qwen3-MoE) or ``experts.{e}.{w1,w3,w2}``
 (Mixtral), under the layer's ``mlp`` or ``block_sparse_moe``.
 """
 
@@ -71,11 +73,15 @@ class SparseMoE(nn.Module):
         weights = weights.to(flat.dtype)
         if self.tp_mesh is not None:  # they scale this rank's slices of the experts' outputs only
             weights = sum_grad_over(weights, self.tp_mesh.get_group())
-        out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(chosen == e)  # tokens routed to e, and in which of their k slots
-            routed = expert(flat[token]) * weights[token, slot, None]
-            out.index_add_(0, token, routed.to(out.dtype))  # bf16 under autocast, into the fp32 stream
+        # Group the (token, slot) pairs by expert: one sort and one host sync per layer, then each
+        # expert runs on a contiguous slice.
+        order = torch.argsort(chosen.reshape(-1), stable=True)
+        token = order // self.top_k
+        counts = torch.bincount(chosen.reshape(-1), minlength=len(self.experts)).tolist()
+        inputs = flat[token]
+        routed = torch.cat([expert(part) for expert, part in zip(self.experts, inputs.split(counts))])
+        routed = routed * weights.reshape(-1)[order, None]
+        out = torch.zeros_like(flat).index_add_(0, token, routed.to(flat.dtype))  # bf16 under autocast, fp32 stream
         if self.tp_mesh is not None:  # each rank summed its slice of every expert: one all-reduce
             out = DTensor.from_local(out, self.tp_mesh, [Partial()], run_check=False)
             out = out.redistribute(self.tp_mesh, [Replicate()]).to_local()
