@@ -10,7 +10,7 @@ Under tensor parallelism every expert is split like the dense MLP (gate/up by co
 rows) and returns partial sums, which the block adds up locally and all-reduces once; the
 routing weights scale only those local slices, so their gradient is summed over the group.
 
-The (token, slot) pairs are sorted by expert so each expert runs once on a contiguous slice
+The (token, slot) pairs are sorted by expert (one sort) so each expert gathers its own tokens
 (one host sync per layer for the slice sizes; experts run one after another, no grouped GEMM).
 Every expert runs on every forward, also on zero tokens: each parameter then gets a gradient
 (zeros for an idle expert) on every rank, which FSDP's reduce-scatter needs.
@@ -76,12 +76,12 @@ class SparseMoE(nn.Module):
         # Group the (token, slot) pairs by expert: one sort and one host sync per layer, then each
         # expert runs on a contiguous slice.
         order = torch.argsort(chosen.reshape(-1), stable=True)
-        token = order // self.top_k
         counts = torch.bincount(chosen.reshape(-1), minlength=len(self.experts)).tolist()
-        inputs = flat[token]
-        routed = torch.cat([expert(part) for expert, part in zip(self.experts, inputs.split(counts))])
-        routed = routed * weights.reshape(-1)[order, None]
-        out = torch.zeros_like(flat).index_add_(0, token, routed.to(flat.dtype))  # bf16 under autocast, fp32 stream
+        out = torch.zeros_like(flat)
+        for expert, slots in zip(self.experts, order.split(counts)):
+            token = slots // self.top_k
+            routed = expert(flat[token]) * weights.reshape(-1)[slots, None]
+            out.index_add_(0, token, routed.to(out.dtype))  # bf16 under autocast, into the fp32 stream
         if self.tp_mesh is not None:  # each rank summed its slice of every expert: one all-reduce
             out = DTensor.from_local(out, self.tp_mesh, [Partial()], run_check=False)
             out = out.redistribute(self.tp_mesh, [Replicate()]).to_local()
