@@ -100,3 +100,24 @@ def test_cuda_graph_decode_equals_eager():
     captured = graphed._graphs.num_captured
     agree(NativeEngine(copy.deepcopy(other), decode_graphs="off", **options))
     assert graphed._graphs.num_captured == captured
+
+
+def test_cuda_moe_engine_logprobs_match_trainer_and_skip_graphs():
+    """A Qwen3-MoE model on CUDA: the engine stays eager (the experts' token gathers have
+    data-dependent shapes) and its logprobs equal the trainer's; the forward equals the CPU's."""
+    moe = ModelArgs(architecture="Qwen3MoeForCausalLM", model_type="qwen3_moe", vocab_size=97, hidden_size=64,
+                    intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True,
+                    num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, moe_layers=(0, 1))
+    cpu = build_model(None, args=moe, seed=0)
+    model = build_model(None, args=moe, seed=0, device="cuda")
+    ids, pos = torch.randint(0, 97, (1, 16)), torch.arange(16)[None]
+    assert (model(ids.cuda(), pos.cuda()).cpu() - cpu(ids, pos)).abs().max().item() < 1e-4
+    engine = NativeEngine(model, max_num_seqs=8, max_seq_len=64, device=torch.device("cuda"), kernels="triton")
+    assert engine.decode_graphs is None
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    out = engine.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=8), seeds=[0, 1])
+    flat_prompts = [p for p, samples in zip(prompts, out) for _ in samples]
+    with torch.no_grad():
+        lp, _ = PolicyModel(model)(build_scoring_inputs(flat_prompts, [c.token_ids for s in out for c in s], "cuda"))
+    engine_lp = torch.tensor([x for samples in out for c in samples for x in c.logprobs])
+    assert (lp.cpu() - engine_lp).abs().max().item() < 1e-4
