@@ -28,7 +28,7 @@ def check_tp_divisible(args, tp: int) -> None:
     # The vocabulary may split unevenly (torch.chunk sizes); the logprob handles any vocab_start.
     sizes = {"attention heads": args.num_heads, "key/value heads": args.num_kv_heads,
              "intermediate size": args.intermediate_size}
-    if args.is_moe:
+    if getattr(args, "num_experts", 0):
         sizes["expert intermediate size"] = args.moe_intermediate_size
     bad = [f"{name} {n}" for name, n in sizes.items() if n % tp]
     if bad:
