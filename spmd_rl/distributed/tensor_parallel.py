@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from spmd_rl.errors import UserError
@@ -26,9 +26,11 @@ from spmd_rl.models.moe import SparseMoE
 def check_tp_divisible(args, tp: int) -> None:
     """Every sharded dimension must split evenly over the tp ranks."""
     # The vocabulary may split unevenly (torch.chunk sizes); the logprob handles any vocab_start.
-    sizes = {"attention heads": args.num_heads, "key/value heads": args.num_kv_heads,
-             "intermediate size": args.intermediate_size}
-    if getattr(args, "num_experts", 0):
+    sizes = {"attention heads": args.num_heads, "key/value heads": args.num_kv_heads}
+    sparse = set(args.moe_layers)
+    if len(sparse) < args.num_layers:  # some layer keeps a dense MLP
+        sizes["intermediate size"] = args.intermediate_size
+    if sparse:
         sizes["expert intermediate size"] = args.moe_intermediate_size
     bad = [f"{name} {n}" for name, n in sizes.items() if n % tp]
     if bad:
@@ -38,9 +40,9 @@ def check_tp_divisible(args, tp: int) -> None:
 def block_plan(block: nn.Module | None = None) -> dict[str, object]:
     """The DTensor plan of one decoder block (module names relative to the block).
 
-    A sparse (MoE) block splits every expert like the dense MLP, but its down projection leaves
-    partial sums (``Partial``): the block adds its experts' partial outputs locally and
-    all-reduces once (``SparseMoE.tp_mesh``), not once per expert. The router stays replicated."""
+    A sparse (MoE) block's experts are not in the plan: ``SparseMoE.shard_experts`` splits them
+    the same way but computes on local shards, so the whole block costs one all-reduce forward
+    instead of two per expert (ColwiseParallel would all-reduce each expert's input gradient)."""
     plan = {
         "self_attn.q_proj": ColwiseParallel(),
         "self_attn.k_proj": ColwiseParallel(),
@@ -48,12 +50,9 @@ def block_plan(block: nn.Module | None = None) -> dict[str, object]:
         "self_attn.o_proj": RowwiseParallel(),
     }
     ffn = getattr(block, getattr(block, "ffn_name", "mlp"), None)
-    if isinstance(ffn, SparseMoE):
-        for e, expert in enumerate(ffn.experts):
-            gate, up, down = (f"{block.ffn_name}.experts.{e}.{name}" for name in expert.names)
-            plan.update({gate: ColwiseParallel(), up: ColwiseParallel(), down: RowwiseParallel(output_layouts=Partial())})
-        return plan
-    plan.update({"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()})
+    if not isinstance(ffn, SparseMoE):
+        plan.update({"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+                     "mlp.down_proj": RowwiseParallel()})
     return plan
 
 
@@ -66,7 +65,7 @@ def apply_tp(decoder: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
             block.self_attn.q_norm.grad_sum_group = block.self_attn.k_norm.grad_sum_group = tp_mesh.get_group()
         ffn = getattr(block, block.ffn_name)
         if isinstance(ffn, SparseMoE):
-            ffn.tp_mesh = tp_mesh
+            ffn.shard_experts(tp_mesh)
     parallelize_module(decoder.model.embed_tokens, tp_mesh,
                        RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
     if decoder.args.tie_word_embeddings:

@@ -61,8 +61,15 @@ class ModelArgs:
     def __post_init__(self) -> None:
         self.moe_layers = tuple(self.moe_layers)
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
-            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, num_experts="
-                             f"{self.num_experts}]")
+            raise UserError(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts="
+                            f"{self.num_experts}]: fix config.json")
+        if bool(self.moe_layers) != (self.num_experts > 0) or any(not 0 <= i < self.num_layers for i in self.moe_layers):
+            raise UserError(f"sparse layers {list(self.moe_layers)} do not fit num_experts={self.num_experts} and "
+                            f"{self.num_layers} layers: fix num_experts / mlp_only_layers / decoder_sparse_step "
+                            "in config.json")
+        if self.num_experts and self.moe_intermediate_size <= 0:
+            raise UserError(f"moe_intermediate_size={self.moe_intermediate_size} must be > 0 for a "
+                            "mixture-of-experts model: fix config.json")
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2 != 0:
@@ -208,17 +215,20 @@ def _read_moe(cfg: dict, model_type: str) -> dict:
     """The mixture-of-experts fields of a Mixtral / Qwen3-MoE config (empty for dense families)."""
     if model_type not in MOE_MODEL_TYPES:
         return {}
+    # Absent keys take transformers' defaults (MixtralConfig: 8 experts, top-2; Qwen3MoeConfig:
+    # 128 experts, top-8, 768 features, unnormalised routing, every layer sparse).
     num_layers = int(cfg["num_hidden_layers"])
-    experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
     if model_type == "mixtral":
-        return dict(num_experts=experts, num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)),
+        return dict(num_experts=int(cfg.get("num_local_experts") or 8),
+                    num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 2),
                     moe_intermediate_size=int(cfg["intermediate_size"]), norm_topk_prob=True,
                     moe_layers=tuple(range(num_layers)))
-    step = int(cfg.get("decoder_sparse_step", 1))
+    experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 128)
+    step = int(cfg.get("decoder_sparse_step") or 1)
     dense = set(cfg.get("mlp_only_layers") or [])
-    sparse = tuple(i for i in range(num_layers) if i not in dense and experts > 0 and (i + 1) % step == 0)
-    return dict(num_experts=experts, num_experts_per_tok=int(cfg.get("num_experts_per_tok", 8)),
-                moe_intermediate_size=int(cfg["moe_intermediate_size"]),
+    sparse = tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
+    return dict(num_experts=experts if sparse else 0, num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 8),
+                moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 768),
                 norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), moe_layers=sparse)
 
 

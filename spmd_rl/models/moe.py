@@ -6,9 +6,10 @@ SwiGLU outputs weighted by their probabilities (renormalised over the ``k`` when
 so: always for Mixtral, ``norm_topk_prob`` for Qwen3-MoE). There is no auxiliary
 load-balancing loss: the router trains on the RL loss alone.
 
-Under tensor parallelism every expert is split like the dense MLP (gate/up by columns, down by
-rows) and returns partial sums, which the block adds up locally and all-reduces once; the
-routing weights scale only those local slices, so their gradient is summed over the group.
+Under tensor parallelism every expert is split like the dense MLP (gate/up by output features,
+down by input features) and computes on its local shards: the block adds the experts' partial
+outputs and all-reduces once; in the backward the experts' input gradient and the routing
+weights' gradient (they scale only the local slices) are each summed over the group once.
 
 The (token, slot) pairs are sorted by expert (one sort) so each expert gathers its own tokens
 (one host sync per layer for the slice sizes; experts run one after another, no grouped GEMM).
@@ -40,7 +41,11 @@ def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[tor
 
 
 class Expert(nn.Module):
-    """One SwiGLU expert, ``down(silu(gate(x)) * up(x))``, with the family's parameter names."""
+    """One SwiGLU expert, ``down(silu(gate(x)) * up(x))``, with the family's parameter names.
+
+    Under tensor parallelism its weights are DTensors (gate/up split by rows of the output, down
+    by columns) and it computes with the local shards: a slice of the intermediate features and a
+    partial sum of the output, with no collective of its own (:meth:`SparseMoE.shard_experts`)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, mixtral_names: bool) -> None:
         super().__init__()
@@ -51,8 +56,12 @@ class Expert(nn.Module):
         setattr(self, down, nn.Linear(intermediate_size, hidden_size, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up, down = (getattr(self, n) for n in self.names)
-        return down(F.silu(gate(x)) * up(x))
+        gate, up, down = (_local(getattr(self, n).weight) for n in self.names)
+        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    return weight.to_local() if isinstance(weight, DTensor) else weight
 
 
 class SparseMoE(nn.Module):
@@ -63,26 +72,47 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.top_k = top_k
         self.normalize = normalize
+        # transformers' Mixtral scales the experts' outputs by fp32 routing weights, Qwen3-MoE by
+        # weights cast to the hidden dtype: the same here, so bf16 outputs agree bit for bit.
+        self.fp32_weights = mixtral_names
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.experts = nn.ModuleList(Expert(hidden_size, intermediate_size, mixtral_names) for _ in range(num_experts))
-        self.tp_mesh = None  # tensor parallel (distributed/tensor_parallel.py): experts return partial sums
+        self.tp_mesh = None
+
+    def shard_experts(self, tp_mesh) -> None:
+        """Tensor parallelism: every expert's gate/up split by output features, down by input
+        features (DTensors, so FSDP2, DCP and the weight loaders see their layout); the router
+        stays replicated. The forward then sums the experts' partial outputs locally and
+        all-reduces once; the backward all-reduces the experts' input gradient and the routing
+        weights' gradient once each."""
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        for expert in self.experts:
+            for name, dim in zip(expert.names, (0, 0, 1)):
+                linear = getattr(expert, name)
+                linear.weight = nn.Parameter(distribute_tensor(linear.weight.data, tp_mesh, [Shard(dim)],
+                                                               src_data_rank=None),
+                                             requires_grad=linear.weight.requires_grad)
+        self.tp_mesh = tp_mesh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weights, chosen = route(self.gate(flat), self.top_k, self.normalize)
-        weights = weights.to(flat.dtype)
-        if self.tp_mesh is not None:  # they scale this rank's slices of the experts' outputs only
-            weights = sum_grad_over(weights, self.tp_mesh.get_group())
-        # Group the (token, slot) pairs by expert: one sort and one host sync per layer, then each
-        # expert runs on a contiguous slice.
+        if not self.fp32_weights:
+            weights = weights.to(flat.dtype)
+        expert_input = flat
+        if self.tp_mesh is not None:  # both scale or feed only this rank's slices of the experts
+            group = self.tp_mesh.get_group()
+            weights, expert_input = sum_grad_over(weights, group), sum_grad_over(flat, group)
+        # Group the (token, slot) pairs by expert: one sort and one host sync per layer.
         order = torch.argsort(chosen.reshape(-1), stable=True)
         counts = torch.bincount(chosen.reshape(-1), minlength=len(self.experts)).tolist()
         out = torch.zeros_like(flat)
         for expert, slots in zip(self.experts, order.split(counts)):
             token = slots // self.top_k
-            routed = expert(flat[token]) * weights.reshape(-1)[slots, None]
+            routed = expert(expert_input[token]) * weights.reshape(-1)[slots, None]
             out.index_add_(0, token, routed.to(out.dtype))  # bf16 under autocast, into the fp32 stream
-        if self.tp_mesh is not None:  # each rank summed its slice of every expert: one all-reduce
+        if self.tp_mesh is not None:  # each rank summed its slices of every expert: one all-reduce
             out = DTensor.from_local(out, self.tp_mesh, [Partial()], run_check=False)
             out = out.redistribute(self.tp_mesh, [Replicate()]).to_local()
         return out.view_as(x)

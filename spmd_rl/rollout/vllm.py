@@ -97,8 +97,10 @@ def to_engine_names(
 
 
 def engine_param_name(hf_name: str) -> str:
-    """The parameter of the engine's Llama/Qwen model an HF tensor is loaded into (q/k/v into
-    ``qkv_proj``, gate/up into ``gate_up_proj``); other names are unchanged."""
+    """The parameter of the engine's dense Llama/Qwen model an HF tensor is loaded into (q/k/v
+    into ``qkv_proj``, gate/up into ``gate_up_proj``); other names are unchanged. Expert tensors of
+    a mixture-of-experts model are not covered: the adapters send HF names, which the engines'
+    MoE loaders map themselves."""
     for part, fused in ((".q_proj.", ".qkv_proj."), (".k_proj.", ".qkv_proj."), (".v_proj.", ".qkv_proj."),
                         (".gate_proj.", ".gate_up_proj."), (".up_proj.", ".gate_up_proj.")):
         if part in hf_name:

@@ -153,8 +153,11 @@ def activation_bytes_per_token_layer(args: ModelArgs, dtype_bytes: int, *, packe
         total += b * a_q
     if args.qk_norm:
         total += (4 + b) * (a_q + a_kv) + 4 * (heads + kv_heads)
-    if args.is_moe:
-        total += args.num_experts_per_tok * b * H + 4 * args.num_experts
+    if args.is_moe:  # per (token, expert) slot: the gathered input, the expert's output and its
+        # weighted copy, two int64 indices and 12 B of routing bookkeeping, the routing weight
+        # (fp32 for Mixtral); per token: the router's fp32 probabilities and the normaliser
+        weight = 4 if args.mixtral_names or b == 4 else b
+        total += args.num_experts_per_tok * (3 * b * H + 28 + weight) + 4 * args.num_experts + 4
     return total
 
 

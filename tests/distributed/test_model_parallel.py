@@ -130,3 +130,30 @@ def test_parallel_step_equals_single_process(tmp_path, case, model):
         assert torch.allclose(got["params"][name], value, atol=ATOL, rtol=RTOL), name
     initial = build_model(None, args=MODELS[model], seed=0).state_dict()
     assert max((ref["params"][k] - initial[k]).abs().max().item() for k in ref["params"]) > 1e-3
+
+
+def _moe_collectives_worker(rank, world_size, out_path):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from spmd_rl.models.moe import SparseMoE
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    counts = {}
+    for experts in (2, 8):
+        torch.manual_seed(0)
+        moe = SparseMoE(8, 4, num_experts=experts, top_k=2, normalize=True)
+        moe.shard_experts(mesh)
+        x = torch.randn(6, 8, requires_grad=True)
+        with CommDebugMode() as comm:  # counts DTensor's collectives and plain c10d ones
+            moe(x).square().sum().backward()
+        counts[experts] = comm.get_total_counts()
+    if rank == 0:
+        torch.save(counts, out_path)
+
+
+def test_moe_block_collectives_do_not_grow_with_experts(tmp_path):
+    # forward: the partial outputs' all-reduce; backward: the experts' input gradient and the
+    # routing weights' gradient, once each, whatever the number of experts
+    run_on_ranks(_moe_collectives_worker, 2, str(tmp_path / "counts.pt"))
+    assert torch.load(tmp_path / "counts.pt") == {2: 3, 8: 3}

@@ -211,7 +211,7 @@ CASES: dict[str, tuple[Callable[[Path, Path], object], str]] = {
                                   "actor.strategy=megatron (pip install -e '.[megatron]') or parallel.pp=1 (tp, sp and "
                                   "dp_shard scale the FSDP backend)"),
     "tp-not-dividing-heads": (lambda tmp, tok: check_tp_divisible(SimpleNamespace(
-                                  num_heads=14, num_kv_heads=2, intermediate_size=4864), 4),
+                                  num_heads=14, num_kv_heads=2, intermediate_size=4864, num_layers=24, moe_layers=()), 4),
                               "parallel.tp=4 must divide the model's attention heads 14, key/value heads 2: "
                               "choose a tp that divides them"),
     "sp-not-dividing-heads": (lambda tmp, tok: check_heads_divisible(14, 2, 4),

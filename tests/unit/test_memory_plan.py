@@ -81,6 +81,17 @@ def test_activation_formula_equals_what_autograd_saves(dtype, packed, qk_norm):
     assert activation_bytes_per_token_layer(args, b, packed=packed) == saved_bytes_per_token(args, dtype, packed)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family,experts,top_k", [("qwen3_moe", 8, 2), ("qwen3_moe", 4, 1), ("mixtral", 8, 2)])
+def test_activation_formula_of_a_sparse_layer_equals_what_autograd_saves(dtype, family, experts, top_k):
+    args = TINY.replace(model_type=family, hidden_size=16, intermediate_size=24, num_heads=4, num_kv_heads=2,
+                        head_dim=4, qk_norm=family == "qwen3_moe", num_experts=experts, num_experts_per_tok=top_k,
+                        moe_intermediate_size=12, moe_layers=(0, 1))
+    b = torch.tensor([], dtype=dtype).element_size()
+    for tokens in (12, 48):  # whatever the routing: every token visits top_k experts
+        assert activation_bytes_per_token_layer(args, b) == saved_bytes_per_token(args, dtype, True, T=tokens)
+
+
 def test_tiny_plan_by_hand():
     cfg = config("data.max_prompt_length=6", "data.max_response_length=10", "actor.micro_batch_size_per_device=2",
                  "rollout.max_num_seqs=3")

@@ -79,6 +79,14 @@ def test_logits_equal_transformers_and_checkpoints_round_trip(tmp_path, family):
     assert set(chosen.flatten().tolist()) == set(range(args.num_experts))
     reloaded = build_model(str(tmp_path)).float()
     assert all(torch.equal(p, reloaded.state_dict()[k]) for k, p in model.state_dict().items())
+    # bf16 (the engine's dtype on GPU): the same routing-weight dtypes as transformers (fp32 for
+    # Mixtral, bf16 for Qwen3-MoE); Qwen3-MoE is bit-identical, Mixtral within one bf16 step of the
+    # logits (transformers runs gate and up as one fused GEMM, whose bf16 rounding can differ)
+    hf16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ours16 = model.to(torch.bfloat16)
+    with torch.no_grad():
+        diff = (ours16.compute_logits(ours16(ids, torch.arange(9).expand(3, 9))).float() - hf16(ids).logits.float())
+    assert diff.abs().max().item() <= (0.0 if family == "qwen3_moe" else 4e-3)
 
 
 def test_real_qwen3_moe_config_reads_as_expected():
@@ -161,3 +169,18 @@ def test_what_does_not_fit_is_refused_in_one_line():
                                          r"not mapped to megatron-core \(no expert parallelism\); train it with "
                                          r"actor.strategy=fsdp$"):
         check_megatron_compatible(MIXTRAL)
+
+
+def test_config_defaults_and_inconsistent_configs():
+    base = {"model_type": "qwen3_moe", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4}
+    qwen = ModelArgs.from_hf_config(base)  # transformers' defaults for absent keys
+    assert (qwen.num_experts, qwen.num_experts_per_tok, qwen.moe_intermediate_size, qwen.norm_topk_prob,
+            qwen.moe_layers) == (128, 8, 768, False, (0, 1))
+    mixtral = ModelArgs.from_hf_config({**base, "model_type": "mixtral"})
+    assert (mixtral.num_experts, mixtral.num_experts_per_tok, mixtral.moe_intermediate_size) == (8, 2, 16)
+    assert not ModelArgs.from_hf_config({**base, "mlp_only_layers": [0, 1]}).is_moe  # every layer dense
+    with pytest.raises(UserError, match=r"^num_experts_per_tok=5 must be in \[1, num_experts=4\]: fix config.json$"):
+        ModelArgs.from_hf_config({**base, "num_experts": 4, "num_experts_per_tok": 5})
+    with pytest.raises(UserError, match=r"^sparse layers \[2\] do not fit num_experts=4 and 2 layers"):
+        QWEN3_MOE.replace(num_layers=2, moe_layers=(2,))
