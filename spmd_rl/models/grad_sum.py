@@ -8,7 +8,7 @@ the sum over the group (megatron's "copy to tensor-parallel region")."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 
 class _SumGradOver(torch.autograd.Function):
@@ -19,9 +19,9 @@ class _SumGradOver(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        # A functional collective, as DTensor's own (whose async ones may be in flight on the group)
+        summed = funcol.all_reduce(grad.contiguous(), "sum", ctx.group)
+        return funcol.wait_tensor(summed), None
 
 
 def sum_grad_over(x: torch.Tensor, group) -> torch.Tensor:
