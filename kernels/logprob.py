@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 try:
     import triton
@@ -100,8 +101,7 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 
 class _CopyToTensorParallel(torch.autograd.Function):
-    """Identity forward, all-reduce SUM backward: ``hidden`` feeds every vocab shard, so its
-    gradient is the sum of the shards' contributions (Megatron's ``f``, arXiv:1909.08053)."""
+    """Identity forward, all-reduce SUM backward (Megatron's ``f``, arXiv:1909.08053)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
@@ -110,9 +110,17 @@ class _CopyToTensorParallel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        # A functional collective, as DTensor's own (whose async ones may be in flight on the group)
+        summed = funcol.all_reduce(grad.contiguous(), "sum", ctx.group)
+        return funcol.wait_tensor(summed), None
+
+
+def copy_to_tensor_parallel(x: torch.Tensor, group) -> torch.Tensor:
+    """``x`` unchanged; its gradient summed over ``group`` in the backward. For a replicated
+    tensor that meets only this rank's share of the work (each vocab shard here; per-head norm
+    weights, MoE routing weights and expert inputs in the decoder), whose gradient on each rank
+    is a partial sum."""
+    return _CopyToTensorParallel.apply(x, group)
 
 
 class _ReduceFromTensorParallel(torch.autograd.Function):
@@ -136,7 +144,7 @@ def _sharded_reference(hidden, weight, targets, temperature, with_entropy, chunk
     """Vocab-parallel form of ``logprobs_from_hidden``: local max/sums, then all-reduces."""
     compute_dtype = _compute_dtype(hidden)
     v_local = weight.shape[0]
-    hidden = _CopyToTensorParallel.apply(hidden, tp_group)
+    hidden = copy_to_tensor_parallel(hidden, tp_group)  # it feeds every vocab shard
     logprobs, entropies, owned_counts = [], [], []
     for start in range(0, hidden.shape[0], chunk_size):
         logits = (hidden[start : start + chunk_size] @ weight.t()).to(compute_dtype) / temperature

@@ -30,10 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spmd_rl.kernels.attention import causal_attention
+from spmd_rl.kernels.logprob import copy_to_tensor_parallel
 from spmd_rl.kernels.paged_attention import paged_decode_attention
 from spmd_rl.kernels.varlen_attention import varlen_attention
 from spmd_rl.models.args import ModelArgs
-from spmd_rl.models.grad_sum import sum_grad_over
 from spmd_rl.models.moe import SparseMoE
 from spmd_rl.models.rope import apply_rope, compute_cos_sin, compute_inv_freq
 
@@ -65,7 +65,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        weight = self.weight if self.grad_sum_group is None else sum_grad_over(self.weight, self.grad_sum_group)
+        weight = self.weight
+        if self.grad_sum_group is not None:
+            weight = copy_to_tensor_parallel(weight, self.grad_sum_group)
         return weight * x32.to(x.dtype)
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
-from spmd_rl.models.grad_sum import sum_grad_over
+from spmd_rl.kernels.logprob import copy_to_tensor_parallel
 
 
 def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +103,7 @@ class SparseMoE(nn.Module):
         expert_input = flat
         if self.tp_mesh is not None:  # both scale or feed only this rank's slices of the experts
             group = self.tp_mesh.get_group()
-            weights, expert_input = sum_grad_over(weights, group), sum_grad_over(flat, group)
+            weights, expert_input = copy_to_tensor_parallel(weights, group), copy_to_tensor_parallel(flat, group)
         # Group the (token, slot) pairs by expert: one sort and one host sync per layer.
         order = torch.argsort(chosen.reshape(-1), stable=True)
         counts = torch.bincount(chosen.reshape(-1), minlength=len(self.experts)).tolist()
