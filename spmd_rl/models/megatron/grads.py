@@ -43,13 +43,17 @@ def all_reduce_grads(model: torch.nn.Module, group, world_size: int) -> None:
     """Sum every gradient over ``group`` (one flat buffer: one collective)."""
     if world_size == 1:
         return
-    grads = grads_of(model)
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    sum_in_place(grads_of(model), group)
+
+
+def sum_in_place(tensors: list[torch.Tensor], group) -> None:
+    """Sum ``tensors`` over ``group`` in place with one collective (through a flat copy)."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat, group=group)
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 PER_HEAD_NORMS = ("q_layernorm.weight", "k_layernorm.weight")
@@ -62,12 +66,7 @@ def sum_per_head_norm_grads(model: torch.nn.Module, tp_group, tp_size: int) -> N
     params = [p for name, p in model.named_parameters() if name.endswith(PER_HEAD_NORMS) and p.grad is not None]
     if not params:
         return
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, group=tp_group)
-    offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
+    sum_in_place([p.grad for p in params], tp_group)
 
 
 def tied_embedding_weight(model: torch.nn.Module, first: bool, last: bool) -> torch.Tensor | None:
