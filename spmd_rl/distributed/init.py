@@ -75,7 +75,7 @@ def init_parallel(parallel_cfg, device: torch.device, timeout_s: int = 1800):
 
     _, world_size = init_distributed(device, timeout_s)
     p = parallel_cfg
-    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.sp, p.tp, p.pp, world_size)
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.sp, p.tp, p.pp, world_size, ep=p.ep)
     if device.type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
     return dims, dims.build_mesh(device.type)

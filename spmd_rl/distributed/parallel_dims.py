@@ -22,7 +22,9 @@ class ParallelDims:
     tp group sits on neighbouring ranks, i.e. inside one node; pp, only with the Megatron backend,
     outermost as in megatron's own rank order). Ranks that differ only in ``sp`` or
     ``tp`` hold the same data; ``dp = dp_replicate x dp_shard`` ranks hold different data.
-    FSDP shards parameters over ``dp_shard x sp`` and replicates over ``dp_replicate`` (HSDP)."""
+    FSDP shards parameters over ``dp_shard x sp`` and replicates over ``dp_replicate`` (HSDP).
+    ``ep`` (Megatron backend, mixture-of-experts models) adds no mesh dimension: it splits the
+    experts over ``ep`` ranks of each data-parallel group, so it must divide ``dp``."""
 
     dp_replicate: int
     dp_shard: int
@@ -30,6 +32,7 @@ class ParallelDims:
     tp: int
     pp: int
     world_size: int
+    ep: int = 1
 
     def __post_init__(self):
         others = self.dp_replicate * self.sp * self.tp * self.pp
@@ -41,6 +44,12 @@ class ParallelDims:
                 f"Invalid parallel dims: dp_replicate({self.dp_replicate}) * dp_shard({self.dp_shard}) * "
                 f"sp({self.sp}) * tp({self.tp}) * pp({self.pp}) != WORLD_SIZE({self.world_size}): "
                 "change parallel.* or the number of processes (torchrun --nproc-per-node)"
+            )
+        if self.ep < 1 or self.dp_size % self.ep:
+            raise UserError(
+                f"Invalid parallel dims: ep({self.ep}) must divide dp = dp_replicate({self.dp_replicate}) * "
+                f"dp_shard({self.dp_shard}) = {self.dp_size} (sp={self.sp}, tp={self.tp}, pp={self.pp}, "
+                f"WORLD_SIZE={self.world_size}): experts are split over data-parallel ranks; change parallel.ep"
             )
 
     @property

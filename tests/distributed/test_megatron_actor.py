@@ -42,6 +42,11 @@ QWEN2_TIED = ModelArgs(architecture="Qwen2ForCausalLM", model_type="qwen2", voca
                        tie_word_embeddings=True, attention_bias=True)
 # Per-head q/k RMSNorm: its replicated weights meet 1/tp of the heads (partial gradients over tp)
 QWEN3 = LLAMA.replace(architecture="Qwen3ForCausalLM", model_type="qwen3", qk_norm=True)
+# Mixture of experts: top-2 of 4 experts without renormalisation, layer 1 dense (mlp_only_layers)
+QWEN3_MOE = QWEN3.replace(architecture="Qwen3MoeForCausalLM", model_type="qwen3_moe", num_experts=4,
+                          num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=False, moe_layers=(0,))
+MIXTRAL = LLAMA.replace(architecture="MixtralForCausalLM", model_type="mixtral", num_experts=4, num_experts_per_tok=2,
+                        moe_intermediate_size=64, moe_layers=(0, 1))
 # Adam's eps is raised from 1e-8 as in test_model_parallel.py: a gradient element at the 1e-9
 # noise floor (where reduction order alone decides its value) could otherwise take a full
 # lr-sized step either way.
@@ -66,7 +71,15 @@ CASES = {
     "dp2_tp2_distributed_optimizer": (LLAMA, 2, 1, 4, False, None, True),
     "tp2_qwen3_qk_norm": (QWEN3, 2, 1, 2, False, None, False),
     "tp2_qwen3_qk_norm_distributed_optimizer": (QWEN3, 2, 1, 2, False, None, True),
+    # mixture of experts (megatron's MoELayer, allgather dispatcher): experts whole on every rank
+    # (ep=1; the sharded AdamW state covers them too), or split over ep ranks of each dp group,
+    # whose micro-batches are then padded to a common shape; with pipeline stages
+    "moe_mixtral_pp2": (MIXTRAL, 1, 2, 2, False, None, False),
+    "moe_mixtral_dp2_distributed_optimizer": (MIXTRAL, 1, 1, 2, False, None, True),
+    "moe_qwen3_dp2_ep2": (QWEN3_MOE, 1, 1, 2, False, None, False),
+    "moe_qwen3_dp2_ep2_pp2": (QWEN3_MOE, 1, 2, 4, False, None, False),
 }
+EXPERT_PARALLEL = {"moe_qwen3_dp2_ep2": 2, "moe_qwen3_dp2_ep2_pp2": 2}  # case -> ep (default 1)
 
 
 def native_policy(args: ModelArgs, device: str = "cpu") -> PolicyModel:
@@ -96,7 +109,7 @@ def global_batch(args: ModelArgs) -> RolloutBatch:
     return batch
 
 
-def _worker(rank, world_size, args, tp, pp, recompute, compute_dtype, distributed, batch, out_path):
+def _worker(rank, world_size, args, tp, pp, recompute, compute_dtype, distributed, batch, out_path, ep=1):
     from megatron.core import parallel_state as ps
 
     from spmd_rl.models.megatron.backend import build_actor
@@ -104,8 +117,13 @@ def _worker(rank, world_size, args, tp, pp, recompute, compute_dtype, distribute
     from spmd_rl.models.megatron.policy import update
 
     hf_state = build_model(None, args=args, seed=0).state_dict()
-    actor = build_actor(args, tp, pp, seed=0, params_dtype=torch.float32, hf_state=hf_state, recompute=recompute,
-                        compute_dtype=compute_dtype)
+    actor = build_actor(args, tp, pp, ep=ep, seed=0, params_dtype=torch.float32, hf_state=hf_state,
+                        recompute=recompute, compute_dtype=compute_dtype)
+    if args.is_moe:  # each rank holds its share of the experts
+        experts = {n for n, _ in actor.model.named_parameters() if "local_experts" in n and n.endswith("linear_fc2.weight")}
+        per_stage = args.num_layers // pp
+        sparse = [i for i in args.moe_layers if i // per_stage == actor.pp_rank]
+        assert len(experts) == len(sparse) * args.num_experts // ep, experts
     matmul_dtypes = set()  # what the projections computed in
     actor.model.decoder.layers[0].self_attention.linear_qkv.register_forward_hook(
         lambda _m, _i, out: matmul_dtypes.add(out[0].dtype))
@@ -178,7 +196,8 @@ def test_megatron_update_equals_single_process(tmp_path, process_group, case):
     args, tp, pp, world_size, recompute, compute_dtype, distributed = CASES[case]
     batch = global_batch(args)
     out = tmp_path / "out.pt"
-    run_on_ranks(_worker, world_size, args, tp, pp, recompute, compute_dtype, distributed, batch, str(out))
+    run_on_ranks(_worker, world_size, args, tp, pp, recompute, compute_dtype, distributed, batch, str(out),
+                 EXPERT_PARALLEL.get(case, 1))
     got = torch.load(out, weights_only=True)
     ref = reference(args, batch)
     if compute_dtype is not None:

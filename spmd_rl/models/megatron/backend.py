@@ -28,9 +28,12 @@ from spmd_rl.models.megatron.config import check_megatron_compatible, gpt_model_
 from spmd_rl.models.megatron.cpu import enable_cpu_execution
 from spmd_rl.models.megatron.names import (
     OUTPUT_LAYER,
+    expert_name_to_global,
     hf_names_for_stage,
+    is_expert_param,
     hf_to_mcore,
     iter_hf_weights_from_mcore_shards,
+    select_ep_experts,
     select_pp_stage,
     shard_for_tp,
     stage_name_to_global,
@@ -80,6 +83,9 @@ class MegatronActor:
     pp_group: object | None = None  # megatron's pipeline group of this rank (needed when pp_size > 1)
     has_output_layer: bool = True  # False for a value model's trunk: the lm-head is dropped
     compute_dtype: torch.dtype | None = None  # bf16: mixed precision over the fp32 parameters
+    ep_rank: int = 0  # expert parallelism (mixture-of-experts models): this rank holds
+    ep_size: int = 1  # experts [ep_rank * E / ep, (ep_rank + 1) * E / ep)
+    ep_group: object | None = None
 
     def compute(self):
         """The context the stage's math runs in: ``torch.autocast`` to ``compute_dtype`` (matmuls
@@ -92,8 +98,14 @@ class MegatronActor:
 
     @property
     def shard_name(self) -> str:
-        """This rank's cell of the model-parallel grid, e.g. ``tp0_pp1`` (its checkpoint keys)."""
-        return f"tp{self.tp_rank}_pp{self.pp_rank}"
+        """This rank's cell of the model-parallel grid, e.g. ``tp0_pp1``, or ``tp0_pp1_ep1`` under
+        expert parallelism (its checkpoint keys: ep ranks hold different experts)."""
+        name = f"tp{self.tp_rank}_pp{self.pp_rank}"
+        return f"{name}_ep{self.ep_rank}" if self.ep_size > 1 else name
+
+    @property
+    def experts_per_rank(self) -> int:
+        return self.args.num_experts // self.ep_size
 
     @property
     def tied_copy(self) -> bool:
@@ -105,18 +117,22 @@ class MegatronActor:
         """Copy an HF state dict's slice for this rank into the model."""
         load_hf_into_stage(self.model, hf_state, self.args, tp_rank=self.tp_rank, tp_size=self.tp_size,
                            pp_rank=self.pp_rank, pp_size=self.pp_size, fused_norms=self.fused_norms,
-                           vocab_rows=self.vocab_rows, skip=() if self.has_output_layer else (OUTPUT_LAYER,))
+                           vocab_rows=self.vocab_rows, skip=() if self.has_output_layer else (OUTPUT_LAYER,),
+                           ep_rank=self.ep_rank, ep_size=self.ep_size)
 
     def iter_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The whole model's parameters as full HF tensors, one at a time, on every rank (each
         rank's rollout engine holds the full model). Every rank must iterate: per parameter a
-        broadcast from its stage over the pipeline group (pp > 1), then a TP all-gather."""
+        broadcast from its stage over the pipeline group (pp > 1), an all-gather of an expert's
+        weight over the expert-parallel group (ep > 1), then a TP all-gather."""
         per_stage = self.args.num_layers // self.pp_size
         if self.pp_size == 1:
             named = self.model.named_parameters()
         else:
             named = iter_stage_params_over_pp(self.model, self.pp_rank, self.pp_size, self.pp_group, per_stage,
                                               skip=(OUTPUT_LAYER,) if self.tied_copy else ())
+        if self.ep_size > 1:
+            named = iter_experts_over_ep(named, self.ep_group, self.ep_size, self.experts_per_rank)
         # names are global already: pp_rank=0 keeps them
         yield from iter_hf_weights_from_tp_group(named, self.args, tp_group=self.tp_group, tp_size=self.tp_size,
                                                  pp_rank=0, layers_per_stage=per_stage, fused_norms=self.fused_norms)
@@ -134,12 +150,16 @@ def load_hf_into_stage(
     fused_norms: bool,
     vocab_rows: int,
     skip: tuple[str, ...] = (),
+    ep_rank: int = 0,
+    ep_size: int = 1,
 ) -> None:
-    """Convert, select this stage, shard for this TP rank and ``load_state_dict`` into ``module``
-    (leaving out the names in ``skip``); ValueError naming the first parameter the module lacks
-    or the conversion left out."""
+    """Convert, select this stage (and this ep rank's experts), shard for this TP rank and
+    ``load_state_dict`` into ``module`` (leaving out the names in ``skip``); ValueError naming
+    the first parameter the module lacks or the conversion left out."""
     full = hf_to_mcore(hf_state, args, fused_norms=fused_norms, vocab_size=vocab_rows)
     stage = select_pp_stage(full, args, pp_rank, pp_size)
+    if args.is_moe:
+        stage = select_ep_experts(stage, ep_rank, ep_size, args.num_experts)
     shards = {name: shard_for_tp(name, t, tp_rank, tp_size, num_query_groups=args.num_kv_heads)
               for name, t in stage.items() if name not in skip}
     result = module.load_state_dict(shards, strict=False)
@@ -198,6 +218,21 @@ def iter_stage_params_over_pp(
             yield name, shard
 
 
+def iter_experts_over_ep(named_params: Iterable[tuple[str, torch.Tensor]], ep_group, ep_size: int,
+                         experts_per_rank: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every ep rank's copy of each expert weight, all-gathered over ``ep_group`` and named
+    with its global expert number; other parameters pass through (every ep rank holds them)."""
+    for name, param in named_params:
+        if not is_expert_param(name):
+            yield name, param
+            continue
+        local = param.detach().contiguous()
+        pieces = [torch.empty_like(local) for _ in range(ep_size)]
+        dist.all_gather(pieces, local, group=ep_group)
+        for ep_rank, piece in enumerate(pieces):
+            yield expert_name_to_global(name, ep_rank, experts_per_rank), piece
+
+
 def _unwrapped(name: str) -> str:
     while name.startswith(_WRAPPER_PREFIX):
         name = name[len(_WRAPPER_PREFIX):]
@@ -222,26 +257,48 @@ def _checkpointed(forward, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
-def init_megatron_parallel(tp: int, pp: int, seed: int) -> None:
+def init_megatron_parallel(tp: int, pp: int, seed: int, ep: int = 1) -> None:
     """megatron's parallel state and TP-aware CUDA RNG (torch.distributed must be initialised).
 
     Without CUDA the CPU shims are applied instead of seeding CUDA RNGs; parameters are then
-    initialised from torch's default (CPU) generator, which the caller seeds."""
+    initialised from torch's default (CPU) generator, which the caller seeds. ``ep`` splits
+    each data-parallel group's experts (megatron's expert grid is ep x (dp / ep) with tp=1)."""
     from megatron.core import parallel_state, tensor_parallel
 
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                 expert_model_parallel_size=ep)
+    bind_router_gemm_without_transformer_engine()
     if not enable_cpu_execution():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def layer_spec(args: ModelArgs, use_te: bool | None = None):
-    """``(ModuleSpec, fused_norms)``: TransformerEngine's spec when it is installed (norms fused
-    into linear_qkv / linear_fc1), else megatron's local spec with RMSNorm."""
+def bind_router_gemm_without_transformer_engine() -> None:
+    """megatron-core 0.16's MoE router reads the module global ``te_general_gemm``, which its
+    ``moe_utils`` binds only when TransformerEngine imports: without TE the router's forward
+    raises NameError. Binding it to None selects the router's torch matmul; idempotent."""
+    try:
+        from megatron.core.transformer.moe import moe_utils
+    except ImportError:
+        return
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def layer_spec(args: ModelArgs, use_te: bool | None = None, config=None):
+    """``(spec, fused_norms)``: TransformerEngine's spec when it is installed (norms fused
+    into linear_qkv / linear_fc1), else megatron's local spec with RMSNorm. A mixture-of-experts
+    model gets megatron's decoder block spec (dense and sparse layers per ``config.moe_layer_freq``)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te is None:  # TransformerEngine's layers need CUDA
         use_te = torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+    if args.is_moe:
+        try:
+            return gpt_layer_specs.get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
+                                                              normalization="RMSNorm"), use_te
+        except TypeError:  # releases whose block spec has no normalization argument
+            return gpt_layer_specs.get_gpt_decoder_block_spec(config, use_transformer_engine=use_te), use_te
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=args.qk_norm), True
     try:
@@ -251,16 +308,17 @@ def layer_spec(args: ModelArgs, use_te: bool | None = None):
 
 
 def build_gpt_model(
-    args: ModelArgs, tp: int, pp: int, *, params_dtype: torch.dtype = torch.bfloat16, use_te: bool | None = None,
+    args: ModelArgs, tp: int, pp: int, *, ep: int = 1, params_dtype: torch.dtype = torch.bfloat16,
+    use_te: bool | None = None,
 ) -> tuple[torch.nn.Module, bool, int]:
     """``(GPTModel stage of this rank, fused_norms, vocab_rows)``; needs :func:`init_megatron_parallel`."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
 
-    config = TransformerConfig(**transformer_config_kwargs(args, tp, pp, params_dtype=params_dtype),
+    config = TransformerConfig(**transformer_config_kwargs(args, tp, pp, ep=ep, params_dtype=params_dtype),
                                use_cpu_initialization=not torch.cuda.is_available())
-    spec, fused_norms = layer_spec(args, use_te)
+    spec, fused_norms = layer_spec(args, use_te, config)
     model_kwargs = gpt_model_kwargs(args, tp, pp=pp)
     model = GPTModel(config=config, transformer_layer_spec=spec, **model_kwargs,
                      pre_process=parallel_state.is_pipeline_first_stage(),
@@ -268,43 +326,47 @@ def build_gpt_model(
     return model, fused_norms, model_kwargs["vocab_size"]
 
 
-def load_stage_hf_state(path: str, args: ModelArgs, tp: int, pp: int, *, seed: int = 0,
+def load_stage_hf_state(path: str, args: ModelArgs, tp: int, pp: int, *, ep: int = 1, seed: int = 0,
                         role: str = "actor.strategy=megatron") -> dict[str, torch.Tensor]:
     """The HF tensors of the checkpoint at ``path`` that this rank's pipeline stage needs
     (:func:`~spmd_rl.models.megatron.names.hf_names_for_stage`): a rank reads its stage's layers
-    only, not the whole model. Sets up megatron's parallel state to learn the stage."""
+    (and its ep rank's experts) only, not the whole model. Sets up megatron's parallel state to
+    learn the stage."""
     from megatron.core import parallel_state
 
     from spmd_rl.models.hf_io import load_state_dict
 
-    _set_up(args, tp, pp, seed, role)
-    return load_state_dict(path, keep=hf_names_for_stage(args, parallel_state.get_pipeline_model_parallel_rank(), pp))
+    _set_up(args, tp, pp, ep, seed, role)
+    ep_rank = parallel_state.get_expert_model_parallel_rank() if ep > 1 else 0
+    return load_state_dict(path, keep=hf_names_for_stage(args, parallel_state.get_pipeline_model_parallel_rank(), pp,
+                                                         ep_rank=ep_rank, ep_size=ep))
 
 
-def _set_up(args: ModelArgs, tp: int, pp: int, seed: int, role: str) -> None:
-    """megatron-core importable, ``args`` mappable onto GPTModel over tp x pp (UserError naming
-    ``role`` otherwise), and megatron's parallel state initialised (idempotent)."""
+def _set_up(args: ModelArgs, tp: int, pp: int, ep: int, seed: int, role: str) -> None:
+    """megatron-core importable, ``args`` mappable onto GPTModel over tp x pp x ep (UserError
+    naming ``role`` otherwise), and megatron's parallel state initialised (idempotent)."""
     check_megatron_available()
     try:
-        check_megatron_compatible(args, tp, pp)
+        check_megatron_compatible(args, tp, pp, ep)
     except ValueError as e:
         raise UserError(f"{role}: {e}") from None
-    init_megatron_parallel(tp, pp, seed)
+    init_megatron_parallel(tp, pp, seed, ep)
 
 
-def build_actor(args: ModelArgs, tp: int, pp: int, *, seed: int = 0, params_dtype: torch.dtype = torch.bfloat16,
+def build_actor(args: ModelArgs, tp: int, pp: int, *, ep: int = 1, seed: int = 0,
+                params_dtype: torch.dtype = torch.bfloat16,
                 hf_state: dict[str, torch.Tensor] | None = None, output_layer: bool = True,
                 recompute: bool = False, compute_dtype: torch.dtype | None = None,
                 role: str = "actor.strategy=megatron") -> MegatronActor:
     """This rank's GPTModel stage for ``args`` over a TP x PP grid (data parallel takes the
-    remaining ranks), loaded from ``hf_state`` when given; without its lm-head (``output_layer``)
+    remaining ranks; ``ep`` of them split a mixture-of-experts model's experts), loaded from ``hf_state`` when given; without its lm-head (``output_layer``)
     for a value model's trunk; ``recompute``: activation checkpointing per layer;
     ``compute_dtype``: mixed precision (see :meth:`MegatronActor.compute`); ``role`` names the
     model in errors. torch.distributed must be initialised."""
     from megatron.core import parallel_state
 
-    _set_up(args, tp, pp, seed, role)
-    model, fused_norms, vocab_rows = build_gpt_model(args, tp, pp, params_dtype=params_dtype)
+    _set_up(args, tp, pp, ep, seed, role)
+    model, fused_norms, vocab_rows = build_gpt_model(args, tp, pp, ep=ep, params_dtype=params_dtype)
     if recompute:
         checkpoint_layers(model)
     actor = MegatronActor(
@@ -312,7 +374,8 @@ def build_actor(args: ModelArgs, tp: int, pp: int, *, seed: int = 0, params_dtyp
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(), pp_size=pp, fused_norms=fused_norms,
         vocab_rows=vocab_rows, tp_group=parallel_state.get_tensor_model_parallel_group(),
         pp_group=parallel_state.get_pipeline_model_parallel_group(), has_output_layer=output_layer,
-        compute_dtype=compute_dtype)
+        compute_dtype=compute_dtype, ep_rank=parallel_state.get_expert_model_parallel_rank() if ep > 1 else 0,
+        ep_size=ep, ep_group=parallel_state.get_expert_model_parallel_group() if ep > 1 else None)
     if not output_layer and getattr(model, "output_layer", None) is not None:
         model.output_layer = None  # the trunk ends at the final norm; no [V/tp, H] weight to hold or step
     if hf_state is not None:

@@ -1,10 +1,13 @@
-"""Our ``ModelArgs`` (Llama / Qwen2 / Qwen3) as megatron-core ``TransformerConfig`` and ``GPTModel``
+"""Our ``ModelArgs`` (Llama / Qwen2 / Qwen3, and the mixture-of-experts Mixtral / Qwen3-MoE) as megatron-core ``TransformerConfig`` and ``GPTModel``
 keyword arguments. Pure: no megatron import, so the mapping is testable anywhere.
 
 Targets megatron-core >=0.12,<0.17 (field names of ``megatron.core.transformer.TransformerConfig``
 and ``megatron.core.models.gpt.GPTModel.__init__`` in those releases). The decoder it describes is
 the pre-norm SwiGLU decoder of Llama (arXiv:2302.13971) with grouped-query attention
 (arXiv:2305.13245) and RoPE (arXiv:2104.09864): the same math as ``spmd_rl.models.decoder``.
+Sparse layers are megatron's ``MoELayer`` with the routing of ``spmd_rl.models.moe``: softmax
+top-k (renormalised over the k, or not), no auxiliary loss, no capacity limit (dropless), the
+experts split over ``ep`` ranks of each data-parallel group (expert parallelism).
 """
 
 from __future__ import annotations
@@ -20,14 +23,21 @@ _MCORE_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "origina
 SUPPORTED_MCORE_ROPE_TYPES = ("default", "linear", "llama3")
 
 
-def check_megatron_compatible(args: ModelArgs, tp: int = 1, pp: int = 1) -> None:
+def check_megatron_compatible(args: ModelArgs, tp: int = 1, pp: int = 1, ep: int = 1) -> None:
     """ValueError (one line) when ``args`` or the parallel degrees cannot be mapped onto GPTModel."""
-    if tp < 1 or pp < 1:
-        raise ValueError(f"tensor/pipeline parallel sizes must be >= 1, got tp={tp}, pp={pp}")
-    if args.is_moe:
-        raise ValueError(f"{args.model_type} is a mixture-of-experts model ({args.num_experts} experts): its sparse "
-                         "layers are not mapped to megatron-core (no expert parallelism); train it with "
-                         "actor.strategy=fsdp")
+    if tp < 1 or pp < 1 or ep < 1:
+        raise ValueError(f"tensor/pipeline/expert parallel sizes must be >= 1, got tp={tp}, pp={pp}, ep={ep}")
+    if ep > 1 and not args.is_moe:
+        raise ValueError(f"parallel.ep={ep} splits experts, but {args.model_type} has none: set parallel.ep=1")
+    if args.is_moe and tp > 1:
+        # megatron-core only runs MoE layers under TP with sequence parallelism, which this
+        # backend does not enable (its rows are whole sequences on every TP rank).
+        raise ValueError(f"{args.model_type} is a mixture-of-experts model: megatron-core needs sequence "
+                         f"parallelism for MoE under tensor parallelism, which this backend does not use; "
+                         f"set parallel.tp=1 and split the experts with parallel.ep, or use actor.strategy=fsdp")
+    if args.is_moe and args.num_experts % ep != 0:
+        raise ValueError(f"num_experts={args.num_experts} is not divisible by expert parallel size {ep}; "
+                         f"choose parallel.ep among the divisors of {args.num_experts}")
     if args.o_proj_bias:
         # megatron's add_bias_linear puts a bias on every linear (MLP included), ours only on o_proj.
         raise ValueError("attention_bias on o_proj (Llama/Qwen3 attention_bias=true) has no megatron-core "
@@ -68,6 +78,7 @@ def transformer_config_kwargs(
     tp: int = 1,
     pp: int = 1,
     *,
+    ep: int = 1,
     sequence_parallel: bool = False,
     params_dtype: torch.dtype = torch.bfloat16,
     init_method_std: float = 0.02,
@@ -78,9 +89,9 @@ def transformer_config_kwargs(
     checkpoint's epsilon, SwiGLU (``gated_linear_unit`` + silu), no bias except the optional q/k/v
     bias (Qwen2), per-head q/k RMSNorm (Qwen3), no dropout, softmax in fp32. Fusions that need
     extra kernels (bias-activation, RoPE) are off so the config runs with or without
-    TransformerEngine.
+    TransformerEngine. Sparse layers: see the module doc.
     """
-    check_megatron_compatible(args, tp, pp)
+    check_megatron_compatible(args, tp, pp, ep)
     kwargs = dict(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -114,7 +125,38 @@ def transformer_config_kwargs(
         # No variable_seq_lengths: it only tells megatron's schedules to exchange shapes, and we run
         # our own (schedule.py), where every stage knows them; megatron-core 0.16 also refuses it
         # with its default (MoE allgather) token dispatcher, even for a dense model.
+    if args.is_moe:
+        kwargs.update(moe_config_kwargs(args, ep))
     return kwargs
+
+
+def routing_is_normalized(args: ModelArgs) -> bool:
+    """Whether the top-k routing weights are renormalised to sum to 1 (always for Mixtral)."""
+    return args.mixtral_names or args.norm_topk_prob
+
+
+def moe_config_kwargs(args: ModelArgs, ep: int = 1) -> dict:
+    """The ``TransformerConfig`` fields of the sparse layers (module doc).
+
+    Renormalised top-k (softmax over all experts, top k, divide by their sum) equals megatron's
+    top-k of the logits followed by a softmax over those k; without renormalisation it is
+    megatron's ``moe_router_pre_softmax``. The router's logits are fp32 (``moe_router_dtype``)
+    as our router's softmax is. The allgather token dispatcher is the one that runs without
+    CUDA streams; experts run one after another (no grouped GEMM, which needs TransformerEngine)."""
+    return dict(
+        num_moe_experts=args.num_experts,
+        moe_router_topk=args.num_experts_per_tok,
+        moe_ffn_hidden_size=args.moe_intermediate_size,
+        moe_layer_freq=[int(i in args.moe_layers) for i in range(args.num_layers)],
+        moe_router_pre_softmax=not routing_is_normalized(args),
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type="allgather",
+        moe_grouped_gemm=False,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=1,
+    )
 
 
 def gpt_model_kwargs(args: ModelArgs, tp: int = 1, *, pp: int = 1, make_vocab_size_divisible_by: int = 1) -> dict:

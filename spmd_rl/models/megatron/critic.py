@@ -68,8 +68,8 @@ class MegatronValueModel(nn.Module):
         with self.trunk.compute():
             return self.value_head(flat[inputs.target_positions]).float().sum(-1)
 
-    def _run(self, split, forward_only: bool, loss_step) -> list:
-        inputs = padded_scoring_inputs(split, next(self.stage.parameters()).device)
+    def _run(self, split, groups: ParallelGroups, forward_only: bool, loss_step) -> list:
+        inputs = padded_scoring_inputs(split, next(self.stage.parameters()).device, groups)
         return run_pipeline(len(split), activation_shapes(inputs, self.trunk.args.hidden_size),
                             forward_steps(self.trunk, inputs), lambda i, hidden: loss_step(i, hidden, inputs[i]),
                             links_of(self.trunk), forward_only=forward_only)
@@ -84,7 +84,7 @@ class MegatronValueModel(nn.Module):
             width = split[i][1].response_mask.shape[1]
             return None, pad_by_lengths(self.stage_values(hidden, inputs), inputs.response_lengths, width)
 
-        chunks = self._run(split, True, loss_step)
+        chunks = self._run(split, groups, True, loss_step)
         width = batch.response_mask.shape[1]
         out = (scatter_rows(chunks, [rows for rows, _ in split], len(batch), width).float() if chunks
                else torch.zeros(len(batch), width))
@@ -117,7 +117,7 @@ class MegatronValueModel(nn.Module):
                 sums["critic/vpred_mean"] += float(m["vpred_mean"]) / len(split)
                 return loss, None
 
-            self._run(split, False, loss_step)
+            self._run(split, groups, False, loss_step)
             norms.append(grads.optimizer_step(self, optimizer, scheduler, cfg.optim.grad_clip, groups=groups,
                                               tp_rank=trunk.tp_rank, skip_tied_copy=False))
         grads.end_update(optimizer)
@@ -137,8 +137,9 @@ def build_megatron_critic(cfg, path: str, dims, *, compute_dtype: torch.dtype | 
 
     args = ModelArgs.from_hf_config(read_hf_config(path))
     role = f"the critic ({path}) under actor.strategy=megatron"
-    trunk = build_actor(args, dims.tp, dims.pp, seed=cfg.trainer.seed, params_dtype=torch.float32,
-                        hf_state=load_stage_hf_state(path, args, dims.tp, dims.pp, seed=cfg.trainer.seed, role=role),
+    trunk = build_actor(args, dims.tp, dims.pp, ep=dims.ep, seed=cfg.trainer.seed, params_dtype=torch.float32,
+                        hf_state=load_stage_hf_state(path, args, dims.tp, dims.pp, ep=dims.ep, seed=cfg.trainer.seed,
+                                                     role=role),
                         output_layer=False, recompute=cfg.critic.activation_checkpointing,
                         compute_dtype=compute_dtype, role=role)
     return MegatronValueModel(trunk)

@@ -6,7 +6,10 @@ We drive GPTModel with plain torch autograd and a torch optimizer (or our ZeRO-1
 collectives megatron's ``finalize_model_grads`` would run are done here, with the same rules:
 
 * data parallel: the loss is already normalised by the global token (or sequence) count of the
-  mini-batch, so the gradients are summed over the dp group (gloo has no average);
+  mini-batch, so the gradients are summed over the dp group (gloo has no average); under
+  expert parallelism an expert's gradient is summed over the dp ranks that hold that expert
+  (megatron's expert-data-parallel group, dp / ep ranks): each token's contribution to it
+  was already computed on the rank that holds it, whichever dp rank the token came from;
 * tied embeddings split over stages: the first stage's embedding and the last stage's
   ``output_layer`` copy get the sum of both gradients (megatron's embedding group), which is
   the gradient of the single tied matrix, so the two copies stay equal after the step;
@@ -15,7 +18,9 @@ collectives megatron's ``finalize_model_grads`` would run are done here, with th
   ``finalize_model_grads`` does for ``qk_layernorm``);
 * the norm counts every element once: TP-sharded tensors on every TP rank, replicated ones
   (norms) on TP rank 0 only, the tied copy on the first stage only, then a sum over the
-  model-parallel (TP x PP) group (megatron's ``param_is_not_tensor_parallel_duplicate``).
+  model-parallel (TP x PP) group (megatron's ``param_is_not_tensor_parallel_duplicate``); the
+  experts' squares are summed over the expert-model-parallel (EP x PP) group instead, since
+  every ep rank holds other experts.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from spmd_rl.models.megatron.names import OUTPUT_LAYER
+from spmd_rl.models.megatron.names import OUTPUT_LAYER, is_expert_param
 
 
 def grads_of(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -39,11 +44,17 @@ def grads_of(model: torch.nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def all_reduce_grads(model: torch.nn.Module, group, world_size: int) -> None:
-    """Sum every gradient over ``group`` (one flat buffer: one collective)."""
-    if world_size == 1:
-        return
-    sum_in_place(grads_of(model), group)
+def all_reduce_grads(model: torch.nn.Module, groups) -> None:
+    """Sum every gradient over data parallel (module doc): the dense ones over ``groups.dp``, the
+    experts' over ``groups.expert_dp``; one flat buffer, one collective, each."""
+    grads_of(model)  # a zero gradient wherever backward left none
+    dense, experts = [], []
+    for name, p in model.named_parameters():
+        (experts if is_expert_param(name) else dense).append(p.grad)
+    if groups.dp_size > 1 and dense:
+        sum_in_place(dense, groups.dp)
+    if experts and groups.expert_dp_size > 1:
+        sum_in_place(experts, groups.expert_dp)
 
 
 def sum_in_place(tensors: list[torch.Tensor], group) -> None:
@@ -92,14 +103,24 @@ def counted_once(name: str, param: torch.Tensor, tp_rank: int, skip_tied_copy: b
 
 
 @torch.no_grad()
-def global_grad_norm(model: torch.nn.Module, *, tp_rank: int, model_parallel_group, skip_tied_copy: bool) -> float:
-    """L2 norm of the whole model's gradient, the same on every rank of the TP x PP grid."""
-    squares = torch.zeros((), dtype=torch.float64)
+def global_grad_norm(model: torch.nn.Module, *, tp_rank: int, groups, skip_tied_copy: bool) -> float:
+    """L2 norm of the whole model's gradient, the same on every rank of the TP x PP (x EP) grid."""
+    squares = torch.zeros(2, dtype=torch.float64)  # dense, experts
     for name, p in model.named_parameters():
         if p.grad is not None and counted_once(name, p, tp_rank, skip_tied_copy):
-            squares += torch.linalg.vector_norm(p.grad, dtype=torch.float32).double().square().cpu()
-    dist.all_reduce(squares, group=model_parallel_group)
-    return math.sqrt(squares.item())
+            square = torch.linalg.vector_norm(p.grad, dtype=torch.float32).double().square().cpu()
+            squares[int(is_expert_param(name))] += square
+    return math.sqrt(sum_squares_over_grid(squares, groups))
+
+
+def sum_squares_over_grid(squares: torch.Tensor, groups) -> float:
+    """``squares = [dense, experts]`` summed over the groups that hold other parts of the model:
+    dense over TP x PP, experts over EP x PP (module doc)."""
+    dense, experts = squares[:1].clone(), squares[1:].clone()
+    dist.all_reduce(dense, group=groups.model_parallel)
+    if getattr(groups, "expert_model_parallel", None) is not None:
+        dist.all_reduce(experts, group=groups.expert_model_parallel)
+    return float(dense.item() + experts.item())
 
 
 @torch.no_grad()
@@ -127,11 +148,10 @@ def optimizer_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: floa
         norm = optimizer.grad_norm(groups.model_parallel)
         optimizer.clip_grads_(norm, grad_clip)
     else:
-        all_reduce_grads(model, groups.dp, groups.dp_size)
+        all_reduce_grads(model, groups)
         if tied is not None:
             sync_tied_embedding_grads(tied, groups.embedding)
-        norm = global_grad_norm(model, tp_rank=tp_rank, model_parallel_group=groups.model_parallel,
-                                skip_tied_copy=skip_tied_copy)
+        norm = global_grad_norm(model, tp_rank=tp_rank, groups=groups, skip_tied_copy=skip_tied_copy)
         clip_grads_(model, norm, grad_clip)
     if math.isfinite(norm):
         optimizer.step()

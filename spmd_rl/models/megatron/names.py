@@ -12,6 +12,13 @@ Pure tensor reshuffling; no megatron import. Layouts are those of megatron-core 
   local spec (``fused_norms=False``) keeps ``input_layernorm`` / ``pre_mlp_layernorm``.
 * ``linear_proj`` (o_proj) and ``linear_fc2`` (down_proj) are row-parallel (split along dim 1);
   ``embedding.word_embeddings`` and ``output_layer`` are vocab-parallel (split along dim 0).
+* A sparse (mixture-of-experts) layer holds ``mlp.router.weight`` (HF ``gate``) and, per
+  expert, ``mlp.experts.local_experts.<e>.linear_fc1`` (``cat(gate, up)``: Qwen3-MoE's
+  ``gate_proj/up_proj``, Mixtral's ``w1/w3``) and ``linear_fc2`` (``down_proj`` / ``w2``); its
+  pre-MLP RMSNorm stays ``pre_mlp_layernorm`` under the TransformerEngine spec too (the router
+  reads the normed input). With expert parallelism each rank holds ``E / ep`` experts,
+  numbered from 0 locally: global expert ``e`` is local ``e % (E / ep)`` on ep rank
+  ``e // (E / ep)``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,12 @@ from spmd_rl.models.args import ModelArgs
 
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _MCORE_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_HF_ROUTER = re.compile(r"^(mlp|block_sparse_moe)\.gate\.weight$")
+_HF_EXPERT = re.compile(r"^(mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+_MCORE_EXPERT = re.compile(r"^(.*\bmlp\.experts\.local_experts\.)(\d+)(\..+)$")
+ROUTER = "mlp.router.weight"
+# Mixtral's expert projections by their Qwen3-MoE (and dense MLP) names
+_MIXTRAL_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 EMBEDDING = "embedding.word_embeddings.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
 OUTPUT_LAYER = "output_layer.weight"
@@ -34,19 +47,20 @@ _FC1_PARTS = ("gate_proj", "up_proj")
 
 # How each mcore tensor is split over tensor-parallel ranks, by name suffix.
 _COLUMN = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")
-_GATE_UP = ("mlp.linear_fc1.weight",)
-_ROW = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+_GATE_UP = ("linear_fc1.weight",)  # the dense MLP's and each expert's
+_ROW = ("self_attention.linear_proj.weight", "linear_fc2.weight")
 _VOCAB = (EMBEDDING, OUTPUT_LAYER)
-_REPLICATED = ("layer_norm_weight", "layernorm.weight")
+_REPLICATED = ("layer_norm_weight", "layernorm.weight", ROUTER)
 TP_LAYOUTS = ("column", "gate_up", "row", "vocab", "replicated")
 
 
-def _layer_renames(fused_norms: bool) -> dict[str, str]:
-    """One-to-one HF -> mcore renames inside ``model.layers.N`` / ``decoder.layers.N``."""
+def _layer_renames(fused_norms: bool, sparse: bool = False) -> dict[str, str]:
+    """One-to-one HF -> mcore renames inside ``model.layers.N`` / ``decoder.layers.N``
+    (``sparse``: a mixture-of-experts layer, whose pre-MLP norm is never fused)."""
     return {
         "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight" if fused_norms
         else "input_layernorm.weight",
-        "post_attention_layernorm.weight": "mlp.linear_fc1.layer_norm_weight" if fused_norms
+        "post_attention_layernorm.weight": "mlp.linear_fc1.layer_norm_weight" if fused_norms and not sparse
         else "pre_mlp_layernorm.weight",
         "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
         "self_attn.q_norm.weight": "self_attention.q_layernorm.weight",
@@ -109,7 +123,6 @@ def hf_to_mcore(
     (GPTModel reuses the embedding). ``rotary_emb.inv_freq`` buffers are ignored.
     """
     rows = vocab_size or args.vocab_size
-    renames = _layer_renames(fused_norms)
     state = {k: v for k, v in hf_state.items() if not k.endswith("rotary_emb.inv_freq")}
     if args.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # some checkpoints store the tied copy anyway
@@ -120,13 +133,15 @@ def hf_to_mcore(
             continue  # placed first/last below, for a stable order
         match = _HF_LAYER.match(name)
         suffix = match.group(2) if match else None
-        if suffix in renames:
-            out[f"decoder.layers.{match.group(1)}.{renames[suffix]}"] = tensor
+        renames = _layer_renames(fused_norms, sparse=bool(match) and int(match.group(1)) in args.moe_layers)
+        renamed = renames.get(suffix) or (_expert_rename(suffix) if match else None)
+        if renamed is not None:
+            out[f"decoder.layers.{match.group(1)}.{renamed}"] = tensor
             continue
         parts = _fused_part(suffix) if match else None
         if parts is None:
             raise ValueError(f"hf_to_mcore: unexpected parameter {name!r}; expected model.embed_tokens, "
-                             "model.layers.N.{self_attn,mlp,*_layernorm}.*, model.norm or lm_head")
+                             "model.layers.N.{self_attn,mlp,block_sparse_moe,*_layernorm}.*, model.norm or lm_head")
         fused, part = parts
         pending.setdefault((int(match.group(1)), fused), {})[part] = tensor
     for (layer, fused), parts in pending.items():
@@ -144,8 +159,24 @@ def hf_to_mcore(
     return ordered
 
 
+def _expert_rename(suffix: str) -> str | None:
+    """The mcore name of a sparse layer's router or of an expert's down projection (the
+    one-to-one renames); None for anything else."""
+    if _HF_ROUTER.match(suffix):
+        return ROUTER
+    expert = _HF_EXPERT.match(suffix)
+    if expert and _MIXTRAL_EXPERT.get(expert.group(3), expert.group(3)) == "down_proj":
+        return f"mlp.experts.local_experts.{expert.group(2)}.linear_fc2.weight"
+    return None
+
+
 def _fused_part(suffix: str) -> tuple[str, str] | None:
-    """``("self_attention.linear_qkv.weight", "q_proj")`` for ``self_attn.q_proj.weight`` etc."""
+    """``("self_attention.linear_qkv.weight", "q_proj")`` for ``self_attn.q_proj.weight``,
+    ``("mlp.experts.local_experts.3.linear_fc1.weight", "gate_proj")`` for an expert's gate etc."""
+    expert = _HF_EXPERT.match(suffix)
+    if expert:
+        return f"mlp.experts.local_experts.{expert.group(2)}.linear_fc1.weight", \
+            _MIXTRAL_EXPERT.get(expert.group(3), expert.group(3))
     module, _, kind = suffix.rpartition(".")
     prefix, _, proj = module.rpartition(".")
     if prefix == "self_attn" and proj in _QKV_PARTS:
@@ -190,9 +221,21 @@ def mcore_tensor_to_hf(
                          "decoder.layers.N.*, decoder.final_layernorm or output_layer")
     layer, suffix = match.groups()
     prefix = f"model.layers.{layer}."
-    for hf_suffix, mcore_suffix in _layer_renames(fused_norms).items():
+    for hf_suffix, mcore_suffix in _layer_renames(fused_norms, sparse=int(layer) in args.moe_layers).items():
         if suffix == mcore_suffix:
             return [(prefix + hf_suffix, tensor)]
+    block = "block_sparse_moe" if args.mixtral_names else "mlp"
+    if suffix == ROUTER:
+        return [(f"{prefix}{block}.gate.weight", tensor)]
+    expert = _MCORE_EXPERT.match(suffix)
+    if expert:
+        names = _hf_expert_names(args)
+        expert_prefix = f"{prefix}{block}.experts.{expert.group(2)}."
+        if expert.group(3) == ".linear_fc1.weight":
+            gate, up = tensor.chunk(2, dim=0)
+            return [(f"{expert_prefix}{names['gate_proj']}.weight", gate), (f"{expert_prefix}{names['up_proj']}.weight", up)]
+        if expert.group(3) == ".linear_fc2.weight":
+            return [(f"{expert_prefix}{names['down_proj']}.weight", tensor)]
     if suffix.startswith("self_attention.linear_qkv.") and suffix.rpartition(".")[2] in ("weight", "bias"):
         kind = suffix.rpartition(".")[2]
         q, k, v = split_qkv(tensor, args.num_heads, args.num_kv_heads, args.head_dim)
@@ -202,6 +245,13 @@ def mcore_tensor_to_hf(
         return [(f"{prefix}mlp.gate_proj.weight", gate), (f"{prefix}mlp.up_proj.weight", up)]
     raise ValueError(f"mcore_to_hf: unexpected parameter {name!r} (fused_norms={fused_norms}); "
                      "expected the GPTModel names of a Llama/Qwen2/Qwen3 decoder")
+
+
+def _hf_expert_names(args: ModelArgs) -> dict[str, str]:
+    """An expert's HF projection names by their Qwen3-MoE names (Mixtral: w1 / w3 / w2)."""
+    if args.mixtral_names:
+        return {qwen: mixtral for mixtral, qwen in _MIXTRAL_EXPERT.items()}
+    return {name: name for name in ("gate_proj", "up_proj", "down_proj")}
 
 
 def mcore_to_hf(
@@ -299,15 +349,21 @@ def iter_hf_weights_from_mcore_shards(
 # Pipeline parallelism
 
 
-def hf_names_for_stage(args: ModelArgs, pp_rank: int, pp_size: int) -> Callable[[str], bool]:
-    """Whether an HF parameter name is needed to build pipeline stage ``pp_rank``: its layers,
-    and the global tensors (embedding, final norm, lm-head), which :func:`hf_to_mcore` wants
-    whatever the stage. A rank then reads about 1/pp of a checkpoint's layers."""
+def hf_names_for_stage(args: ModelArgs, pp_rank: int, pp_size: int, *, ep_rank: int = 0,
+                       ep_size: int = 1) -> Callable[[str], bool]:
+    """Whether an HF parameter name is needed to build pipeline stage ``pp_rank`` on expert
+    parallel rank ``ep_rank``: its layers (of the experts, its own), and the global tensors
+    (embedding, final norm, lm-head), which :func:`hf_to_mcore` wants whatever the stage. A rank
+    then reads about 1/pp of a checkpoint's layers and 1/ep of their experts."""
     layers = set(layers_for_pp_stage(args.num_layers, pp_rank, pp_size))
+    per_rank = max(args.num_experts // ep_size, 1)
 
     def keep(name: str) -> bool:
         match = _HF_LAYER.match(name)
-        return match is None or int(match.group(1)) in layers
+        if match is None:
+            return True
+        expert = _HF_EXPERT.match(match.group(2))
+        return int(match.group(1)) in layers and (expert is None or int(expert.group(2)) // per_rank == ep_rank)
     return keep
 
 
@@ -344,6 +400,36 @@ def select_pp_stage(
     if last and args.tie_word_embeddings and pp_size > 1:
         out[OUTPUT_LAYER] = mcore_state[EMBEDDING]
     return out
+
+
+def is_expert_param(name: str) -> bool:
+    """Whether ``name`` is one expert's weight (split over expert-parallel ranks)."""
+    return _MCORE_EXPERT.match(name) is not None
+
+
+def select_ep_experts(mcore_state: dict[str, torch.Tensor], ep_rank: int, ep_size: int,
+                      num_experts: int) -> dict[str, torch.Tensor]:
+    """The part of an mcore state dict that expert-parallel rank ``ep_rank`` holds: every
+    non-expert tensor, and its ``num_experts / ep_size`` experts renumbered from 0."""
+    if not 0 <= ep_rank < ep_size or num_experts % ep_size:
+        raise ValueError(f"ep_rank={ep_rank} of ep={ep_size} cannot hold an equal share of {num_experts} experts")
+    per_rank = num_experts // ep_size
+    out = {}
+    for name, tensor in mcore_state.items():
+        expert = _MCORE_EXPERT.match(name)
+        if expert is None:
+            out[name] = tensor
+        elif int(expert.group(2)) // per_rank == ep_rank:
+            out[f"{expert.group(1)}{int(expert.group(2)) % per_rank}{expert.group(3)}"] = tensor
+    return out
+
+
+def expert_name_to_global(name: str, ep_rank: int, experts_per_rank: int) -> str:
+    """An ep rank's local expert name with its global expert number (others unchanged)."""
+    expert = _MCORE_EXPERT.match(name)
+    if expert is None:
+        return name
+    return f"{expert.group(1)}{int(expert.group(2)) + ep_rank * experts_per_rank}{expert.group(3)}"
 
 
 def stage_name_to_global(name: str, pp_rank: int, layers_per_stage: int) -> str:

@@ -19,7 +19,7 @@ What differs is how a micro-batch runs:
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,13 @@ class ParallelGroups:
     embedding: object | None  # first + last stage, when tied embeddings are split over stages
     tp: object = None  # per-head norms' partial gradients
     tp_size: int = 1
+    # expert parallelism: ranks holding other experts (micro-batch lockstep), the dp ranks
+    # holding the same ones (gradient sum), and EP x PP (gradient norm); see .grads
+    ep: object = None
+    ep_size: int = 1
+    expert_dp: object = None
+    expert_dp_size: int = 1
+    expert_model_parallel: object = None
 
     @classmethod
     def from_megatron(cls, actor: MegatronActor) -> "ParallelGroups":
@@ -55,9 +62,15 @@ class ParallelGroups:
         embedding = None
         if actor.tied_copy and ps.is_rank_in_embedding_group():
             embedding = ps.get_embedding_group()
+        experts = {}
+        if actor.args.is_moe:
+            experts = dict(ep=actor.ep_group, ep_size=actor.ep_size, expert_dp=ps.get_expert_data_parallel_group(),
+                           expert_dp_size=ps.get_expert_data_parallel_world_size(),
+                           expert_model_parallel=ps.get_expert_tensor_model_pipeline_parallel_group())
         return cls(dp=ps.get_data_parallel_group(), dp_size=ps.get_data_parallel_world_size(),
                    model_parallel=ps.get_model_parallel_group(), embedding=embedding,
-                   tp=ps.get_tensor_model_parallel_group(), tp_size=ps.get_tensor_model_parallel_world_size())
+                   tp=ps.get_tensor_model_parallel_group(), tp_size=ps.get_tensor_model_parallel_world_size(),
+                   **experts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,9 +149,30 @@ def links_of(actor: MegatronActor) -> StageLinks:
     return stage_links(actor.pp_group, actor.pp_rank, actor.pp_size, param.dtype, param.device)
 
 
-def padded_scoring_inputs(split, device) -> list[ScoringInputs]:
-    """Right-padded ``[S, T]`` inputs of each ``(rows, micro-batch)`` of ``split``."""
-    return [build_scoring_inputs(micro.prompt_ids, micro.response_ids, device, packed=False) for _, micro in split]
+def padded_scoring_inputs(split, device, groups: ParallelGroups) -> list[ScoringInputs]:
+    """Right-padded ``[S, T]`` inputs of each ``(rows, micro-batch)`` of ``split``.
+
+    Under expert parallelism megatron's MoE layers all-gather the tokens of the ep group's ranks
+    in equal-sized pieces, so each micro-batch is padded to the largest ``[S, T]`` over the
+    group (one all-reduce): extra rows and columns hold token 0, are never scored, and change
+    no real token's result (attention is causal per row, routing is per token, no capacity)."""
+    inputs = [build_scoring_inputs(micro.prompt_ids, micro.response_ids, device, packed=False) for _, micro in split]
+    if groups.ep_size == 1 or not inputs:
+        return inputs
+    shapes = torch.tensor([list(x.input_ids.shape) for x in inputs], dtype=torch.int64)
+    dist.all_reduce(shapes, op=dist.ReduceOp.MAX, group=groups.ep)
+    return [pad_scoring_inputs(x, rows, width) for x, (rows, width) in zip(inputs, shapes.tolist())]
+
+
+def pad_scoring_inputs(inputs: ScoringInputs, rows: int, width: int) -> ScoringInputs:
+    """``inputs`` (right-padded ``[S, T]``) padded to ``[rows, width]`` with token 0; the target
+    positions (``s * T + t``) move to ``s * width + t``."""
+    num_rows, old_width = inputs.input_ids.shape
+    ids = torch.nn.functional.pad(inputs.input_ids, (0, width - old_width, 0, rows - num_rows))
+    positions = torch.arange(width, dtype=torch.long, device=ids.device).expand(rows, width).contiguous()
+    targets = inputs.target_positions
+    moved = targets // old_width * width + targets % old_width
+    return replace(inputs, input_ids=ids, position_ids=positions, target_positions=moved)
 
 
 def activation_shapes(inputs: list[ScoringInputs], hidden_size: int) -> list[tuple[int, int, int]]:
@@ -170,7 +204,7 @@ def compute_logprobs(actor: MegatronActor, batch: RolloutBatch, temperature: flo
     groups = ParallelGroups.from_megatron(actor)
     device = next(actor.model.parameters()).device
     split = micro_batches(batch, micro_batch_size, max_tokens, groups.dp, padded=True)  # rows are right-padded
-    inputs = padded_scoring_inputs(split, device)
+    inputs = padded_scoring_inputs(split, device, groups)
 
     def loss_step(i: int, hidden: torch.Tensor):
         logprobs, _ = stage_logprobs(actor, hidden, inputs[i], temperature=temperature, with_entropy=False,
@@ -224,7 +258,7 @@ def _mini_batch_step(actor: MegatronActor, groups: ParallelGroups, loss_fn, mini
     device = next(actor.model.parameters()).device
     split = micro_batches(mini, cfg.micro_batch_size_per_device, cfg.max_tokens_per_micro_batch, groups.dp,
                           padded=True)
-    inputs = padded_scoring_inputs(split, device)
+    inputs = padded_scoring_inputs(split, device, groups)
     metrics: dict[str, float] = defaultdict(float)
 
     def loss_step(i: int, hidden: torch.Tensor):

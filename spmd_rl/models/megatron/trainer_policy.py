@@ -102,8 +102,8 @@ def build_megatron_policy(cfg, path: str, dims, mesh, *, kernels: str, trainable
     # fp32 parameters: torch's AdamW updates them in place, so they are the master weights, and
     # the math runs under autocast to compute_dtype, as FSDP's mixed precision casts its gathered
     # parameters (megatron's own bf16 path keeps fp32 copies in its distributed optimizer instead).
-    actor = build_actor(args, dims.tp, dims.pp, seed=cfg.trainer.seed, params_dtype=torch.float32,
-                        hf_state=load_stage_hf_state(path, args, dims.tp, dims.pp, seed=cfg.trainer.seed),
+    actor = build_actor(args, dims.tp, dims.pp, ep=dims.ep, seed=cfg.trainer.seed, params_dtype=torch.float32,
+                        hf_state=load_stage_hf_state(path, args, dims.tp, dims.pp, ep=dims.ep, seed=cfg.trainer.seed),
                         recompute=trainable and cfg.actor.activation_checkpointing,
                         compute_dtype=compute_dtype)
     _check_same_dp_group(mesh)
