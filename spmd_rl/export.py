@@ -185,7 +185,7 @@ def export_checkpoint(
     except ValueError as e:
         raise UserError(f"checkpoint {ckpt}: {e}; {STEP_FOLDER_HINT}") from None
     if grid is not None:  # actor.strategy=megatron: GPTModel shards, one state dict per tp x pp cell
-        log(f"loading the megatron actor (tp={grid[0]} x pp={grid[1]} shards) from {ckpt} "
+        log(f"loading the megatron actor (tp={grid[0]} x pp={grid[1]} x ep={grid[2]} shards) from {ckpt} "
             f"({args.architecture}, {args.num_layers} layers)")
         hf_state = hf_state_from_shards(lambda prefix: load_checkpoint_state(ckpt, prefix), args, *grid)
         state = {DECODER_PREFIX + k: v for k, v in hf_state.items()}

@@ -346,7 +346,8 @@ def _megatron_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, k
         engine = build_engine("native", engine_model, device=device, dtype=compute_dtype(cfg, device),
                               **engine_options(cfg, tokenizer, dims, mesh))
         engine_tp = dist.get_world_size(engine.tp_group) if engine.tp_group is not None else 1
-        log(f"actor: megatron-core GPTModel, tp={dims.tp} pp={dims.pp} dp={dims.dp_size}; the first pipeline stage "
+        experts = f" ep={dims.ep} ({policy.args.num_experts // dims.ep} experts per rank)" if policy.args.is_moe else ""
+        log(f"actor: megatron-core GPTModel, tp={dims.tp} pp={dims.pp} dp={dims.dp_size}{experts}; the first pipeline stage "
             f"generates each dp share, tensor-parallel over {engine_tp} rank(s)")
     if dims.pp > 1:
         engine = FirstStageEngine(engine, policy.actor.pp_group, stage)

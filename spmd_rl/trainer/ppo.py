@@ -312,7 +312,8 @@ class PPOTrainer:
             c.logger.start_at(0)
             return
         cfg, saved = self.cfg, checkpoint_state_names(path)
-        check_resume_layout(saved, str(path), strategy=cfg.actor.strategy, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+        check_resume_layout(saved, str(path), strategy=cfg.actor.strategy, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
+                            ep=cfg.parallel.ep)
         if cfg.actor.strategy == "megatron":
             sharded = {"actor": cfg.actor.megatron.use_distributed_optimizer}
             if cfg.critic.enable:

@@ -141,7 +141,7 @@ def test_unexpected_and_missing_names():
     with pytest.raises(ValueError) as err:
         hf_to_mcore({**hf, "model.layers.0.mlp.extra.weight": torch.zeros(1)}, args)
     assert str(err.value) == ("hf_to_mcore: unexpected parameter 'model.layers.0.mlp.extra.weight'; expected "
-                              "model.embed_tokens, model.layers.N.{self_attn,mlp,*_layernorm}.*, model.norm or lm_head")
+                              "model.embed_tokens, model.layers.N.{self_attn,mlp,block_sparse_moe,*_layernorm}.*, model.norm or lm_head")
     del hf["model.layers.1.self_attn.v_proj.weight"]
     with pytest.raises(ValueError) as err:
         hf_to_mcore(hf, args)
@@ -521,9 +521,16 @@ def test_megatron_grid_of_checkpoint_state_names():
 
     assert megatron_grid(["actor/model", "actor/optim"]) is None  # an FSDP actor
     names = [f"actor/tp{t}_pp{p}/{kind}" for t in range(2) for p in range(3) for kind in ("model", "optim")]
-    assert megatron_grid(names) == (2, 3)
+    assert megatron_grid(names) == (2, 3, 1)
     with pytest.raises(ValueError, match=r"do not fill a 2 x 2 \(tp x pp\) grid"):
         megatron_grid(["actor/tp0_pp0/model", "actor/tp1_pp0/model", "actor/tp1_pp1/model"])
+    # expert parallelism: one shard per ep rank
+    names = [f"actor/tp0_pp{p}_ep{e}/model" for p in range(2) for e in range(2)]
+    assert megatron_grid(names) == (1, 2, 2)
+    with pytest.raises(ValueError, match=r"do not fill a 1 x 2 x 2 \(tp x pp x ep\) grid"):
+        megatron_grid(names[:3])
+    with pytest.raises(ValueError, match=r"do not fill"):  # ep-named and plain shards mixed
+        megatron_grid(["actor/tp0_pp0_ep0/model", "actor/tp0_pp0/model"])
 
 
 def test_resume_layout_must_match_the_checkpoint():
@@ -545,6 +552,13 @@ def test_resume_layout_must_match_the_checkpoint():
         (fsdp, "megatron", 1, 2, "checkpoint ck holds an FSDP actor but this run has actor.strategy=megatron "
          f"parallel.tp=1 parallel.pp=2: resume with actor.strategy=fsdp, {out}"),
     ]
+    megatron_ep2 = [f"actor/tp0_pp0_ep{e}/{kind}" for e in range(2) for kind in ("model", "optim")]
+    check_resume_layout(megatron_ep2, "ck", strategy="megatron", tp=1, pp=1, ep=2)
+    with pytest.raises(UserError) as err:
+        check_resume_layout(megatron_ep2, "ck", strategy="megatron", tp=1, pp=1)
+    assert str(err.value) == ("checkpoint ck holds a megatron actor split tp=1 x pp=1 x ep=2 but this run has "
+                              "actor.strategy=megatron parallel.tp=1 parallel.pp=1: resume with "
+                              f"actor.strategy=megatron parallel.tp=1 parallel.pp=1 parallel.ep=2, {out}")
     for names, strategy, tp, pp, message in cases:
         with pytest.raises(UserError) as err:
             check_resume_layout(names, "ck", strategy=strategy, tp=tp, pp=pp)

@@ -14,7 +14,7 @@ from spmd_rl.models import build_model
 from spmd_rl.models.args import ModelArgs
 from spmd_rl.models.megatron.config import padded_vocab_size
 from spmd_rl.models.megatron.memory_plan import plan_megatron_memory, plan_megatron_stage, stage_param_count
-from spmd_rl.models.megatron.names import OUTPUT_LAYER, hf_to_mcore, select_pp_stage, shard_for_tp
+from spmd_rl.models.megatron.names import OUTPUT_LAYER, hf_to_mcore, select_ep_experts, select_pp_stage, shard_for_tp
 from spmd_rl.trainer.memory_plan import GIB, check_plan
 
 torch.set_num_threads(1)
@@ -38,10 +38,13 @@ def dims(tp=1, pp=1, dp=1) -> ParallelDims:
     return ParallelDims(1, dp, 1, tp, pp, dp * tp * pp)
 
 
-def converted_stage_numel(args: ModelArgs, tp: int, pp: int, stage: int, tp_rank: int, *, lm_head: bool) -> int:
+def converted_stage_numel(args: ModelArgs, tp: int, pp: int, stage: int, tp_rank: int, *, lm_head: bool,
+                          ep: int = 1) -> int:
     hf_state = build_model(None, args=args, seed=0).state_dict()
     full = hf_to_mcore(hf_state, args, fused_norms=False, vocab_size=padded_vocab_size(args.vocab_size, tp))
     shards = select_pp_stage(full, args, stage, pp)
+    if args.is_moe:
+        shards = select_ep_experts(shards, ep - 1, ep, args.num_experts)
     return sum(shard_for_tp(name, t, tp_rank, tp, num_query_groups=args.num_kv_heads).numel()
                for name, t in shards.items() if lm_head or name != OUTPUT_LAYER)
 
@@ -53,6 +56,37 @@ def test_stage_param_count_equals_the_converted_shards(args, tp, pp):
         for lm_head in (True, False):
             want = converted_stage_numel(args, tp, pp, stage, tp_rank=tp - 1, lm_head=lm_head)
             assert stage_param_count(args, tp, pp, stage, lm_head=lm_head) == want, (stage, lm_head)
+
+
+# sparse layers 0, 2, 3 (layer 1 dense): stages differ in how many experts they hold
+QWEN3_MOE = QWEN3.replace(architecture="Qwen3MoeForCausalLM", model_type="qwen3_moe", num_experts=4,
+                          num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=False, moe_layers=(0, 2, 3))
+
+
+@pytest.mark.parametrize("pp,ep", [(1, 1), (1, 2), (2, 4), (4, 2)])
+def test_moe_stage_param_count_equals_the_converted_shards(pp, ep):
+    for stage in range(pp):
+        for lm_head in (True, False):
+            want = converted_stage_numel(QWEN3_MOE, 1, pp, stage, tp_rank=0, lm_head=lm_head, ep=ep)
+            assert stage_param_count(QWEN3_MOE, 1, pp, stage, lm_head=lm_head, ep=ep) == want, (stage, lm_head)
+
+
+def test_moe_plan_counts_the_experts_per_ep_rank_and_names_ep():
+    # 64 experts of 3 x 1024 x 1024 per sparse layer: 0.6 GiB of fp32 parameters per layer
+    args = QWEN3_MOE.replace(hidden_size=1024, moe_intermediate_size=1024, num_experts=64, vocab_size=1000)
+    cfg = config("trainer.memory_limit_gb=8", "actor.megatron.use_distributed_optimizer=false",
+                 "data.max_prompt_length=64", "data.max_response_length=64", "rollout.max_num_seqs=8")
+    whole = ParallelDims(1, 4, 1, 1, 1, 4)
+    split = ParallelDims(1, 4, 1, 1, 1, 4, ep=4)
+    _, plan = plan_megatron_memory(cfg, args, whole, 8 * GIB, device_type="cuda", device_source="limit")
+    _, plan_ep = plan_megatron_memory(cfg, args, split, 8 * GIB, device_type="cuda", device_source="limit")
+    experts = 3 * 64 * 3 * 1024 * 1024  # three sparse layers
+    assert plan.item("parameters").bytes - plan_ep.item("parameters").bytes == 4 * (experts - experts // 4)
+    with pytest.raises(UserError) as err:
+        check_plan(plan)
+    assert str(err.value).endswith("raise parallel.pp or parallel.ep (a rank holds 1/pp of the fp32 model "
+                                   "and 1/ep of its experts)")
+    check_plan(plan_ep)
 
 
 def test_1f1b_stages_hold_pp_minus_rank_micro_batches():

@@ -4,7 +4,8 @@ The native decoder gives transformers' logits for both families (routing made un
 random router), reads and writes their checkpoints and configs, gives every expert a gradient
 (zeros for an idle one), counts parameters and FLOPs with the experts a token visits, and runs
 in the native engine (greedy output = full recompute; logprobs = the trainer's). What is not
-wired is refused in one line: the megatron backend; a tp that does not divide the experts."""
+wired is refused in one line: a tp that does not divide the experts; megatron with tp > 1 or an
+ep that does not divide them (the megatron backend itself: tests/distributed/test_megatron_actor.py)."""
 
 from __future__ import annotations
 
@@ -165,10 +166,21 @@ def test_what_does_not_fit_is_refused_in_one_line():
         check_tp_divisible(QWEN3_MOE.replace(moe_intermediate_size=17), 2)
     assert str(err.value) == ("parallel.tp=2 must divide the model's expert intermediate size 17: "
                               "choose a tp that divides them")
-    with pytest.raises(ValueError, match=r"^mixtral is a mixture-of-experts model \(3 experts\): its sparse layers are "
-                                         r"not mapped to megatron-core \(no expert parallelism\); train it with "
-                                         r"actor.strategy=fsdp$"):
-        check_megatron_compatible(MIXTRAL)
+    # megatron: experts split over ep ranks, not over tp (megatron-core wants sequence parallelism then)
+    check_megatron_compatible(MIXTRAL, tp=1, pp=2, ep=3)
+    cases = {
+        (2, 1): "mixtral is a mixture-of-experts model: megatron-core needs sequence parallelism for MoE under tensor "
+                "parallelism, which this backend does not use; set parallel.tp=1 and split the experts with "
+                "parallel.ep, or use actor.strategy=fsdp",
+        (1, 2): "num_experts=3 is not divisible by expert parallel size 2; choose parallel.ep among the divisors of 3",
+    }
+    for (tp, ep), message in cases.items():
+        with pytest.raises(ValueError) as err:
+            check_megatron_compatible(MIXTRAL, tp=tp, ep=ep)
+        assert str(err.value) == message
+    with pytest.raises(ValueError, match=r"^parallel.ep=2 splits experts, but qwen3 has none: set parallel.ep=1$"):
+        check_megatron_compatible(QWEN3_MOE.replace(model_type="qwen3", num_experts=0, num_experts_per_tok=0,
+                                                    moe_intermediate_size=0, moe_layers=()), ep=2)
 
 
 def test_config_defaults_and_inconsistent_configs():

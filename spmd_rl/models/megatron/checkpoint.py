@@ -1,9 +1,10 @@
 """A megatron actor's trainer checkpoint back to one HF state dict (offline, one process).
 
-The trainer saves each TP x PP shard of the GPTModel under ``actor/tp<T>_pp<P>/model``
-(``trainer_policy.MegatronPolicy``); this reads every shard, renumbers each stage's layers
-globally, joins the TP shards and converts the names with the same functions the rollout
-engine's weight stream uses (:mod:`.names`).
+The trainer saves each TP x PP shard of the GPTModel under ``actor/tp<T>_pp<P>/model``, or
+``actor/tp<T>_pp<P>_ep<E>/model`` under expert parallelism (``trainer_policy.MegatronPolicy``);
+this reads every shard, renumbers each stage's layers and each ep rank's experts globally,
+joins the TP shards and converts the names with the same functions the rollout engine's weight
+stream uses (:mod:`.names`).
 """
 
 from __future__ import annotations
@@ -16,45 +17,70 @@ import torch
 from spmd_rl.errors import UserError
 from spmd_rl.models.args import ModelArgs
 from spmd_rl.models.megatron.distributed_optimizer import STATE_KEY
-from spmd_rl.models.megatron.names import OUTPUT_LAYER, iter_hf_weights_from_mcore_shards, stage_name_to_global
+from spmd_rl.models.megatron.names import (
+    OUTPUT_LAYER,
+    expert_name_to_global,
+    is_expert_param,
+    iter_hf_weights_from_mcore_shards,
+    stage_name_to_global,
+)
 
-SHARD_STATE = re.compile(r"^actor/tp(\d+)_pp(\d+)/model$")
+SHARD_STATE = re.compile(r"^actor/tp(\d+)_pp(\d+)(?:_ep(\d+))?/model$")
 _STAGE_PREFIX = "stage."  # MegatronPolicy keeps its GPTModel stage as ``self.stage``
 
 
-def megatron_grid(state_names: list[str]) -> tuple[int, int] | None:
-    """``(tp, pp)`` of a checkpoint's megatron actor shards, or None when it holds none."""
-    cells = [tuple(map(int, m.groups())) for m in map(SHARD_STATE.match, state_names) if m]
+def megatron_grid(state_names: list[str]) -> tuple[int, int, int] | None:
+    """``(tp, pp, ep)`` of a checkpoint's megatron actor shards, or None when it holds none."""
+    cells = [(int(t), int(p), int(e or 0), e is not None)
+             for t, p, e in (m.groups() for m in map(SHARD_STATE.match, state_names) if m)]
     if not cells:
         return None
-    tp, pp = max(t for t, _ in cells) + 1, max(p for _, p in cells) + 1
-    if sorted(cells) != sorted((t, p) for t in range(tp) for p in range(pp)):
-        raise ValueError(f"the megatron shards {sorted(cells)} do not fill a {tp} x {pp} (tp x pp) grid")
-    return tp, pp
+    tp, pp, ep = (max(c[i] for c in cells) + 1 for i in range(3))
+    named_ep = {c[3] for c in cells}
+    if named_ep == {True, False} or sorted(c[:3] for c in cells) != sorted(
+            (t, p, e) for t in range(tp) for p in range(pp) for e in range(ep)):
+        raise ValueError(f"the megatron shards {sorted(_shard_name(*c) for c in cells)} do not fill a "
+                         f"{_grid_text(tp, pp, ep)} grid")
+    return tp, pp, ep
+
+
+def _shard_name(t: int, p: int, e: int, named_ep: bool) -> str:
+    return f"tp{t}_pp{p}_ep{e}" if named_ep else f"tp{t}_pp{p}"
+
+
+def _grid_text(tp: int, pp: int, ep: int) -> str:
+    return f"{tp} x {pp} x {ep} (tp x pp x ep)" if ep > 1 else f"{tp} x {pp} (tp x pp)"
 
 
 def hf_state_from_shards(load: Callable[[str], dict[str, torch.Tensor]], args: ModelArgs, tp: int,
-                         pp: int) -> dict[str, torch.Tensor]:
+                         pp: int, ep: int = 1) -> dict[str, torch.Tensor]:
     """The HF-named full tensors of a checkpointed megatron actor; ``load(prefix)`` returns the
     tensors of one state dict of the checkpoint (names without the prefix)."""
-    shards = {(t, p): {k.removeprefix(_STAGE_PREFIX): v for k, v in load(f"actor/tp{t}_pp{p}/model").items()}
-              for t in range(tp) for p in range(pp)}
-    fused_norms = any(k.endswith("linear_qkv.layer_norm_weight") for k in shards[0, 0])
-    return dict(iter_hf_weights_from_mcore_shards(_global_shards(shards, args, tp, pp), args, fused_norms=fused_norms))
+    shards = {(t, p, e): {k.removeprefix(_STAGE_PREFIX): v
+                          for k, v in load(f"actor/{_shard_name(t, p, e, ep > 1)}/model").items()}
+              for t in range(tp) for p in range(pp) for e in range(ep)}
+    fused_norms = any(k.endswith("linear_qkv.layer_norm_weight") for k in shards[0, 0, 0])
+    return dict(iter_hf_weights_from_mcore_shards(_global_shards(shards, args, tp, pp, ep), args,
+                                                  fused_norms=fused_norms))
 
 
-def _global_shards(shards: dict, args: ModelArgs, tp: int, pp: int) -> Iterator[tuple[str, list[torch.Tensor]]]:
+def _global_shards(shards: dict, args: ModelArgs, tp: int, pp: int, ep: int) -> Iterator[tuple[str, list[torch.Tensor]]]:
     per_stage = args.num_layers // pp
     for p in range(pp):
-        for name in shards[0, p]:
+        for name in shards[0, p, 0]:
             if name.endswith("_extra_state"):
                 continue
             if name == OUTPUT_LAYER and args.tie_word_embeddings and p > 0:
                 continue  # the last stage's copy of the tied embedding (the first stage has it)
-            yield stage_name_to_global(name, p, per_stage), [shards[t, p][name] for t in range(tp)]
+            global_name = stage_name_to_global(name, p, per_stage)
+            # every ep rank holds the dense tensors (ep rank 0's are taken) and its own experts
+            for e in range(ep if is_expert_param(name) else 1):
+                yield (expert_name_to_global(global_name, e, args.num_experts // ep),
+                       [shards[t, p, e][name] for t in range(tp)])
 
 
-def check_resume_layout(saved_names: list[str], checkpoint: str, *, strategy: str, tp: int, pp: int) -> None:
+def check_resume_layout(saved_names: list[str], checkpoint: str, *, strategy: str, tp: int, pp: int,
+                        ep: int = 1) -> None:
     """UserError (one line) when the actor in a checkpoint (its state names) is laid out other
     than this run's: a megatron actor's optimizer state exists per TP x PP shard, so it resumes
     only on the same grid, and an FSDP actor's names differ from a megatron one's. The way out
@@ -64,14 +90,17 @@ def check_resume_layout(saved_names: list[str], checkpoint: str, *, strategy: st
     except ValueError as e:
         raise UserError(f"checkpoint {checkpoint}: {e}; resume from a complete checkpoint (trainer.resume=PATH) "
                         "or trainer.resume=never") from None
-    run = (tp, pp) if strategy == "megatron" else None
+    run = (tp, pp, ep) if strategy == "megatron" else None
     if saved == run:
         return
-    describe = {None: "an FSDP actor"}
-    held = describe.get(saved) or f"a megatron actor split tp={saved[0]} x pp={saved[1]}"
-    this = "actor.strategy=fsdp" if run is None else f"actor.strategy=megatron parallel.tp={tp} parallel.pp={pp}"
-    same = "actor.strategy=fsdp" if saved is None else \
-        f"actor.strategy=megatron parallel.tp={saved[0]} parallel.pp={saved[1]}"
+
+    def switches(grid) -> str:
+        ep_switch = f" parallel.ep={grid[2]}" if grid[2] > 1 else ""
+        return f"actor.strategy=megatron parallel.tp={grid[0]} parallel.pp={grid[1]}{ep_switch}"
+    held = "an FSDP actor" if saved is None else \
+        f"a megatron actor split tp={saved[0]} x pp={saved[1]}" + (f" x ep={saved[2]}" if saved[2] > 1 else "")
+    this = "actor.strategy=fsdp" if run is None else switches(run)
+    same = "actor.strategy=fsdp" if saved is None else switches(saved)
     raise UserError(f"checkpoint {checkpoint} holds {held} but this run has {this}: resume with {same}, or export it "
                     f"(python -m spmd_rl.export {checkpoint} OUT) and start from it (model.path=OUT trainer.resume=never; "
                     "the export holds the actor's weights only)")

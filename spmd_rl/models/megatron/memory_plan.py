@@ -6,7 +6,8 @@ with the megatron backend's layout:
 * parameters, gradients, AdamW state: fp32, 4 + 4 + 8 bytes per parameter of this rank's
   stage and TP shard: ``num_layers / pp`` blocks, the embedding on the first stage, final norm
   and output layer on the last (a tied embedding split over stages has a copy on each end),
-  vocabulary padded to a multiple of tp, everything but the norms divided by tp. The AdamW
+  vocabulary padded to a multiple of tp, everything but the norms divided by tp, a sparse
+  layer's experts divided by ep (expert parallelism; MoE runs with tp=1). The AdamW
   state is divided by dp too with the distributed optimizer (``*.megatron.use_distributed_optimizer``,
   :mod:`.distributed_optimizer`); nothing is gathered;
 * activations with the decoder formula of the FSDP plan on right-padded rows (megatron has no
@@ -33,6 +34,7 @@ import torch
 
 from spmd_rl.models.args import ModelArgs
 from spmd_rl.models.megatron.config import padded_vocab_size
+from spmd_rl.models.megatron.names import layers_for_pp_stage
 from spmd_rl.trainer.memory_plan import (
     MemoryItem,
     MemoryPlan,
@@ -50,12 +52,16 @@ from spmd_rl.trainer.memory_plan import (
 FP32 = 4
 
 
-def stage_param_count(args: ModelArgs, tp: int, pp: int, stage: int, *, lm_head: bool = True) -> int:
-    """Parameters one TP rank of pipeline stage ``stage`` holds (``lm_head=False``: a value
-    model's trunk, which has no output layer)."""
+def stage_param_count(args: ModelArgs, tp: int, pp: int, stage: int, *, lm_head: bool = True, ep: int = 1) -> int:
+    """Parameters one TP (and EP) rank of pipeline stage ``stage`` holds (``lm_head=False``: a
+    value model's trunk, which has no output layer)."""
     H = args.hidden_size
     norms = 2 * H + (2 * args.head_dim if args.qk_norm else 0)  # replicated over tp
-    blocks = (args.num_layers // pp) * ((block_param_count(args) - norms) // tp + norms)
+    experts = args.num_experts * 3 * H * args.moe_intermediate_size  # of a sparse layer
+    blocks = 0
+    for layer in layers_for_pp_stage(args.num_layers, stage, pp):
+        block = block_param_count(args, layer) - (experts - experts // ep if layer in args.moe_layers else 0)
+        blocks += (block - norms) // tp + norms
     vocab_shard = padded_vocab_size(args.vocab_size, tp) // tp * H
     first, last = stage == 0, stage == pp - 1
     total = blocks + (vocab_shard if first else 0)
@@ -87,8 +93,10 @@ def plan_megatron_stage(cfg, args: ModelArgs, dims, stage: int, device_bytes: in
             shape.replace(num_layers=shape.num_layers // pp), FP32, tokens, response,
             checkpointing=section.activation_checkpointing, packed=False, tp=tp)
 
-    layout = "raise parallel.pp or parallel.tp (a rank holds 1/(tp x pp) of the fp32 model)"
-    P = stage_param_count(args, tp, pp, stage)
+    ep = getattr(dims, "ep", 1)
+    layout = ("raise parallel.pp or parallel.ep (a rank holds 1/pp of the fp32 model and 1/ep of its experts)"
+              if args.is_moe else "raise parallel.pp or parallel.tp (a rank holds 1/(tp x pp) of the fp32 model)")
+    P = stage_param_count(args, tp, pp, stage, ep=ep)
     acts, section = activations(actor, args), "actor"
     items = [
         MemoryItem("parameters", P * FP32, not actor.offload.params, True,
@@ -128,7 +136,8 @@ def plan_megatron_stage(cfg, args: ModelArgs, dims, stage: int, device_bytes: in
                                 f"set ref.offload=true or {layout}"))
     if critic_cfg.enable:
         shape = critic_args or args
-        Pc = stage_param_count(shape, tp, pp, stage, lm_head=False) + (shape.hidden_size + 1 if stage == pp - 1 else 0)
+        Pc = stage_param_count(shape, tp, pp, stage, lm_head=False, ep=ep) + \
+            (shape.hidden_size + 1 if stage == pp - 1 else 0)
         items += [
             MemoryItem("critic parameters", Pc * FP32, not critic_cfg.offload.params, True,
                        f"set critic.offload.params=true or {layout}", layout),
