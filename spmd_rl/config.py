@@ -626,13 +626,6 @@ class Config:
             (self.parallel.ep == 1 or actor.strategy == "megatron", "parallel.ep",
              f"{self.parallel.ep}: expert parallelism belongs to the Megatron backend; set actor.strategy=megatron "
              "or parallel.ep=1 (under FSDP the experts are sharded with the rest of the model)"),
-            (self.parallel.ep == 1 or not actor.megatron.use_distributed_optimizer, "actor.megatron.use_distributed_optimizer",
-             f"true shards the AdamW state over all dp ranks, but parallel.ep={self.parallel.ep} gives the experts "
-             "other dp groups than the rest of the model: set actor.megatron.use_distributed_optimizer=false"),
-            (self.parallel.ep == 1 or not self.critic.enable or not self.critic.megatron.use_distributed_optimizer,
-             "critic.megatron.use_distributed_optimizer",
-             f"true shards the AdamW state over all dp ranks, but parallel.ep={self.parallel.ep} gives the experts "
-             "other dp groups than the rest of the model: set critic.megatron.use_distributed_optimizer=false"),
             (self.critic.ppo_mini_batch_size == 0 or data.train_batch_size % self.critic.ppo_mini_batch_size == 0,
              "critic.ppo_mini_batch_size", f"{self.critic.ppo_mini_batch_size} must divide data.train_batch_size={data.train_batch_size}"),
         ])

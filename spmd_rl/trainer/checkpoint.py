@@ -162,7 +162,7 @@ class Checkpointer:
         for name, (model, optimizer) in trained.items():
             if _dp_sharded(optimizer):
                 set_model_state_dict(model, state[f"{name}/model"])
-                optimizer.load_sharded_state_dict(state[f"{name}/{optimizer.STATE_KEY}"])
+                optimizer.load_checkpoint_state(name, {key: state[key] for key in optimizer.checkpoint_state(name)})
             else:
                 set_state_dict(model, optimizer, model_state_dict=state[f"{name}/model"],
                                optim_state_dict=state[f"{name}/optim"])
@@ -207,7 +207,7 @@ def _state_dicts(trained: Trained) -> dict:
     for name, (model, optimizer) in trained.items():
         if _dp_sharded(optimizer):
             state[f"{name}/model"] = get_model_state_dict(model)
-            state[f"{name}/{optimizer.STATE_KEY}"] = optimizer.sharded_state_dict()
+            state.update(optimizer.checkpoint_state(name))
         else:
             state[f"{name}/model"], state[f"{name}/optim"] = get_state_dict(model, optimizer)
     return state

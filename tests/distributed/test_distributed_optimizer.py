@@ -91,15 +91,15 @@ def offload_and_reload(model, optimizer, chunk: int) -> None:
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     offload = HostOffload([optimizer], [optimizer], device="cpu")
-    flat = optimizer.flat
+    flat = optimizer.buckets[0].flat
     moved = offload.offload()
     # parameters (padded) + exp_avg + exp_avg_sq + AdamW's step counter (on the compute device here: the CPU)
     assert moved == 4 * flat.numel() + 2 * 4 * chunk + 4
-    assert optimizer.flat is not flat and optimizer.flat_grad is None
+    assert optimizer.buckets[0].flat is not flat and optimizer.buckets[0].flat_grad is None
     assert all(p.grad is None for p in model.parameters())
-    host = optimizer.flat.data_ptr()
-    assert all(host <= p.data_ptr() < host + 4 * optimizer.flat.numel() for p in model.parameters())
-    assert optimizer.shard.data_ptr() == host + 4 * optimizer.start
+    host = optimizer.buckets[0].flat.data_ptr()
+    assert all(host <= p.data_ptr() < host + 4 * optimizer.buckets[0].flat.numel() for p in model.parameters())
+    assert optimizer.buckets[0].shard.data_ptr() == host + 4 * optimizer.buckets[0].start
     assert offload.reload() == moved
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
@@ -110,9 +110,9 @@ def _train_worker(rank, world_size, out_path):
     model, optimizer, scheduler, groups = sharded_setup(world_size)
     numel = sum(p.numel() for p in model.parameters())
     chunk = math.ceil(numel / world_size)
-    moments = optimizer._moments()
-    assert optimizer.shard.numel() == chunk and moments["exp_avg"].numel() == chunk
-    assert all(p.data_ptr() in range(optimizer.flat.data_ptr(), optimizer.flat.data_ptr() + 4 * numel)
+    moments = optimizer._moments(optimizer.buckets[0])
+    assert optimizer.buckets[0].shard.numel() == chunk and moments["exp_avg"].numel() == chunk
+    assert all(p.data_ptr() in range(optimizer.buckets[0].flat.data_ptr(), optimizer.buckets[0].flat.data_ptr() + 4 * numel)
                for p in model.parameters())  # the parameters are views into the flat buffer
     calls = []
     optimizer.register_step_pre_hook(lambda *_: calls.append(1))
@@ -124,7 +124,7 @@ def _train_worker(rank, world_size, out_path):
             offload_and_reload(model, optimizer, chunk)
         if step == 1:  # between updates the gradient buffer is freed; the next backward recreates it
             optimizer.release_grads()
-            assert optimizer.flat_grad is None and all(p.grad is None for p in model.parameters())
+            assert optimizer.buckets[0].flat_grad is None and all(p.grad is None for p in model.parameters())
     assert len(calls) == STEPS  # torch's step wrapper (hooks, profiler) runs once per step
     # A NaN gradient on one rank: the norm is NaN everywhere and every rank skips the step.
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -159,7 +159,7 @@ def _save_worker(rank, world_size, run_dir, out_path):
     model, optimizer, scheduler, groups = sharded_setup(world_size)
     for step in range(STEPS):
         train_step(model, optimizer, scheduler, groups, step, rank, world_size)
-    state = optimizer.sharded_state_dict()
+    state = optimizer.checkpoint_state("actor/tp0_pp0")[f"actor/tp0_pp0/{STATE_KEY}"]
     full = {key: state[key].full_tensor() for key in ("exp_avg", "exp_avg_sq")}  # gathered over dp
     Checkpointer(run_dir, rank).save(STEPS, {"actor/tp0_pp0": (model, optimizer)},
                                      {"scheduler": scheduler.state_dict()})
@@ -177,7 +177,7 @@ def _resume_worker(rank, world_size, run_dir, saved_path, out_path):
     assert checkpoint_state_names(path) == ["actor/tp0_pp0/model", f"actor/tp0_pp0/{STATE_KEY}"]
     trainer_state = checkpointer.load(path, {"actor/tp0_pp0": (model, optimizer)})
     scheduler.load_state_dict(trainer_state["scheduler"])
-    state = optimizer.sharded_state_dict()
+    state = optimizer.checkpoint_state("actor/tp0_pp0")[f"actor/tp0_pp0/{STATE_KEY}"]
     saved = torch.load(saved_path, weights_only=True)
     for key in ("exp_avg", "exp_avg_sq"):  # resharded from 2 ranges to 3
         assert torch.equal(state[key].full_tensor(), saved[key]), key

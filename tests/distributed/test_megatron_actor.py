@@ -78,8 +78,11 @@ CASES = {
     "moe_mixtral_dp2_distributed_optimizer": (MIXTRAL, 1, 1, 2, False, None, True),
     "moe_qwen3_dp2_ep2": (QWEN3_MOE, 1, 1, 2, False, None, False),
     "moe_qwen3_dp2_ep2_pp2": (QWEN3_MOE, 1, 2, 4, False, None, False),
+    # the AdamW state: dense ranges over dp=4, the experts' over the 2 ranks holding the same ones
+    "moe_mixtral_dp4_ep2_distributed_optimizer": (MIXTRAL, 1, 1, 4, False, None, True),
 }
-EXPERT_PARALLEL = {"moe_qwen3_dp2_ep2": 2, "moe_qwen3_dp2_ep2_pp2": 2}  # case -> ep (default 1)
+EXPERT_PARALLEL = {"moe_qwen3_dp2_ep2": 2, "moe_qwen3_dp2_ep2_pp2": 2,  # case -> ep (default 1)
+                   "moe_mixtral_dp4_ep2_distributed_optimizer": 2}
 
 
 def native_policy(args: ModelArgs, device: str = "cpu") -> PolicyModel:
@@ -140,14 +143,18 @@ def _worker(rank, world_size, args, tp, pp, recompute, compute_dtype, distribute
     if distributed:
         from torch.distributed.device_mesh import init_device_mesh
 
-        from spmd_rl.models.megatron.distributed_optimizer import ShardedAdamW
+        from spmd_rl.models.megatron.distributed_optimizer import ShardedAdamW, expert_parallel_groups
 
         # megatron's rank order (tp fastest, then dp, then pp), as the trainer's ParallelDims
         mesh = init_device_mesh("cpu", (pp, dp_size, tp), mesh_dim_names=("pp", "dp", "tp"))
         optimizer = ShardedAdamW(actor.model, OPTIM, mesh["dp"], tp_rank=actor.tp_rank,
-                                 skip_tied_copy=actor.tied_copy)
-        numel = sum(p.numel() for p in actor.model.parameters())
-        assert optimizer.shard.numel() == -(-numel // dp_size)  # this rank's range only
+                                 skip_tied_copy=actor.tied_copy, **expert_parallel_groups(actor, "cpu"))
+        # this rank's ranges only: of the experts over the dp / ep ranks that hold the same ones
+        numel = {True: 0, False: 0}
+        for name, p in actor.model.named_parameters():
+            numel[ep > 1 and "local_experts" in name] += p.numel()
+        ranges = -(-numel[False] // dp_size) + (-(-numel[True] // (dp_size // ep)) if ep > 1 else 0)
+        assert sum(b.shard.numel() for b in optimizer.buckets) == ranges
     scheduler = build_lr_scheduler(optimizer, OPTIM, total_steps=1)
     metrics = update(actor, optimizer, scheduler, mine, cfg, temperature=1.0, mini_batch_size=share,
                      scale_factor=SCALE_FACTOR)
@@ -167,7 +174,9 @@ def _worker(rank, world_size, args, tp, pp, recompute, compute_dtype, distribute
             assert sums == checksum, "iter_hf_weights gave ranks different models"
         by_dp = {r: (lp, m) for r, lp, m, _ in gathered}
         mean = {k: sum(by_dp[r][1][k] for r in by_dp) / dp_size for k in metrics}  # the trainer's mean over dp
-        torch.save({"logprobs": torch.cat([by_dp[r][0] for r in sorted(by_dp)]), "metrics": mean,
+        width = batch.response_mask.shape[1]  # a dp share's rows may all be shorter than the batch's longest
+        logprobs = [torch.nn.functional.pad(by_dp[r][0], (0, width - by_dp[r][0].shape[1])) for r in sorted(by_dp)]
+        torch.save({"logprobs": torch.cat(logprobs), "metrics": mean,
                     "params": params}, out_path)
     dist.barrier()
 

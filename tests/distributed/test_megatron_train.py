@@ -220,9 +220,9 @@ def test_model_dtype_bfloat16_trains_in_bf16_on_cpu(workdir, strategy):
 
 
 # A Qwen3-MoE model (4 experts, top-2): its experts split over the two dp ranks (parallel.ep=2),
-# so each rank routes the other's tokens through its own experts. The AdamW state is whole on
-# each rank: the distributed optimizer would shard it over dp, which the experts are not on.
-EXPERT_PARALLEL = ["actor.strategy=megatron", "parallel.ep=2", "actor.megatron.use_distributed_optimizer=false"]
+# so each rank routes the other's tokens through its own experts. The actor's AdamW state is
+# sharded (the default): the dense part over dp=2, the experts' over the one rank holding them.
+EXPERT_PARALLEL = ["actor.strategy=megatron", "parallel.ep=2"]
 
 
 @pytest.fixture(scope="module")
@@ -239,15 +239,20 @@ def test_megatron_expert_parallel_run_equals_the_fsdp_run_and_resumes(moe_workdi
     train(moe_workdir, run_dir, 2, *EXPERT_PARALLEL, "trainer.total_steps=1", "trainer.save_at_end=true")
     assert "tp=1 pp=1 dp=2 ep=2 (2 experts per rank)" in STDOUT[run_dir]
     checkpoint = run_dir / "checkpoints/step_000001"
-    # each ep rank's shard under its own name: the offline export joins both ranks' experts
+    # each ep rank's shard under its own name; the dense AdamW moments, sharded over both dp
+    # ranks, once; each ep rank's experts' moments under its own name
+    from spmd_rl.export import checkpoint_state_names
     from spmd_rl.export import main as export_main
+
+    assert checkpoint_state_names(checkpoint) == [
+        "actor/tp0_pp0/optim_dp_sharded", "actor/tp0_pp0_ep0/model", "actor/tp0_pp0_ep0/optim_dp_sharded_experts",
+        "actor/tp0_pp0_ep1/model", "actor/tp0_pp0_ep1/optim_dp_sharded_experts"]
 
     export_main([str(checkpoint), str(moe_workdir / "exported_step1")])
     in_run, offline = hf_weights(run_dir / "hf"), hf_weights(moe_workdir / "exported_step1")
     assert sorted(offline) == sorted(in_run) == sorted(ref_weights)
     assert all(torch.equal(offline[name], tensor) for name, tensor in in_run.items())
-    refused = launch(moe_workdir, run_dir, 2, "actor.strategy=megatron", "actor.megatron.use_distributed_optimizer=false",
-                     "trainer.resume=auto", config="grpo_addition.yaml")
+    refused = launch(moe_workdir, run_dir, 2, "actor.strategy=megatron", "trainer.resume=auto", config="grpo_addition.yaml")
     assert refused.returncode != 0
     assert (f"checkpoint {checkpoint} holds a megatron actor split tp=1 x pp=1 x ep=2 but this run has "
             "actor.strategy=megatron parallel.tp=1 parallel.pp=1: resume with actor.strategy=megatron "
@@ -262,8 +267,9 @@ def test_megatron_expert_parallel_run_equals_the_fsdp_run_and_resumes(moe_workdi
 
 def test_megatron_expert_parallel_critic_equals_the_fsdp_critic(moe_workdir):
     reference = train_ppo(moe_workdir, moe_workdir / "runs/fsdp_ppo", 1)
+    # whole AdamW states this time (every rank holds its experts' and the dense moments)
     rows = train_ppo(moe_workdir, moe_workdir / "runs/megatron_ppo_ep2", 2, *EXPERT_PARALLEL,
-                     "critic.megatron.use_distributed_optimizer=false")
+                     "actor.megatron.use_distributed_optimizer=false", "critic.megatron.use_distributed_optimizer=false")
     # explained variance is 1 - var(returns - values) / var(returns): near 0 here, its fp32 noise
     # is absolute (measured 1.2e-7 at step 2), so it gets atol 1e-6; the other metrics rel 1e-5
     assert_rows_match(rows, reference, CRITIC_CLOSE, atol=1e-6)

@@ -87,6 +87,13 @@ def test_moe_plan_counts_the_experts_per_ep_rank_and_names_ep():
     assert str(err.value).endswith("raise parallel.pp or parallel.ep (a rank holds 1/pp of the fp32 model "
                                    "and 1/ep of its experts)")
     check_plan(plan_ep)
+    # the distributed optimizer: the dense moments over dp=4, the experts' over the 2 ranks holding them
+    sharded = config("trainer.memory_limit_gb=8", "data.max_prompt_length=64", "data.max_response_length=64",
+                     "rollout.max_num_seqs=8")
+    ep2 = ParallelDims(1, 4, 1, 1, 1, 4, ep=2)
+    _, plan = plan_megatron_memory(sharded, args, ep2, 8 * GIB, device_type="cuda", device_source="limit")
+    dense = plan.item("parameters").bytes // 4 - experts // 2
+    assert plan.item("optimizer state").bytes == 8 * (-(-dense // 4) + -(-(experts // 2) // 2))
 
 
 def test_1f1b_stages_hold_pp_minus_rank_micro_batches():

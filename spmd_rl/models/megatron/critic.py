@@ -20,7 +20,7 @@ from spmd_rl.algorithms.losses import value_loss
 from spmd_rl.config import CriticConfig, OptimConfig
 from spmd_rl.models.megatron import grads
 from spmd_rl.models.megatron.backend import MegatronActor, build_actor, load_stage_hf_state
-from spmd_rl.models.megatron.distributed_optimizer import ShardedAdamW
+from spmd_rl.models.megatron.distributed_optimizer import ShardedAdamW, expert_parallel_groups
 from spmd_rl.models.megatron.policy import (
     ParallelGroups,
     activation_shapes,
@@ -60,7 +60,8 @@ class MegatronValueModel(nn.Module):
 
     def sharded_optimizer(self, cfg: OptimConfig, dp_mesh) -> ShardedAdamW:
         """AdamW with its state sharded over ``dp_mesh`` (``critic.megatron.use_distributed_optimizer``)."""
-        return ShardedAdamW(self, cfg, dp_mesh, tp_rank=self.trunk.tp_rank, skip_tied_copy=False)
+        return ShardedAdamW(self, cfg, dp_mesh, tp_rank=self.trunk.tp_rank, skip_tied_copy=False,
+                            **expert_parallel_groups(self.trunk, dp_mesh.device_type))
 
     def stage_values(self, hidden: torch.Tensor, inputs: ScoringInputs) -> torch.Tensor:
         """``[M]`` fp32 values of the response tokens from the last stage's output ``[T, S, H]``."""

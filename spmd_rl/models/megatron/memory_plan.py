@@ -9,7 +9,8 @@ with the megatron backend's layout:
   vocabulary padded to a multiple of tp, everything but the norms divided by tp, a sparse
   layer's experts divided by ep (expert parallelism; MoE runs with tp=1). The AdamW
   state is divided by dp too with the distributed optimizer (``*.megatron.use_distributed_optimizer``,
-  :mod:`.distributed_optimizer`); nothing is gathered;
+  :mod:`.distributed_optimizer`; the experts' by dp / ep, the ranks that hold the same ones);
+  nothing is gathered;
 * activations with the decoder formula of the FSDP plan on right-padded rows (megatron has no
   padding-free mode; token budgets count padded rows) for ``num_layers / pp`` layers, in fp32
   also under bf16 autocast: the residual stream and norms stay fp32 and megatron's linear
@@ -57,10 +58,10 @@ def stage_param_count(args: ModelArgs, tp: int, pp: int, stage: int, *, lm_head:
     value model's trunk, which has no output layer)."""
     H = args.hidden_size
     norms = 2 * H + (2 * args.head_dim if args.qk_norm else 0)  # replicated over tp
-    experts = args.num_experts * 3 * H * args.moe_intermediate_size  # of a sparse layer
     blocks = 0
     for layer in layers_for_pp_stage(args.num_layers, stage, pp):
-        block = block_param_count(args, layer) - (experts - experts // ep if layer in args.moe_layers else 0)
+        experts = _layer_experts(args, layer)
+        block = block_param_count(args, layer) - (experts - experts // ep)
         blocks += (block - norms) // tp + norms
     vocab_shard = padded_vocab_size(args.vocab_size, tp) // tp * H
     first, last = stage == 0, stage == pp - 1
@@ -70,6 +71,16 @@ def stage_param_count(args: ModelArgs, tp: int, pp: int, stage: int, *, lm_head:
         has_output_layer = not args.tie_word_embeddings or pp > 1  # one stage: tied to the embedding
         total += vocab_shard if lm_head and has_output_layer else 0
     return total
+
+
+def _layer_experts(args: ModelArgs, layer: int) -> int:
+    """Parameters of decoder layer ``layer``'s experts (0 for a dense layer)."""
+    return args.num_experts * 3 * args.hidden_size * args.moe_intermediate_size if layer in args.moe_layers else 0
+
+
+def stage_expert_count(args: ModelArgs, pp: int, stage: int, ep: int = 1) -> int:
+    """Expert parameters one EP rank of pipeline stage ``stage`` holds."""
+    return sum(_layer_experts(args, layer) for layer in layers_for_pp_stage(args.num_layers, stage, pp)) // ep
 
 
 def plan_megatron_stage(cfg, args: ModelArgs, dims, stage: int, device_bytes: int | None, *,
@@ -102,7 +113,8 @@ def plan_megatron_stage(cfg, args: ModelArgs, dims, stage: int, device_bytes: in
         MemoryItem("parameters", P * FP32, not actor.offload.params, True,
                    f"set actor.offload.params=true or {layout}", layout),
         MemoryItem("gradients", P * FP32, False, True, layout),
-        MemoryItem("optimizer state", adamw_state_bytes(P, dims.dp_size, actor.megatron.use_distributed_optimizer),
+        MemoryItem("optimizer state", adamw_state_bytes(P, dims.dp_size, actor.megatron.use_distributed_optimizer,
+                                                        experts=stage_expert_count(args, pp, stage, ep), ep=ep),
                    not actor.offload.optimizer, True, *_optimizer_knobs("actor", cfg.actor, dims.dp_size, layout)),
     ]
     if critic_cfg.enable:
@@ -143,17 +155,23 @@ def plan_megatron_stage(cfg, args: ModelArgs, dims, stage: int, device_bytes: in
                        f"set critic.offload.params=true or {layout}", layout),
             MemoryItem("critic gradients", Pc * FP32, False, True, layout),
             MemoryItem("critic optimizer state",
-                       adamw_state_bytes(Pc, dims.dp_size, critic_cfg.megatron.use_distributed_optimizer),
+                       adamw_state_bytes(Pc, dims.dp_size, critic_cfg.megatron.use_distributed_optimizer,
+                                         experts=stage_expert_count(shape, pp, stage, ep), ep=ep),
                        not critic_cfg.offload.optimizer, True,
                        *_optimizer_knobs("critic", critic_cfg, dims.dp_size, layout)),
         ]
     return MemoryPlan(tuple(items), device_bytes, device_source)
 
 
-def adamw_state_bytes(params: int, dp: int, sharded: bool) -> int:
+def adamw_state_bytes(params: int, dp: int, sharded: bool, *, experts: int = 0, ep: int = 1) -> int:
     """AdamW's two fp32 moments for ``params`` parameters, this rank's ``ceil(params / dp)``
-    range of them under the distributed optimizer."""
-    return 2 * FP32 * (math.ceil(params / dp) if sharded else params)
+    range of them under the distributed optimizer; under expert parallelism the ``experts`` of
+    them (included in ``params``) have their own range over the ``dp / ep`` ranks holding them."""
+    if not sharded:
+        return 2 * FP32 * params
+    if ep == 1:
+        return 2 * FP32 * math.ceil(params / dp)
+    return 2 * FP32 * (math.ceil((params - experts) / dp) + math.ceil(experts / (dp // ep)))
 
 
 def _optimizer_knobs(section: str, section_cfg, dp: int, layout: str) -> tuple[str, str]:

@@ -23,7 +23,7 @@ from spmd_rl.config import OptimConfig
 from spmd_rl.errors import UserError
 from spmd_rl.models.megatron import policy as megatron_policy
 from spmd_rl.models.megatron.backend import MegatronActor, build_actor, load_stage_hf_state
-from spmd_rl.models.megatron.distributed_optimizer import ShardedAdamW
+from spmd_rl.models.megatron.distributed_optimizer import ShardedAdamW, expert_parallel_groups
 from spmd_rl.trainer.offload import HostOffload
 
 
@@ -70,7 +70,8 @@ class MegatronPolicy(nn.Module):
 
     def sharded_optimizer(self, cfg: OptimConfig, dp_mesh) -> ShardedAdamW:
         """AdamW with its state sharded over ``dp_mesh`` (``actor.megatron.use_distributed_optimizer``)."""
-        return ShardedAdamW(self, cfg, dp_mesh, tp_rank=self.actor.tp_rank, skip_tied_copy=self.actor.tied_copy)
+        return ShardedAdamW(self, cfg, dp_mesh, tp_rank=self.actor.tp_rank, skip_tied_copy=self.actor.tied_copy,
+                            **expert_parallel_groups(self.actor, dp_mesh.device_type))
 
     def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The whole model as HF-named tensors, one at a time, on every rank (a collective)."""
