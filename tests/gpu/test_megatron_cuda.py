@@ -3,8 +3,9 @@ the layer spec is TransformerEngine's when it is installed, and megatron's linea
 autocast in their backward themselves (``custom_bwd(device_type="cuda")``).
 
 One rank (NCCL + gloo), tp=pp=1, the batch and update of ``tests/distributed/test_megatron_actor.py``:
-the fp32 update equals the native policy's on the same GPU, and the bf16 mixed-precision update
-computes its projections in bf16 and stays within bf16 noise of it.
+the fp32 update equals the native policy's on the same GPU (also for Mixtral through megatron's
+MoE layer), and the bf16 mixed-precision update computes its projections in bf16 and stays within
+bf16 noise of it.
 """
 
 import importlib.util
@@ -23,27 +24,30 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow,
                                  reason="needs megatron-core (pip install -e '.[megatron]')")]
 
 
-def _worker(rank, port, compute_dtype, out_path):
+def _worker(rank, port, compute_dtype, out_path, model="LLAMA"):
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from spmd_rl.distributed.init import destroy_distributed, init_distributed
     from spmd_rl.models import build_model
     from spmd_rl.models.megatron.backend import build_actor
     from spmd_rl.models.megatron.policy import compute_logprobs, update
     from spmd_rl.trainer.optim import build_lr_scheduler, build_optimizer
-    from tests.distributed.test_megatron_actor import ACTOR, LLAMA, MICRO_BATCHES, OPTIM, ROWS, SCALE_FACTOR, \
-        _with_micro, global_batch
+    from tests.distributed import test_megatron_actor
+    from tests.distributed.test_megatron_actor import ACTOR, MICRO_BATCHES, OPTIM, ROWS, SCALE_FACTOR, _with_micro, \
+        global_batch
+
+    args = getattr(test_megatron_actor, model)
 
     torch.cuda.set_device(0)
     init_distributed(torch.device("cuda"))
     try:
-        hf_state = build_model(None, args=LLAMA, seed=0).state_dict()
-        actor = build_actor(LLAMA, 1, 1, seed=0, params_dtype=torch.float32, hf_state=hf_state, recompute=True,
+        hf_state = build_model(None, args=args, seed=0).state_dict()
+        actor = build_actor(args, 1, 1, seed=0, params_dtype=torch.float32, hf_state=hf_state, recompute=True,
                             compute_dtype=compute_dtype)
         assert next(actor.model.parameters()).is_cuda
         dtypes = set()
         actor.model.decoder.layers[0].self_attention.linear_qkv.register_forward_hook(
             lambda _m, _i, out: dtypes.add(out[0].dtype))
-        batch = global_batch(LLAMA)
+        batch = global_batch(args)
         logprobs = compute_logprobs(actor, batch, 1.0, ROWS // MICRO_BATCHES)
         optimizer = build_optimizer(actor.model, OPTIM)
         scheduler = build_lr_scheduler(optimizer, OPTIM, total_steps=1)
@@ -56,20 +60,23 @@ def _worker(rank, port, compute_dtype, out_path):
         destroy_distributed()
 
 
-def native_reference():
-    from tests.distributed.test_megatron_actor import LLAMA, global_batch, reference
+def native_reference(model: str = "LLAMA"):
+    from tests.distributed import test_megatron_actor
+    from tests.distributed.test_megatron_actor import global_batch, reference
 
-    return reference(LLAMA, global_batch(LLAMA), device="cuda")
+    args = getattr(test_megatron_actor, model)
+    return reference(args, global_batch(args), device="cuda")
 
 
-def run(tmp_path, compute_dtype):
+def run(tmp_path, compute_dtype, model: str = "LLAMA"):
     out = tmp_path / "out.pt"
-    mp.spawn(_worker, args=(free_port(), compute_dtype, str(out)), nprocs=1, join=True)
+    mp.spawn(_worker, args=(free_port(), compute_dtype, str(out), model), nprocs=1, join=True)
     return torch.load(out, weights_only=False)
 
 
-def test_megatron_fp32_update_on_cuda_equals_native(tmp_path, process_group):
-    got, ref = run(tmp_path, None), native_reference()
+@pytest.mark.parametrize("model", ["LLAMA", "MIXTRAL"])
+def test_megatron_fp32_update_on_cuda_equals_native(tmp_path, process_group, model):
+    got, ref = run(tmp_path, None, model), native_reference(model)
     assert got["dtypes"] == ["torch.float32"]
     # TransformerEngine's fused kernels (when installed) sum in another order than the native decoder
     assert (got["logprobs"].cpu() - ref["logprobs"]).abs().max() < 1e-4

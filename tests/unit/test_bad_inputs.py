@@ -210,6 +210,13 @@ CASES: dict[str, tuple[Callable[[Path, Path], object], str]] = {
                                   "parallel.pp: 2: pipeline parallelism belongs to the Megatron backend; set "
                                   "actor.strategy=megatron (pip install -e '.[megatron]') or parallel.pp=1 (tp, sp and "
                                   "dp_shard scale the FSDP backend)"),
+    "experts-without-megatron": (config("parallel.ep=2"),
+                                 "parallel.ep: 2: expert parallelism belongs to the Megatron backend; set "
+                                 "actor.strategy=megatron or parallel.ep=1 (under FSDP the experts are sharded with "
+                                 "the rest of the model)"),
+    "ep-not-dividing-dp": (lambda tmp, tok: ParallelDims(1, 3, 1, 2, 1, world_size=6, ep=2),
+                           "Invalid parallel dims: ep(2) must divide dp = dp_replicate(1) * dp_shard(3) = 3 (sp=1, "
+                           "tp=2, pp=1, WORLD_SIZE=6): experts are split over data-parallel ranks; change parallel.ep"),
     "tp-not-dividing-heads": (lambda tmp, tok: check_tp_divisible(SimpleNamespace(
                                   num_heads=14, num_kv_heads=2, intermediate_size=4864, num_layers=24, moe_layers=()), 4),
                               "parallel.tp=4 must divide the model's attention heads 14, key/value heads 2: "
