@@ -77,11 +77,12 @@ CASES = {
     "moe_mixtral_pp2": (MIXTRAL, 1, 2, 2, False, None, False),
     "moe_mixtral_dp2_distributed_optimizer": (MIXTRAL, 1, 1, 2, False, None, True),
     "moe_qwen3_dp2_ep2": (QWEN3_MOE, 1, 1, 2, False, None, False),
-    "moe_qwen3_dp2_ep2_pp2": (QWEN3_MOE, 1, 2, 4, False, None, False),
+    # stage 1 has no sparse layer, yet joins the experts' norm sum (the sharded AdamW state)
+    "moe_qwen3_dp2_ep2_pp2_distributed_optimizer": (QWEN3_MOE, 1, 2, 4, False, None, True),
     # the AdamW state: dense ranges over dp=4, the experts' over the 2 ranks holding the same ones
     "moe_mixtral_dp4_ep2_distributed_optimizer": (MIXTRAL, 1, 1, 4, False, None, True),
 }
-EXPERT_PARALLEL = {"moe_qwen3_dp2_ep2": 2, "moe_qwen3_dp2_ep2_pp2": 2,  # case -> ep (default 1)
+EXPERT_PARALLEL = {"moe_qwen3_dp2_ep2": 2, "moe_qwen3_dp2_ep2_pp2_distributed_optimizer": 2,  # case -> ep (default 1)
                    "moe_mixtral_dp4_ep2_distributed_optimizer": 2}
 
 

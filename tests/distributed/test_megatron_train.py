@@ -255,7 +255,7 @@ def test_megatron_expert_parallel_run_equals_the_fsdp_run_and_resumes(moe_workdi
     refused = launch(moe_workdir, run_dir, 2, "actor.strategy=megatron", "trainer.resume=auto", config="grpo_addition.yaml")
     assert refused.returncode != 0
     assert (f"checkpoint {checkpoint} holds a megatron actor split tp=1 x pp=1 x ep=2 but this run has "
-            "actor.strategy=megatron parallel.tp=1 parallel.pp=1: resume with actor.strategy=megatron "
+            "actor.strategy=megatron parallel.tp=1 parallel.pp=1 parallel.ep=1: resume with actor.strategy=megatron "
             "parallel.tp=1 parallel.pp=1 parallel.ep=2" in refused.stdout + refused.stderr)
     rows = train(moe_workdir, run_dir, 2, *EXPERT_PARALLEL, "trainer.resume=auto")
     assert [r["step"] for r in rows] == [1, 2]

@@ -557,8 +557,13 @@ def test_resume_layout_must_match_the_checkpoint():
     with pytest.raises(UserError) as err:
         check_resume_layout(megatron_ep2, "ck", strategy="megatron", tp=1, pp=1)
     assert str(err.value) == ("checkpoint ck holds a megatron actor split tp=1 x pp=1 x ep=2 but this run has "
-                              "actor.strategy=megatron parallel.tp=1 parallel.pp=1: resume with "
+                              "actor.strategy=megatron parallel.tp=1 parallel.pp=1 parallel.ep=1: resume with "
                               f"actor.strategy=megatron parallel.tp=1 parallel.pp=1 parallel.ep=2, {out}")
+    with pytest.raises(UserError) as err:  # saved without experts split, resumed with them split
+        check_resume_layout(megatron_tp1_pp2, "ck", strategy="megatron", tp=1, pp=2, ep=2)
+    assert str(err.value) == ("checkpoint ck holds a megatron actor split tp=1 x pp=2 but this run has "
+                              "actor.strategy=megatron parallel.tp=1 parallel.pp=2 parallel.ep=2: resume with "
+                              f"actor.strategy=megatron parallel.tp=1 parallel.pp=2 parallel.ep=1, {out}")
     for names, strategy, tp, pp, message in cases:
         with pytest.raises(UserError) as err:
             check_resume_layout(names, "ck", strategy=strategy, tp=tp, pp=pp)

@@ -94,8 +94,10 @@ def check_resume_layout(saved_names: list[str], checkpoint: str, *, strategy: st
     if saved == run:
         return
 
+    ep_differs = saved is not None and run is not None and saved[2] != run[2]
+
     def switches(grid) -> str:
-        ep_switch = f" parallel.ep={grid[2]}" if grid[2] > 1 else ""
+        ep_switch = f" parallel.ep={grid[2]}" if grid[2] > 1 or ep_differs else ""
         return f"actor.strategy=megatron parallel.tp={grid[0]} parallel.pp={grid[1]}{ep_switch}"
     held = "an FSDP actor" if saved is None else \
         f"a megatron actor split tp={saved[0]} x pp={saved[1]}" + (f" x ep={saved[2]}" if saved[2] > 1 else "")

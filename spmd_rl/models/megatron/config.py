@@ -140,8 +140,11 @@ def moe_config_kwargs(args: ModelArgs, ep: int = 1) -> dict:
 
     Renormalised top-k (softmax over all experts, top k, divide by their sum) equals megatron's
     top-k of the logits followed by a softmax over those k; without renormalisation it is
-    megatron's ``moe_router_pre_softmax``. The router's logits are fp32 (``moe_router_dtype``)
-    as our router's softmax is. The allgather token dispatcher is the one that runs without
+    megatron's ``moe_router_pre_softmax``. ``moe_router_dtype`` asks for fp32 router logits; in
+    fp32 runs everything is fp32, but under bf16 autocast without TransformerEngine the router's
+    matmul follows autocast (bf16 logits, probabilities rounded to bf16), where our router keeps
+    fp32 probabilities: bf16 runs can differ in near-tied routing choices and by bf16 rounding
+    of the weights. The allgather token dispatcher is the one that runs without
     CUDA streams; experts run one after another (no grouped GEMM, which needs TransformerEngine)."""
     return dict(
         num_moe_experts=args.num_experts,

@@ -51,10 +51,9 @@ class FlatBuffer:
     """Parameters that share one data-parallel group, as views into one flat fp32 buffer cut into
     ``size`` ranges of ``ceil(N / size)`` elements; this rank owns range ``rank`` (module doc)."""
 
-    def __init__(self, named: list, mesh, *, tp_rank: int, skip_tied_copy: bool, norm_group=None):
+    def __init__(self, named: list, mesh, *, tp_rank: int, skip_tied_copy: bool):
         self.params = [p for _, p in named]
         self.mesh, self.group, self.size, self.rank = mesh, mesh.get_group(), mesh.size(), mesh.get_local_rank()
-        self.norm_group = norm_group  # where the owned squares go after the dp sum (None: the caller's)
         self.numel = sum(p.numel() for p in self.params)
         self.chunk = math.ceil(self.numel / self.size)
         self.start = self.rank * self.chunk
@@ -148,10 +147,12 @@ class ShardedAdamW(torch.optim.AdamW):
         experts = [(n, p) for n, p in named if is_expert_param(n)] if expert_dp_mesh is not None else []
         dense = [(n, p) for n, p in named if not (experts and is_expert_param(n))]
         self.dp_mesh = dp_mesh
+        # Under expert parallelism the experts' squares are summed over this group (EP x PP) on
+        # every rank, also on a pipeline stage without sparse layers (it adds a zero).
+        self.expert_norm_group = expert_norm_group
         self.buckets = [FlatBuffer(dense, dp_mesh, tp_rank=tp_rank, skip_tied_copy=skip_tied_copy)]
         if experts:
-            self.buckets.append(FlatBuffer(experts, expert_dp_mesh, tp_rank=tp_rank, skip_tied_copy=skip_tied_copy,
-                                           norm_group=expert_norm_group))
+            self.buckets.append(FlatBuffer(experts, expert_dp_mesh, tp_rank=tp_rank, skip_tied_copy=skip_tied_copy))
         self.allocate_grads()
         device = self.buckets[0].flat.device
         super().__init__([b.shard for b in self.buckets], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
@@ -181,12 +182,14 @@ class ShardedAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def grad_norm(self, model_parallel_group) -> float:
         """L2 norm of the whole model's (dp-summed) gradient, the same on every rank: the dense
-        squares over ``model_parallel_group`` (TP x PP), the experts' over their norm group."""
-        total = 0.0
-        for bucket in self.buckets:
-            squares = bucket.owned_squares()
-            dist.all_reduce(squares, group=bucket.norm_group or model_parallel_group)
-            total += squares.item()
+        squares over ``model_parallel_group`` (TP x PP), the experts' over ``expert_norm_group``."""
+        dense = self.buckets[0].owned_squares()
+        dist.all_reduce(dense, group=model_parallel_group)
+        total = dense.item()
+        if self.expert_norm_group is not None:
+            experts = self.buckets[1].owned_squares() if len(self.buckets) > 1 else torch.zeros_like(dense)
+            dist.all_reduce(experts, group=self.expert_norm_group)
+            total += experts.item()
         return math.sqrt(total)
 
     @torch.no_grad()

@@ -47,13 +47,16 @@ def grads_of(model: torch.nn.Module) -> list[torch.Tensor]:
 def all_reduce_grads(model: torch.nn.Module, groups) -> None:
     """Sum every gradient over data parallel (module doc): the dense ones over ``groups.dp``, the
     experts' over ``groups.expert_dp``; one flat buffer, one collective, each."""
-    grads_of(model)  # a zero gradient wherever backward left none
-    dense, experts = [], []
-    for name, p in model.named_parameters():
-        (experts if is_expert_param(name) else dense).append(p.grad)
+    named = list(model.named_parameters())
+    experts_reduced = any(is_expert_param(n) for n, _ in named) and groups.expert_dp_size > 1
+    if groups.dp_size == 1 and not experts_reduced:
+        return
+    grads_of(model)  # a zero gradient wherever backward left none: every rank sends as many
+    dense = [p.grad for n, p in named if not is_expert_param(n)]
+    experts = [p.grad for n, p in named if is_expert_param(n)]
     if groups.dp_size > 1 and dense:
         sum_in_place(dense, groups.dp)
-    if experts and groups.expert_dp_size > 1:
+    if experts_reduced:
         sum_in_place(experts, groups.expert_dp)
 
 
