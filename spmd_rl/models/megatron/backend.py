@@ -359,8 +359,8 @@ def build_actor(args: ModelArgs, tp: int, pp: int, *, ep: int = 1, seed: int = 0
                 recompute: bool = False, compute_dtype: torch.dtype | None = None,
                 role: str = "actor.strategy=megatron") -> MegatronActor:
     """This rank's GPTModel stage for ``args`` over a TP x PP grid (data parallel takes the
-    remaining ranks; ``ep`` of them split a mixture-of-experts model's experts), loaded from ``hf_state`` when given; without its lm-head (``output_layer``)
-    for a value model's trunk; ``recompute``: activation checkpointing per layer;
+    remaining ranks; ``ep`` of them split a mixture-of-experts model's experts), loaded from
+    ``hf_state`` when given; without its lm-head (``output_layer``) for a value model's trunk; ``recompute``: activation checkpointing per layer;
     ``compute_dtype``: mixed precision (see :meth:`MegatronActor.compute`); ``role`` names the
     model in errors. torch.distributed must be initialised."""
     from megatron.core import parallel_state
