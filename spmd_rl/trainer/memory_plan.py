@@ -122,8 +122,13 @@ def block_param_count(args: ModelArgs, layer: int = 0) -> int:
         attention += 2 * D
     ffn = 3 * H * args.intermediate_size
     if layer in args.moe_layers:
-        ffn = args.num_experts * 3 * H * args.moe_intermediate_size + H * args.num_experts
+        ffn = expert_param_count(args, layer) + H * args.num_experts  # + the router
     return attention + ffn + 2 * H
+
+
+def expert_param_count(args: ModelArgs, layer: int) -> int:
+    """Parameters of decoder layer ``layer``'s experts (0 for a dense layer)."""
+    return args.num_experts * 3 * args.hidden_size * args.moe_intermediate_size if layer in args.moe_layers else 0
 
 
 def largest_block_param_count(args: ModelArgs) -> int:

@@ -36,6 +36,7 @@ from spmd_rl.models.megatron.names import (
     select_ep_experts,
     select_pp_stage,
     shard_for_tp,
+    shard_name,
     stage_name_to_global,
     tp_layout,
 )
@@ -100,8 +101,7 @@ class MegatronActor:
     def shard_name(self) -> str:
         """This rank's cell of the model-parallel grid, e.g. ``tp0_pp1``, or ``tp0_pp1_ep1`` under
         expert parallelism (its checkpoint keys: ep ranks hold different experts)."""
-        name = f"tp{self.tp_rank}_pp{self.pp_rank}"
-        return f"{name}_ep{self.ep_rank}" if self.ep_size > 1 else name
+        return shard_name(self.tp_rank, self.pp_rank, self.ep_rank, self.ep_size)
 
     @property
     def experts_per_rank(self) -> int:

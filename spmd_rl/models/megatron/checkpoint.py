@@ -22,6 +22,7 @@ from spmd_rl.models.megatron.names import (
     expert_name_to_global,
     is_expert_param,
     iter_hf_weights_from_mcore_shards,
+    shard_name,
     stage_name_to_global,
 )
 
@@ -31,21 +32,17 @@ _STAGE_PREFIX = "stage."  # MegatronPolicy keeps its GPTModel stage as ``self.st
 
 def megatron_grid(state_names: list[str]) -> tuple[int, int, int] | None:
     """``(tp, pp, ep)`` of a checkpoint's megatron actor shards, or None when it holds none."""
-    cells = [(int(t), int(p), int(e or 0), e is not None)
-             for t, p, e in (m.groups() for m in map(SHARD_STATE.match, state_names) if m)]
-    if not cells:
+    matches = [m for m in map(SHARD_STATE.match, state_names) if m]
+    if not matches:
         return None
+    cells = [(int(t), int(p), int(e or 0)) for t, p, e in (m.groups() for m in matches)]
     tp, pp, ep = (max(c[i] for c in cells) + 1 for i in range(3))
-    named_ep = {c[3] for c in cells}
-    if named_ep == {True, False} or sorted(c[:3] for c in cells) != sorted(
+    named_ep = {m.group(3) is not None for m in matches}
+    if named_ep == {True, False} or sorted(cells) != sorted(
             (t, p, e) for t in range(tp) for p in range(pp) for e in range(ep)):
-        raise ValueError(f"the megatron shards {sorted(_shard_name(*c) for c in cells)} do not fill a "
-                         f"{_grid_text(tp, pp, ep)} grid")
+        shards = sorted(m.group(0).removeprefix("actor/").removesuffix("/model") for m in matches)
+        raise ValueError(f"the megatron shards {shards} do not fill a {_grid_text(tp, pp, ep)} grid")
     return tp, pp, ep
-
-
-def _shard_name(t: int, p: int, e: int, named_ep: bool) -> str:
-    return f"tp{t}_pp{p}_ep{e}" if named_ep else f"tp{t}_pp{p}"
 
 
 def _grid_text(tp: int, pp: int, ep: int) -> str:
@@ -57,7 +54,7 @@ def hf_state_from_shards(load: Callable[[str], dict[str, torch.Tensor]], args: M
     """The HF-named full tensors of a checkpointed megatron actor; ``load(prefix)`` returns the
     tensors of one state dict of the checkpoint (names without the prefix)."""
     shards = {(t, p, e): {k.removeprefix(_STAGE_PREFIX): v
-                          for k, v in load(f"actor/{_shard_name(t, p, e, ep > 1)}/model").items()}
+                          for k, v in load(f"actor/{shard_name(t, p, e, ep)}/model").items()}
               for t in range(tp) for p in range(pp) for e in range(ep)}
     fused_norms = any(k.endswith("linear_qkv.layer_norm_weight") for k in shards[0, 0, 0])
     return dict(iter_hf_weights_from_mcore_shards(_global_shards(shards, args, tp, pp, ep), args,

@@ -43,6 +43,7 @@ from spmd_rl.trainer.memory_plan import (
     check_plan,
     device_budget,
     engine_kv_bytes,
+    expert_param_count,
     format_plan,
     logits_bytes,
     micro_batch_activation_bytes,
@@ -60,7 +61,7 @@ def stage_param_count(args: ModelArgs, tp: int, pp: int, stage: int, *, lm_head:
     norms = 2 * H + (2 * args.head_dim if args.qk_norm else 0)  # replicated over tp
     blocks = 0
     for layer in layers_for_pp_stage(args.num_layers, stage, pp):
-        experts = _layer_experts(args, layer)
+        experts = expert_param_count(args, layer)
         block = block_param_count(args, layer) - (experts - experts // ep)
         blocks += (block - norms) // tp + norms
     vocab_shard = padded_vocab_size(args.vocab_size, tp) // tp * H
@@ -73,14 +74,9 @@ def stage_param_count(args: ModelArgs, tp: int, pp: int, stage: int, *, lm_head:
     return total
 
 
-def _layer_experts(args: ModelArgs, layer: int) -> int:
-    """Parameters of decoder layer ``layer``'s experts (0 for a dense layer)."""
-    return args.num_experts * 3 * args.hidden_size * args.moe_intermediate_size if layer in args.moe_layers else 0
-
-
 def stage_expert_count(args: ModelArgs, pp: int, stage: int, ep: int = 1) -> int:
     """Expert parameters one EP rank of pipeline stage ``stage`` holds."""
-    return sum(_layer_experts(args, layer) for layer in layers_for_pp_stage(args.num_layers, stage, pp)) // ep
+    return sum(expert_param_count(args, layer) for layer in layers_for_pp_stage(args.num_layers, stage, pp)) // ep
 
 
 def plan_megatron_stage(cfg, args: ModelArgs, dims, stage: int, device_bytes: int | None, *,

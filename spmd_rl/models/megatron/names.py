@@ -402,6 +402,13 @@ def select_pp_stage(
     return out
 
 
+def shard_name(tp_rank: int, pp_rank: int, ep_rank: int = 0, ep_size: int = 1) -> str:
+    """A cell of the model-parallel grid as checkpoints name it: ``tp0_pp1``, or ``tp0_pp1_ep1``
+    under expert parallelism (ep ranks hold different experts)."""
+    name = f"tp{tp_rank}_pp{pp_rank}"
+    return f"{name}_ep{ep_rank}" if ep_size > 1 else name
+
+
 def is_expert_param(name: str) -> bool:
     """Whether ``name`` is one expert's weight (split over expert-parallel ranks)."""
     return _MCORE_EXPERT.match(name) is not None
