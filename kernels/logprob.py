@@ -130,13 +130,18 @@ class _ReduceFromTensorParallel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
+        # Functional, so a compiled decoder block traces it (the row-parallel projections)
+        return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", group))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad, None
+
+
+def reduce_from_tensor_parallel(x: torch.Tensor, group) -> torch.Tensor:
+    """``x`` summed over ``group``; the gradient passes through unchanged. For the partial
+    sums of a row-parallel projection or of vocab shards' statistics."""
+    return _ReduceFromTensorParallel.apply(x, group)
 
 
 def _sharded_reference(hidden, weight, targets, temperature, with_entropy, chunk_size,
@@ -160,7 +165,7 @@ def _sharded_reference(hidden, weight, targets, temperature, with_entropy, chunk
         stats = [exps.sum(-1), torch.where(owned, target_logit, torch.zeros_like(target_logit))]
         if with_entropy:
             stats.append((exps * shifted).sum(-1))  # sum_j exp(l_j - M) (l_j - M)
-        stats = _ReduceFromTensorParallel.apply(torch.stack(stats), tp_group)
+        stats = reduce_from_tensor_parallel(torch.stack(stats), tp_group)
         sum_exp = stats[0]
         logprobs.append(stats[1] - (global_max + sum_exp.log()))
         if with_entropy:

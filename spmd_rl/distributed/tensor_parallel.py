@@ -1,25 +1,31 @@
-"""Tensor parallelism of the native decoder with DTensor plans (Megatron-LM, arXiv:1909.08053).
+"""Tensor parallelism of the native decoder (Megatron-LM, arXiv:1909.08053).
 
 Per block: q/k/v and gate/up are column-parallel (each rank computes ``heads/tp`` heads and
 ``intermediate/tp`` features), o and down are row-parallel (one all-reduce each), so a block
-costs two all-reduces forward and two backward. The embedding and the lm-head are split over the
-vocabulary: the embedding sums partial lookups, and the lm-head is never applied as a module —
-the trainer hands its local ``[V/tp, H]`` shard to the fused logprob (``kernels/logprob.py``),
-which combines the partial log-sum-exp over the group instead of gathering ``[N, V]`` logits.
-Norms stay replicated; Qwen3's per-head q/k norms meet only the local heads, so their gradients
-are summed over the group in the backward. FSDP2 is applied afterwards over the data-parallel
-dimensions.
+costs two all-reduces forward and two backward: the attention's and the MLP's input is marked
+once for a summed gradient (Megatron's ``f``), however many projections read it. The weights are
+DTensors (so FSDP2, DCP and the weight loaders see their layout), but a block computes on their
+local shards with explicit collectives: no DTensor dispatch per op, and a ``torch.compile``d
+block traces plain tensors (DTensor's backward under dynamic shapes does not compile in torch
+2.13). The embedding and the lm-head are split over the vocabulary: the embedding sums partial
+lookups (one all-reduce), and the lm-head is never applied as a module — the trainer hands its local
+``[V/tp, H]`` shard to the fused logprob (``kernels/logprob.py``), which combines the partial
+log-sum-exp over the group instead of gathering ``[N, V]`` logits. Norms stay replicated;
+Qwen3's per-head q/k norms meet only the local heads, so their gradients are summed over the
+group in the backward. FSDP2 is applied afterwards over the data-parallel dimensions.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
 from spmd_rl.errors import UserError
+from spmd_rl.kernels.logprob import reduce_from_tensor_parallel
 from spmd_rl.models.moe import SparseMoE
 
 
@@ -37,37 +43,95 @@ def check_tp_divisible(args, tp: int) -> None:
         raise UserError(f"parallel.tp={tp} must divide the model's {', '.join(bad)}: choose a tp that divides them")
 
 
-def block_plan(block: nn.Module | None = None) -> dict[str, object]:
-    """The DTensor plan of one decoder block (module names relative to the block).
+class ColumnParallelLinear(nn.Module):
+    """This rank's output features of a linear layer, ``x @ W_local.T + b_local``, with no
+    collective: the caller marks ``x`` for a summed gradient (``copy_to_tensor_parallel``)
+    once for all the projections that read it. ``weight``/``bias`` are ``Shard(0)`` DTensors."""
 
-    A sparse (MoE) block's experts are not in the plan: ``SparseMoE.shard_experts`` splits them
-    the same way but computes on local shards, so the whole block costs one all-reduce forward
-    instead of two per expert (ColwiseParallel would all-reduce each expert's input gradient)."""
-    plan = {
-        "self_attn.q_proj": ColwiseParallel(),
-        "self_attn.k_proj": ColwiseParallel(),
-        "self_attn.v_proj": ColwiseParallel(),
-        "self_attn.o_proj": RowwiseParallel(),
-    }
-    ffn = getattr(block, getattr(block, "ffn_name", "mlp"), None)
-    if not isinstance(ffn, SparseMoE):
-        plan.update({"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
-                     "mlp.down_proj": RowwiseParallel()})
-    return plan
+    def __init__(self, linear: nn.Linear, tp_mesh: DeviceMesh) -> None:
+        super().__init__()
+        self.weight = _distributed_parameter(linear.weight, tp_mesh, Shard(0))
+        self.bias = None if linear.bias is None else _distributed_parameter(linear.bias, tp_mesh, Shard(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to_local()
+        return F.linear(x, self.weight.to_local(), bias)
+
+
+class RowParallelLinear(nn.Module):
+    """A linear layer over this rank's input features: the partial outputs are summed over
+    the group (one all-reduce), then the replicated bias is added once. ``weight`` is a
+    ``Shard(1)`` DTensor, ``bias`` a ``Replicate()`` one."""
+
+    def __init__(self, linear: nn.Linear, tp_mesh: DeviceMesh) -> None:
+        super().__init__()
+        self.weight = _distributed_parameter(linear.weight, tp_mesh, Shard(1))
+        self.bias = None if linear.bias is None else _distributed_parameter(linear.bias, tp_mesh, Replicate())
+        self.group = tp_mesh.get_group()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = reduce_from_tensor_parallel(F.linear(x, self.weight.to_local()), self.group)
+        return out if self.bias is None else out + self.bias.to_local()
+
+
+class VocabParallelEmbedding(nn.Module):
+    """This rank's rows of the embedding (a ``Shard(0)`` DTensor, split like ``torch.chunk``):
+    tokens it owns are looked up, the others give zeros, and the partial embeddings are summed
+    over the group. The output is a plain tensor, so a compiled first block receives it with
+    its autograd history (DTensor's async ``to_local`` result reached a compiled block as a
+    leaf, and the embedding got no gradient)."""
+
+    def __init__(self, embedding: nn.Embedding, tp_mesh: DeviceMesh) -> None:
+        super().__init__()
+        self.weight = _distributed_parameter(embedding.weight, tp_mesh, Shard(0))
+        self.group = tp_mesh.get_group()
+        self.vocab_start = tp_mesh.get_local_rank() * -(-embedding.weight.shape[0] // tp_mesh.size())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = self.weight.to_local()
+        rows = ids - self.vocab_start
+        owned = (rows >= 0) & (rows < local.shape[0])
+        if local.shape[0] == 0:  # a tiny vocabulary leaves the last ranks no rows
+            partial = local.new_zeros(*ids.shape, local.shape[1])
+        else:
+            partial = F.embedding(torch.where(owned, rows, 0), local) * owned.unsqueeze(-1).to(local.dtype)
+        return reduce_from_tensor_parallel(partial, self.group)
+
+
+def _distributed_parameter(param: nn.Parameter, tp_mesh: DeviceMesh, placement) -> nn.Parameter:
+    # Every rank holds the same full tensor (same seed or same checkpoint): each cuts its own
+    # slice, no communication (also on the meta device).
+    return nn.Parameter(distribute_tensor(param.data, tp_mesh, [placement], src_data_rank=None),
+                        requires_grad=param.requires_grad)
+
+
+def shard_block(block: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Replace one decoder block's projections by their column/row-parallel forms (same
+    parameter names) and mark where the group's gradients meet. A sparse (MoE) block's
+    experts are split the same way by ``SparseMoE.shard_experts``; the router stays replicated."""
+    attn, group = block.self_attn, tp_mesh.get_group()
+    for name in ("q_proj", "k_proj", "v_proj"):
+        setattr(attn, name, ColumnParallelLinear(getattr(attn, name), tp_mesh))
+    attn.o_proj = RowParallelLinear(attn.o_proj, tp_mesh)
+    attn.tp_group = group
+    if attn.q_norm is not None:  # per-head norms see this rank's heads: partial gradients
+        attn.q_norm.grad_sum_group = attn.k_norm.grad_sum_group = group
+    ffn = getattr(block, block.ffn_name)
+    if isinstance(ffn, SparseMoE):
+        ffn.shard_experts(tp_mesh)
+        return
+    ffn.gate_proj = ColumnParallelLinear(ffn.gate_proj, tp_mesh)
+    ffn.up_proj = ColumnParallelLinear(ffn.up_proj, tp_mesh)
+    ffn.down_proj = RowParallelLinear(ffn.down_proj, tp_mesh)
+    ffn.tp_group = group
 
 
 def apply_tp(decoder: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     """Shard a native ``Transformer`` over ``tp_mesh`` in place; returns it."""
     check_tp_divisible(decoder.args, tp_mesh.size())
     for block in decoder.model.layers:
-        parallelize_module(block, tp_mesh, block_plan(block))
-        if block.self_attn.q_norm is not None:  # per-head norms see this rank's heads: partial gradients
-            block.self_attn.q_norm.grad_sum_group = block.self_attn.k_norm.grad_sum_group = tp_mesh.get_group()
-        ffn = getattr(block, block.ffn_name)
-        if isinstance(ffn, SparseMoE):
-            ffn.shard_experts(tp_mesh)
-    parallelize_module(decoder.model.embed_tokens, tp_mesh,
-                       RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
+        shard_block(block, tp_mesh)
+    decoder.model.embed_tokens = VocabParallelEmbedding(decoder.model.embed_tokens, tp_mesh)
     if decoder.args.tie_word_embeddings:
         decoder.tie_weights()  # the lm-head is the (now vocab-sharded) embedding
     else:
@@ -115,7 +179,5 @@ def full_to_local(param: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor
     local shard and this rank's slice of ``full`` (cut locally, no communication), else both as is."""
     if not isinstance(param, DTensor):
         return param, full
-    from torch.distributed.tensor import distribute_tensor
-
     local = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
     return param.to_local(), local.to_local()

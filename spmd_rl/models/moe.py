@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor, Partial, Replicate
+from torch.distributed.tensor import DTensor
 
-from spmd_rl.kernels.logprob import copy_to_tensor_parallel
+from spmd_rl.kernels.logprob import copy_to_tensor_parallel, reduce_from_tensor_parallel
 
 
 def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,6 +113,5 @@ class SparseMoE(nn.Module):
             routed = expert(expert_input[token]) * weights.reshape(-1)[slots, None]
             out.index_add_(0, token, routed.to(out.dtype))  # bf16 under autocast, into the fp32 stream
         if self.tp_mesh is not None:  # each rank summed its slices of every expert: one all-reduce
-            out = DTensor.from_local(out, self.tp_mesh, [Partial()], run_check=False)
-            out = out.redistribute(self.tp_mesh, [Replicate()]).to_local()
+            out = reduce_from_tensor_parallel(out, self.tp_mesh.get_group())
         return out.view_as(x)
