@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
 from spmd_rl.errors import UserError
 from spmd_rl.kernels.logprob import reduce_from_tensor_parallel
@@ -135,7 +134,8 @@ def apply_tp(decoder: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     if decoder.args.tie_word_embeddings:
         decoder.tie_weights()  # the lm-head is the (now vocab-sharded) embedding
     else:
-        parallelize_module(decoder.lm_head, tp_mesh, ColwiseParallel(output_layouts=Shard(-1)))
+        # Never applied as a module (module docstring): only its weight is split, by vocabulary.
+        decoder.lm_head.weight = _distributed_parameter(decoder.lm_head.weight, tp_mesh, Shard(0))
     return decoder
 
 

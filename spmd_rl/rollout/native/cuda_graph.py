@@ -20,8 +20,9 @@ engine's packed decode. Only the capture and replay themselves need CUDA.
 
 Capture needs a forward with no host synchronisation: the native decoder's paged decode mode
 through the Triton decode kernel (the torch decode path reads the longest length back to the
-host), without tensor parallelism (its all-reduces go through DTensor collectives, which stay
-eager).
+host), without tensor parallelism: its blocks' all-reduces are plain functional collectives,
+but capturing NCCL collectives needs at least two GPUs to test and has not been run, so
+tensor-parallel engines stay eager.
 """
 
 from __future__ import annotations

@@ -453,9 +453,9 @@ DECODE_GRAPH_MODES = ("auto", "off", "static")
 
 def _decode_graph_mode(asked: str, device: torch.device, kernels: str, tp_group, *, moe: bool = False) -> str | None:
     """``"graph"`` (capture), ``"static"`` (fixed buffers, no capture) or None (packed eager
-    steps). Capture needs CUDA, a decode path with no host sync (Triton), no DTensor
-    collectives (tensor parallelism) and no mixture-of-experts layers (their per-expert token
-    gathers have data-dependent shapes)."""
+    steps). Capture needs CUDA, a decode path with no host sync (Triton), no tensor parallelism
+    (collectives inside a captured graph are untested here) and no mixture-of-experts layers
+    (their per-expert token gathers have data-dependent shapes)."""
     if asked == "static":
         return "static"
     if asked == "auto" and device.type == "cuda" and kernels == "triton" and tp_group is None and not moe:
