@@ -3,16 +3,17 @@
 Per block: q/k/v and gate/up are column-parallel (each rank computes ``heads/tp`` heads and
 ``intermediate/tp`` features), o and down are row-parallel (one all-reduce each), so a block
 costs two all-reduces forward and two backward: the attention's and the MLP's input is marked
-once for a summed gradient (Megatron's ``f``), however many projections read it. The weights are
-DTensors (so FSDP2, DCP and the weight loaders see their layout), but a block computes on their
-local shards with explicit collectives: no DTensor dispatch per op, and a ``torch.compile``d
-block traces plain tensors (DTensor's backward under dynamic shapes does not compile in torch
-2.13). The embedding and the lm-head are split over the vocabulary: the embedding sums partial
-lookups (one all-reduce), and the lm-head is never applied as a module — the trainer hands its local
-``[V/tp, H]`` shard to the fused logprob (``kernels/logprob.py``), which combines the partial
-log-sum-exp over the group instead of gathering ``[N, V]`` logits. Norms stay replicated;
-Qwen3's per-head q/k norms meet only the local heads, so their gradients are summed over the
-group in the backward. FSDP2 is applied afterwards over the data-parallel dimensions.
+once for a summed gradient (Megatron's ``f``, a forward pre-hook), however many projections
+read it. The weights are DTensors (so FSDP2, DCP and the weight loaders see their layout), but
+a block computes on their local shards with explicit collectives: no DTensor dispatch per op,
+and a ``torch.compile``d block traces plain tensors (DTensor's backward under dynamic shapes
+does not compile in torch 2.13). The embedding and the lm-head are split over the vocabulary:
+the embedding sums partial lookups (one all-reduce), and the lm-head is never applied as a
+module — the trainer hands its local ``[V/tp, H]`` shard to the fused logprob
+(``kernels/logprob.py``), which combines the partial log-sum-exp over the group instead of
+gathering ``[N, V]`` logits. Norms stay replicated; Qwen3's per-head q/k norms meet only the
+local heads, so their gradients are summed over the group in the backward. FSDP2 is applied
+afterwards over the data-parallel dimensions.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from spmd_rl.errors import UserError
-from spmd_rl.kernels.logprob import reduce_from_tensor_parallel
+from spmd_rl.kernels.logprob import copy_to_tensor_parallel, reduce_from_tensor_parallel
 from spmd_rl.models.moe import SparseMoE
 
 
@@ -44,8 +45,9 @@ def check_tp_divisible(args, tp: int) -> None:
 
 class ColumnParallelLinear(nn.Module):
     """This rank's output features of a linear layer, ``x @ W_local.T + b_local``, with no
-    collective: the caller marks ``x`` for a summed gradient (``copy_to_tensor_parallel``)
-    once for all the projections that read it. ``weight``/``bias`` are ``Shard(0)`` DTensors."""
+    collective: the enclosing attention/MLP marks ``x`` for a summed gradient once for all the
+    projections that read it (``_sum_input_grad_over``). ``weight``/``bias`` are ``Shard(0)``
+    DTensors."""
 
     def __init__(self, linear: nn.Linear, tp_mesh: DeviceMesh) -> None:
         super().__init__()
@@ -112,7 +114,7 @@ def shard_block(block: nn.Module, tp_mesh: DeviceMesh) -> None:
     for name in ("q_proj", "k_proj", "v_proj"):
         setattr(attn, name, ColumnParallelLinear(getattr(attn, name), tp_mesh))
     attn.o_proj = RowParallelLinear(attn.o_proj, tp_mesh)
-    attn.tp_group = group
+    _sum_input_grad_over(attn, group)
     if attn.q_norm is not None:  # per-head norms see this rank's heads: partial gradients
         attn.q_norm.grad_sum_group = attn.k_norm.grad_sum_group = group
     ffn = getattr(block, block.ffn_name)
@@ -122,7 +124,18 @@ def shard_block(block: nn.Module, tp_mesh: DeviceMesh) -> None:
     ffn.gate_proj = ColumnParallelLinear(ffn.gate_proj, tp_mesh)
     ffn.up_proj = ColumnParallelLinear(ffn.up_proj, tp_mesh)
     ffn.down_proj = RowParallelLinear(ffn.down_proj, tp_mesh)
-    ffn.tp_group = group
+    _sum_input_grad_over(ffn, group)
+
+
+def _sum_input_grad_over(module: nn.Module, group) -> None:
+    """The column-parallel projections inside ``module`` each see its whole input but compute
+    only this rank's heads/features, so the input's gradient is a partial sum over ``group``:
+    one all-reduce in the backward, at the module's input, however many projections read it."""
+
+    def hook(_module, args):
+        return (copy_to_tensor_parallel(args[0], group), *args[1:])
+
+    module.register_forward_pre_hook(hook)
 
 
 def apply_tp(decoder: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:

@@ -113,15 +113,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        # Tensor parallelism: q/k/v each see the whole input but compute only this rank's
-        # heads, so the input's gradient is a partial sum over this group (tensor_parallel.py).
-        self.tp_group = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         """``x [B, T, H]`` -> ``[B, T, H]``."""
         B, T, _ = x.shape
-        if self.tp_group is not None:
-            x = copy_to_tensor_parallel(x, self.tp_group)
         q = self.q_proj(x).view(B, T, -1, self.head_dim)  # [B, T, Hq, D]
         k = self.k_proj(x).view(B, T, -1, self.head_dim)  # [B, T, Hkv, D]
         v = self.v_proj(x).view(B, T, -1, self.head_dim)
@@ -183,11 +178,8 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
-        self.tp_group = None  # as Attention's: gate/up compute this rank's features only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp_group is not None:
-            x = copy_to_tensor_parallel(x, self.tp_group)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
