@@ -68,10 +68,10 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.weight = _distributed_parameter(linear.weight, tp_mesh, Shard(1))
         self.bias = None if linear.bias is None else _distributed_parameter(linear.bias, tp_mesh, Replicate())
-        self.group = tp_mesh.get_group()
+        self.tp_mesh = tp_mesh  # the mesh, not its process group: the module stays deep-copyable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = reduce_from_tensor_parallel(F.linear(x, self.weight.to_local()), self.group)
+        out = reduce_from_tensor_parallel(F.linear(x, self.weight.to_local()), self.tp_mesh.get_group())
         return out if self.bias is None else out + self.bias.to_local()
 
 
@@ -85,7 +85,7 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, embedding: nn.Embedding, tp_mesh: DeviceMesh) -> None:
         super().__init__()
         self.weight = _distributed_parameter(embedding.weight, tp_mesh, Shard(0))
-        self.group = tp_mesh.get_group()
+        self.tp_mesh = tp_mesh
         self.vocab_start = tp_mesh.get_local_rank() * -(-embedding.weight.shape[0] // tp_mesh.size())
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -95,8 +95,9 @@ class VocabParallelEmbedding(nn.Module):
         if local.shape[0] == 0:  # a tiny vocabulary leaves the last ranks no rows
             partial = local.new_zeros(*ids.shape, local.shape[1])
         else:
-            partial = F.embedding(torch.where(owned, rows, 0), local) * owned.unsqueeze(-1).to(local.dtype)
-        return reduce_from_tensor_parallel(partial, self.group)
+            # where, not a product with the mask: a row that is not ours contributes exact zeros
+            partial = torch.where(owned.unsqueeze(-1), F.embedding(torch.where(owned, rows, 0), local), 0.0)
+        return reduce_from_tensor_parallel(partial, self.tp_mesh.get_group())
 
 
 def _distributed_parameter(param: nn.Parameter, tp_mesh: DeviceMesh, placement) -> nn.Parameter:

@@ -247,8 +247,10 @@ def _compiled_tp_worker(rank: int, world_size: int, model: str, out: str) -> Non
     policy = apply_fsdp(PolicyModel(decoder), dims.fsdp_mesh(mesh))
     logprobs = _score_growing_batches(policy)
     grads = {k.replace("_checkpoint_wrapped_module.", ""): full(p.grad) for k, p in policy.decoder.named_parameters()}
+    from torch._dynamo.utils import counters
+
     if rank == 0:
-        torch.save({"logprobs": logprobs, "grads": grads}, out)
+        torch.save({"logprobs": logprobs, "grads": grads, "graphs": counters["stats"]["unique_graphs"]}, out)
 
 
 def _score_growing_batches(policy) -> list[torch.Tensor]:
@@ -267,7 +269,7 @@ def _score_growing_batches(policy) -> list[torch.Tensor]:
 
 
 @pytest.mark.skipif(not _have_cxx(), reason="torch.compile's CPU backend (inductor) needs a C++ compiler: no gcc/c++ found")
-@pytest.mark.parametrize("model", ["untied", "moe"])
+@pytest.mark.parametrize("model", ["untied", "qwen3", "moe"])
 def test_compiled_tensor_parallel_blocks_match_one_eager_process(tmp_path, model):
     """tp=2 with compiled, checkpointed blocks over changing batch shapes equals one eager
     process. With DTensor ops in the blocks, the dynamic-shape recompile of the backward recursed
@@ -280,6 +282,7 @@ def test_compiled_tensor_parallel_blocks_match_one_eager_process(tmp_path, model
     out = tmp_path / "out.pt"
     run_on_ranks(_compiled_tp_worker, 2, model, str(out))
     got = torch.load(out, weights_only=True)
+    assert got["graphs"] >= 2  # the blocks really compiled, and recompiled for a new shape
     reference = PolicyModel(build_model(None, args=MODELS[model], seed=0))
     for got_lp, ref_lp in zip(got["logprobs"], _score_growing_batches(reference), strict=True):
         torch.testing.assert_close(got_lp, ref_lp, rtol=1e-5, atol=3e-6)

@@ -30,8 +30,10 @@ ARGS = ModelArgs(architecture="Qwen2ForCausalLM", model_type="qwen2", vocab_size
 MOE_ARGS = ModelArgs(architecture="Qwen3MoeForCausalLM", model_type="qwen3_moe", vocab_size=64, hidden_size=32,
                      intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True,
                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, moe_layers=(0,))
-# Qwen3's per-head q/k norms see 1/tp of the heads: their gradients are summed over tp
-QWEN3 = ARGS.replace(architecture="Qwen3ForCausalLM", model_type="qwen3", attention_bias=False, qk_norm=True)
+# Qwen3's per-head q/k norms see 1/tp of the heads: their gradients are summed over tp. With
+# attention_bias, o_proj's replicated bias is added once after the row-parallel all-reduce.
+QWEN3 = ARGS.replace(architecture="Qwen3ForCausalLM", model_type="qwen3", attention_bias=True, o_proj_bias=True,
+                     qk_norm=True)
 MODELS = {"untied": ARGS, "tied": ARGS.replace(tie_word_embeddings=True), "moe": MOE_ARGS, "qwen3": QWEN3}
 OPTIM = OptimConfig(lr=1e-2, weight_decay=0.1, grad_clip=0.5, eps=1e-4)
 ATOL, RTOL = 3e-6, 1e-5
