@@ -24,6 +24,10 @@ def root(tmp_path_factory):
          "--num-test", "8", "--max-digits", "2", "--tokenizer-out", str(root / "init")], REPO)
     run([sys_python(), str(REPO / "examples/make_tiny_model.py"), "--tokenizer", str(root / "init"),
          "--out", str(root / "init"), "--hidden-size", "32", "--layers", "2"], REPO)
+    # The 3-step SFT model never answers right: a reward that varies within each group gives the
+    # compared updates a policy-gradient term, not only the entropy bonus.
+    (root / "reward.py").write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+                                    "    return (len(solution_str) % 4) / 3\n")
     return root
 
 
@@ -50,7 +54,8 @@ def grpo(root, name, nproc, steps, *extra):
                  "rollout.n=4", f"trainer.total_steps={steps}", f"trainer.run_dir={run_dir}", "trainer.test_freq=2",
                  f"data.val_files=[{root / 'data/test.parquet'}]", "rollout.val_n=2",
                  "trainer.val_before_train=false", "trainer.save_freq=1", "trainer.save_hf_at_end=false",
-                 "trainer.device=cpu", "actor.entropy_coeff=0.1", *extra), REPO)  # a gradient even when all scores are 0
+                 "trainer.device=cpu", "actor.entropy_coeff=0.1", f"reward.custom_function.path={root / 'reward.py'}",
+                 *extra), REPO)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -77,6 +82,7 @@ def reference_grpo(root, reference_sft):
 def assert_same_run(rows, reference):
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["actor/grad_norm"] > 1e-3 for r in reference)  # the compared updates are not no-ops
+    assert all(abs(r["actor/pg_loss"]) > 1e-4 for r in reference)  # ... and have a policy-gradient term
     for got, ref in zip(rows, reference, strict=True):
         for key in COMPARED:
             if key in ref:  # validation runs on even steps only
