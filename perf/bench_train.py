@@ -7,7 +7,9 @@ token-mean loss. Both modes see the same sequences in the same micro-batches of
 ``--micro-batch-size`` rows; packed puts each micro-batch in one row with varlen attention
 (``actor.use_remove_padding=true``), padded right-pads it to its longest sequence
 (``use_remove_padding=false``). ``--max-tokens N`` adds a third row: packed micro-batches formed
-by a token budget (``actor.max_tokens_per_micro_batch``).
+by a token budget (``actor.max_tokens_per_micro_batch``). ``--compile`` adds both layouts again
+with ``torch.compile``d decoder blocks (``model.compile=true``, a copy of the same weights); the
+warmup update compiles them, including the dynamic-shape recompile of the second shape.
 
 Throughput counts real tokens only (prompt + response, no padding): tokens/s = tokens / median
 seconds per update. The packed/padded ratio is the number to compare across machines. With a
@@ -20,12 +22,14 @@ takes well under two minutes on two cores, 1 on GPU).
 
     python perf/bench_train.py                                    # CPU: tiny model, lengths / 4
     python perf/bench_train.py --device cuda --model-shape qwen2.5-0.5b --batch 64
+    python perf/bench_train.py --device cuda --model-shape qwen2.5-0.5b --batch 64 --compile
     python perf/bench_train.py --model-shape qwen2.5-1.5b --num-layers 1 --batch 4 --scale 16   # CPU check
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -35,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from spmd_rl.distributed.compile import wrap_decoder_blocks
 from spmd_rl.kernels.backend import resolve_kernel_backend
 from spmd_rl.models import ModelArgs, build_model
 from spmd_rl.observability.flops import mfu, peak_flops, training_flops
@@ -82,13 +87,13 @@ def update_once(policy: PolicyModel, split: list[RolloutBatch], packed: bool, de
         loss.backward()
 
 
-def time_updates(policy: PolicyModel, modes: dict[str, tuple[list[RolloutBatch], bool]], device: torch.device,
+def time_updates(modes: dict[str, tuple[PolicyModel, list[RolloutBatch], bool]], device: torch.device,
                  repeats: int, warmup: int) -> dict[str, list[float]]:
     """Seconds of ``repeats`` updates of every mode after ``warmup`` untimed ones. The modes take
     turns within each repeat, so a slow spell of a shared machine hits them alike."""
     times: dict[str, list[float]] = {name: [] for name in modes}
     for i in range(warmup + repeats):
-        for name, (split, packed) in modes.items():
+        for name, (policy, split, packed) in modes.items():
             policy.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -115,6 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32, help="sequences per update")
     p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per micro-batch")
     p.add_argument("--max-tokens", type=int, default=0, help="also time packed token-budget micro-batches (0 = skip)")
+    p.add_argument("--compile", action="store_true", help="also time both layouts with torch.compile'd blocks")
     p.add_argument("--prompt-length", type=int, default=64)
     p.add_argument("--min-response", type=int, default=32)
     p.add_argument("--max-response", type=int, default=1024)
@@ -123,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,
-                   help="JSON path (default perf/results/bench_train_<device>[_<shape>].json)")
+                   help="JSON path (default perf/results/bench_train_<device>[_<shape>][_compiled].json)")
     args = p.parse_args(argv)
     problems = [f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}"
                 for name in ("batch", "micro_batch_size", "prompt_length", "min_response", "repeats")
@@ -132,6 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         problems.append(f"--max-response {args.max_response} must be >= --min-response {args.min_response}")
     if args.scale < 0 or args.num_layers < 0 or args.max_tokens < 0 or args.warmup < 0:
         problems.append("--scale, --num-layers, --max-tokens and --warmup must be >= 0")
+    if args.compile and args.warmup < 1:
+        problems.append("--compile needs --warmup >= 1: the untimed warmup update is where the blocks compile")
     if problems:
         p.error("; ".join(problems))
     return args
@@ -162,19 +170,26 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = sum(lengths)
     flops = training_flops(shape, lengths, lm_head_tokens=sum(len(r) for r in batch.response_ids))
     fixed = [micro for _, micro in micro_batches(batch, args.micro_batch_size)]
-    modes = {"packed": (fixed, True), "padded": (fixed, False)}
+    modes = {"packed": (policy, fixed, True), "padded": (policy, fixed, False)}
     if args.max_tokens:
-        modes["packed_token_budget"] = ([m for _, m in micro_batches(batch, 1, max_tokens=args.max_tokens)], True)
+        budget = [m for _, m in micro_batches(batch, 1, max_tokens=args.max_tokens)]
+        modes["packed_token_budget"] = (policy, budget, True)
+    if args.compile:
+        compiled = PolicyModel(wrap_decoder_blocks(copy.deepcopy(decoder), compile=True,
+                                                   activation_checkpointing=False), kernels)
+        modes.update(packed_compiled=(compiled, fixed, True), padded_compiled=(compiled, fixed, False))
 
     results = {}
-    all_times = time_updates(policy, modes, device, args.repeats, args.warmup)
-    for name, (split, packed) in modes.items():
+    all_times = time_updates(modes, device, args.repeats, args.warmup)
+    for name, (_, split, packed) in modes.items():
         times = all_times[name]
         seconds = statistics.median(times)
         computed = tokens if packed else padded_tokens(split)
         results[name] = {"seconds": seconds, "tokens_per_s": tokens / seconds, "micro_batches": len(split),
                          "computed_tokens": computed, "mfu": mfu(flops, seconds, device), "times": times}
     ratio = results["packed"]["tokens_per_s"] / results["padded"]["tokens_per_s"]
+    compiled_over_eager = {layout: results[f"{layout}_compiled"]["tokens_per_s"] / results[layout]["tokens_per_s"]
+                           for layout in ("packed", "padded") if f"{layout}_compiled" in results}
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     report = {
@@ -199,9 +214,10 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_flops": peak_flops(device),
         "results": results,
         "packed_over_padded": ratio,
+        "compiled_over_eager": compiled_over_eager,
     }
     print_table(report)
-    suffix = "" if args.model_shape == "tiny" else f"_{args.model_shape}"
+    suffix = ("" if args.model_shape == "tiny" else f"_{args.model_shape}") + ("_compiled" if args.compile else "")
     out = args.out or RESULTS / f"bench_train_{device.type}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -220,6 +236,8 @@ def print_table(report: dict) -> None:
         print(f"{name:<22}{r['micro_batches']:>14}{r['computed_tokens']:>17}{r['seconds']:>11.3f}"
               f"{r['tokens_per_s']:>12.0f}{u:>8}")
     print(f"packed / padded tokens/s: {report['packed_over_padded']:.2f}x")
+    for layout, r in report["compiled_over_eager"].items():
+        print(f"{layout} compiled / eager tokens/s: {r:.2f}x")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 #   bash perf/gpu_suite.sh kernels   # perf/bench_kernels.py  -> perf/results/bench_kernels_<device>.json
 #   bash perf/gpu_suite.sh rollout   # perf/bench_rollout.py (Qwen2.5-0.5B shape, HBM roofline at batch 256)
 #   bash perf/gpu_suite.sh train     # perf/bench_train.py MFU for the Qwen2.5-0.5B and 1.5B shapes
+#   bash perf/gpu_suite.sh compile   # perf/bench_train.py --compile: compiled vs eager blocks, Qwen2.5-0.5B shape
 #   bash perf/gpu_suite.sh all
 #
 # Runs from a source checkout without installing it (PYTHONPATH), so a machine that has torch,
@@ -49,6 +50,9 @@ fi
 if [[ "$stage" == train || "$stage" == all ]]; then
     run python perf/bench_train.py --model-shape qwen2.5-0.5b
     run python perf/bench_train.py --model-shape qwen2.5-1.5b
+fi
+if [[ "$stage" == compile || "$stage" == all ]]; then
+    run python perf/bench_train.py --model-shape qwen2.5-0.5b --compile
 fi
 if [[ -n "${RESULTS_DIR:-}" ]]; then
     mkdir -p "$RESULTS_DIR" && cp perf/results/*.json "$RESULTS_DIR"/
