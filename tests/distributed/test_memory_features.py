@@ -231,7 +231,9 @@ def test_compiled_blocks_match_eager_forward_and_backward(checkpointing):
     assert counters["stats"]["unique_graphs"] >= 1  # it really compiled
 
 
-def _compiled_tp_worker(rank: int, world_size: int, model: str, out: str) -> None:
+def _compiled_tp_worker(rank: int, world_size: int, model: str, dp: int, out: str) -> None:
+    import torch.distributed as dist
+
     from spmd_rl.distributed.compile import wrap_decoder_blocks
     from spmd_rl.distributed.parallel_dims import ParallelDims
     from spmd_rl.distributed.parallelize import apply_fsdp, apply_model_parallel
@@ -239,53 +241,65 @@ def _compiled_tp_worker(rank: int, world_size: int, model: str, out: str) -> Non
     from spmd_rl.trainer.policy import PolicyModel
     from tests.distributed.test_model_parallel import MODELS, full
 
-    dims = ParallelDims(1, 1, 1, world_size, 1, world_size)
+    dims = ParallelDims(1, dp, 1, world_size // dp, 1, world_size)
     mesh = dims.build_mesh("cpu")
     decoder = build_model(None, args=MODELS[model], seed=0)
     apply_model_parallel(decoder, dims, mesh)
     wrap_decoder_blocks(decoder, compile=True, activation_checkpointing=True)
     policy = apply_fsdp(PolicyModel(decoder), dims.fsdp_mesh(mesh))
-    logprobs = _score_growing_batches(policy)
+    logprobs = _score_growing_batches(policy, mesh["dp"].get_local_rank(), dp)
     grads = {k.replace("_checkpoint_wrapped_module.", ""): full(p.grad) for k, p in policy.decoder.named_parameters()}
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, logprobs)
     from torch._dynamo.utils import counters
 
-    if rank == 0:
-        torch.save({"logprobs": logprobs, "grads": grads, "graphs": counters["stats"]["unique_graphs"]}, out)
+    if rank == 0:  # {global sequence index: its logprobs} per call, from every rank
+        merged = [{i: lp for rank_calls in gathered for i, lp in rank_calls[call].items()} for call in range(3)]
+        torch.save({"logprobs": merged, "grads": grads, "graphs": counters["stats"]["unique_graphs"]}, out)
 
 
-def _score_growing_batches(policy) -> list[torch.Tensor]:
-    """Three packed forward+backward calls of different token counts: the second one recompiles
-    each block with dynamic shapes. Gradients accumulate over the three."""
+def _score_growing_batches(policy, dp_rank: int = 0, dp_size: int = 1) -> list[dict[int, torch.Tensor]]:
+    """Three packed forward+backward calls on the first 3, 5 and 8 sequences (every dp rank
+    takes its share): the second one recompiles each block with dynamic shapes. Gradients
+    accumulate over the three; every response token has a fixed loss weight wherever it is
+    scored, and the loss is scaled by dp_size against FSDP's mean over dp ranks. Returns
+    ``{global sequence index: response logprobs}`` of each call."""
     from spmd_rl.trainer.policy import build_scoring_inputs
     from tests.distributed.test_model_parallel import global_batch
 
     prompts, responses = global_batch()
-    logprobs = []
+    calls = []
     for n in (3, 5, 8):
-        lp, _ = policy(build_scoring_inputs(prompts[:n], responses[:n], "cpu"))
-        (lp * torch.linspace(-1, 1, lp.numel()).view_as(lp)).sum().backward()
-        logprobs.append(lp.detach())
-    return logprobs
+        mine = list(range(n))[dp_rank::dp_size]
+        lp, _ = policy(build_scoring_inputs([prompts[i] for i in mine], [responses[i] for i in mine], "cpu"))
+        weights = torch.cat([torch.tensor([((7 * i + t) % 5 - 2) / 2 for t in range(len(responses[i]))]) for i in mine])
+        ((lp * weights).sum() * dp_size).backward()
+        calls.append(dict(zip(mine, lp.detach().split([len(responses[i]) for i in mine]))))
+    return calls
 
 
 @pytest.mark.skipif(not _have_cxx(), reason="torch.compile's CPU backend (inductor) needs a C++ compiler: no gcc/c++ found")
-@pytest.mark.parametrize("model", ["untied", "qwen3", "moe"])
-def test_compiled_tensor_parallel_blocks_match_one_eager_process(tmp_path, model):
-    """tp=2 with compiled, checkpointed blocks over changing batch shapes equals one eager
-    process. With DTensor ops in the blocks, the dynamic-shape recompile of the backward recursed
-    forever in torch 2.13, and the embedding's async DTensor output reached the first compiled
-    block as a leaf (no embedding gradient): blocks and embedding now compute on local shards."""
+@pytest.mark.parametrize("model,dp", [("untied", 1), ("qwen3", 1), ("moe", 1), ("untied", 2)],
+                         ids=["tp2-untied", "tp2-qwen3", "tp2-moe", "dp2_tp2-untied"])
+def test_compiled_tensor_parallel_blocks_match_one_eager_process(tmp_path, model, dp):
+    """tp=2 (and dp_shard=2 x tp=2) with compiled, checkpointed blocks over changing batch shapes
+    equals one eager process. With DTensor ops in the blocks, the dynamic-shape recompile of the
+    backward recursed forever in torch 2.13, and the embedding's async DTensor output reached the
+    first compiled block as a leaf (no embedding gradient): blocks and embedding now compute on
+    local shards."""
     from spmd_rl.models import build_model
     from spmd_rl.trainer.policy import PolicyModel
     from tests.distributed.test_model_parallel import MODELS
 
     out = tmp_path / "out.pt"
-    run_on_ranks(_compiled_tp_worker, 2, model, str(out))
+    run_on_ranks(_compiled_tp_worker, 2 * dp, model, dp, str(out))
     got = torch.load(out, weights_only=True)
     assert got["graphs"] >= 2  # the blocks really compiled, and recompiled for a new shape
     reference = PolicyModel(build_model(None, args=MODELS[model], seed=0))
-    for got_lp, ref_lp in zip(got["logprobs"], _score_growing_batches(reference), strict=True):
-        torch.testing.assert_close(got_lp, ref_lp, rtol=1e-5, atol=3e-6)
+    for got_call, ref_call in zip(got["logprobs"], _score_growing_batches(reference), strict=True):
+        assert got_call.keys() == ref_call.keys()
+        for i, ref_lp in ref_call.items():
+            torch.testing.assert_close(got_call[i], ref_lp, rtol=1e-5, atol=3e-6)
     for name, p in reference.decoder.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
