@@ -73,12 +73,17 @@ class RolloutEngine(Protocol):
         ...
 
 
-def validate_prompts(prompts: list[list[int]], max_seq_len: int | None) -> None:
-    """UserError for a prompt no engine can answer: empty, or leaving no room for one response
-    token under ``max_seq_len`` (prompt + response budget; None = unbounded)."""
+def validate_prompts(prompts: list[list[int]], max_seq_len: int | None, vocab_size: int | None = None) -> None:
+    """UserError for a prompt no engine can answer: empty, leaving no room for one response
+    token under ``max_seq_len`` (prompt + response budget; None = unbounded), or holding a token
+    id outside ``[0, vocab_size)`` (on a GPU the embedding would fail with a device-side assert)."""
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise UserError(f"prompt {i} is empty; every prompt needs at least one token")
+        if vocab_size is not None and not all(0 <= t < vocab_size for t in prompt):
+            bad = next(t for t in prompt if not 0 <= t < vocab_size)
+            raise UserError(f"prompt {i} holds token id {bad}, outside the model's vocabulary [0, {vocab_size}): "
+                            "tokenize with the model's own tokenizer")
         if max_seq_len is not None and len(prompt) >= max_seq_len:
             raise UserError(
                 f"prompt {i} has {len(prompt)} tokens, no room left under rollout max_seq_len="

@@ -82,7 +82,7 @@ class HFEngine:
         seeds: list[int] | None = None,
     ) -> list[list[Completion]]:
         """See :meth:`RolloutEngine.generate`."""
-        validate_prompts(prompts, self.max_seq_len)
+        validate_prompts(prompts, self.max_seq_len, getattr(getattr(self.model, "config", None), "vocab_size", None))
         if params.stop and self.tokenizer is None:
             raise ValueError("sampling stop strings need a tokenizer: build the HF engine with tokenizer=...")
         checker = StopChecker(self.tokenizer, params.stop) if params.stop else None

@@ -64,6 +64,9 @@ class StopChecker:
         longest = max((len(s) for s in stop_strings), default=0)
         # Tokens of context decoded before the new ones: enough to spell all but the last char.
         self.context_tokens = _TOKENS_PER_CHAR * longest + _WINDOW_SLACK
+        # Special tokens decode to no text: the window does not count them, or a run of them
+        # between a stop string's characters would push its start out of the window.
+        self.textless_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) if skip_special_tokens else ())
 
     def __bool__(self) -> bool:
         return bool(self.stop_strings)
@@ -79,10 +82,19 @@ class StopChecker:
         if not self.stop_strings or not token_ids:
             return None
         ids = list(token_ids)
-        start = max(0, len(ids) - num_new - self.context_tokens)
+        start = self._window_start(ids, len(ids) - num_new)
         if self._first_stop(self._decode(ids[start:])) is None:
             return None
         return self._shortest_prefix(ids, start)
+
+    def _window_start(self, ids: list[int], first_new: int) -> int:
+        """Where the decoded window starts: ``context_tokens`` text-bearing tokens before
+        ``first_new`` (fewer at the start of the response)."""
+        start, counted = max(0, first_new), 0
+        while start > 0 and counted < self.context_tokens:
+            start -= 1
+            counted += ids[start] not in self.textless_ids
+        return start
 
     def find(self, token_ids: Sequence[int]) -> StopMatch | None:
         """The first stop string anywhere in a whole response, or None."""

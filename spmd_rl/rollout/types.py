@@ -3,6 +3,8 @@ back (:class:`Completion`). Every engine (native, HF, vLLM, SGLang) speaks these
 
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass, field
 
 from spmd_rl.errors import UserError
@@ -54,10 +56,18 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # These come from the user's config: fail early with one line that names the field.
+        for name in ("n", "top_k", "max_new_tokens"):
+            value = getattr(self, name)
+            try:  # ints of any kind (numpy's too), never floats or bools
+                if isinstance(value, bool):
+                    raise TypeError
+                setattr(self, name, operator.index(value))
+            except TypeError:
+                raise UserError(f"sampling {name} must be an integer, got {value!r}") from None
         if self.n < 1:
             raise UserError(f"sampling n must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise UserError(f"sampling temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN compares False
+            raise UserError(f"sampling temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"sampling top_p must be in (0, 1], got {self.top_p}")
         if self.top_k != -1 and self.top_k < 1:

@@ -244,6 +244,12 @@ def test_rejects_bad_prompts(model):
     engine = make_engine(model)
     with pytest.raises(UserError, match="prompt 1 is empty; every prompt needs at least one token"):
         engine.generate([[1], []], SamplingParams())
+    vocab = model.args.vocab_size
+    for bad in (vocab, -1):  # the embedding would fail (a device-side assert on a GPU)
+        with pytest.raises(UserError) as err:
+            engine.generate([[1, 2], [3, bad]], SamplingParams())
+        assert str(err.value) == (f"prompt 1 holds token id {bad}, outside the model's vocabulary [0, {vocab}): "
+                                  "tokenize with the model's own tokenizer")
 
 
 # ------------------------------------------------------------------------- sampling
@@ -295,7 +301,12 @@ def test_seed_schedule():
     "kwargs, message",
     [
         (dict(n=0), "sampling n must be >= 1, got 0"),
-        (dict(temperature=-1.0), "sampling temperature must be >= 0 (0 = greedy), got -1.0"),
+        (dict(temperature=-1.0), "sampling temperature must be a finite number >= 0 (0 = greedy), got -1.0"),
+        (dict(temperature=float("nan")), "sampling temperature must be a finite number >= 0 (0 = greedy), got nan"),
+        (dict(temperature=float("inf")), "sampling temperature must be a finite number >= 0 (0 = greedy), got inf"),
+        (dict(max_new_tokens=2.5), "sampling max_new_tokens must be an integer, got 2.5"),
+        (dict(top_k=4.0), "sampling top_k must be an integer, got 4.0"),
+        (dict(n=True), "sampling n must be an integer, got True"),
         (dict(top_p=0.0), "sampling top_p must be in (0, 1], got 0.0"),
         (dict(top_k=0), "sampling top_k must be -1 (off) or >= 1, got 0"),
         (dict(max_new_tokens=0), "sampling max_new_tokens must be >= 1, got 0"),

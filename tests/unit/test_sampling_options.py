@@ -319,6 +319,17 @@ def test_stop_check_decodes_only_a_tail_window(tokenizer):
     assert counting.lengths == [checker.context_tokens + 5]
 
 
+def test_stop_string_across_special_tokens(tokenizer):
+    """Special tokens decode to no text: a run of them inside a stop string is not counted in
+    the check's window, so the string is still found on the token that completes it."""
+    special = tokenizer.all_special_ids[0]
+    a, b = (tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in "ab")
+    ids = [a] + [special] * 40 + [b]
+    checker = StopChecker(tokenizer, ["ab"])
+    assert checker.find(ids).num_tokens == len(ids)
+    assert first_stop_by_scan(checker, ids) == len(ids)
+
+
 def test_stop_string_multibyte_and_partial_tokens(qwen_tokenizer):
     tok = qwen_tokenizer
     text = "the answer is <answer>7</answer> then 世界你好 🎉 done"

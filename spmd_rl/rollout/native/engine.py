@@ -207,7 +207,9 @@ class NativeEngine:
         seeds: list[int] | None = None,
     ) -> list[list[Completion]]:
         """See :meth:`RolloutEngine.generate`. Fills :attr:`last_stats`."""
-        validate_prompts(prompts, self.max_seq_len)
+        validate_prompts(prompts, self.max_seq_len, self.model.args.vocab_size)
+        if params.stop and self.tokenizer is None:  # before wake_up allocates the KV pool
+            raise UserError("stop strings need a tokenizer: build the native engine with tokenizer=...")
         prompt_seeds = resolve_prompt_seeds(len(prompts), params, seeds)
         self.wake_up()
         started = time.perf_counter()
@@ -216,8 +218,6 @@ class NativeEngine:
         requests = self._add_requests(sched, prompts, params, prompt_seeds)
         generators = make_generators([r.seed for r in requests], self.device)
         stop_ids = set(params.stop_token_ids)
-        if params.stop and self.tokenizer is None:
-            raise UserError("stop strings need a tokenizer: build the native engine with tokenizer=...")
         self._stop_checker = StopChecker(self.tokenizer, params.stop) if params.stop else None
         generated, steps, self._graph_steps = 0, 0, 0
         show = self.show_progress and _rank0()
