@@ -86,6 +86,7 @@ class PPOTrainer:
             self.step += 1
             with self.profiler.step(self.step), self.timer("step"):
                 metrics = self.train_step()
+                self._count_nonfinite(metrics)  # before the save: its checkpoint carries this step's streak
                 if self._due(cfg.trainer.save_freq) or (self.step == c.total_steps and cfg.trainer.save_at_end):
                     with self.timer("save_checkpoint"):
                         self.save()
@@ -103,7 +104,7 @@ class PPOTrainer:
             c.logger.log(self.step, metrics)
             bar.update()
             last = metrics
-            self._check_nonfinite(metrics)
+            self._stop_if_nonfinite()
             if self._preempted():
                 break
         bar.close()
@@ -332,11 +333,14 @@ class PPOTrainer:
         c.logger.start_at(self.step)
         c.log(f"resumed from {path} at step {self.step}")
 
-    def _check_nonfinite(self, metrics: dict[str, float]) -> None:
-        """Stop after trainer.max_nonfinite_steps RL steps in a row had a NaN/Inf gradient norm
-        (the metrics are global, so every rank stops at the same step)."""
+    def _count_nonfinite(self, metrics: dict[str, float]) -> None:
+        """RL steps in a row whose update skipped a NaN/Inf gradient (the metrics are global, so
+        every rank counts the same)."""
         skipped = metrics.get("actor/nonfinite_skips", 0.0) + metrics.get("critic/nonfinite_skips", 0.0)
         self.nonfinite_streak = self.nonfinite_streak + 1 if skipped else 0
+
+    def _stop_if_nonfinite(self) -> None:
+        """Stop after trainer.max_nonfinite_steps such steps in a row (every rank at the same step)."""
         if self.nonfinite_streak >= self.cfg.trainer.max_nonfinite_steps:
             latest = self.c.checkpointer.latest()
             raise UserError(f"{self.nonfinite_streak} steps in a row had NaN/Inf gradients (up to step {self.step}); "

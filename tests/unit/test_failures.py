@@ -70,8 +70,32 @@ def test_run_stops_after_max_nonfinite_steps_in_a_row():
     trainer.cfg = SimpleNamespace(trainer=SimpleNamespace(max_nonfinite_steps=2))
     trainer.c = SimpleNamespace(checkpointer=SimpleNamespace(latest=lambda: "runs/x/checkpoints/step_000004"))
     trainer.nonfinite_streak, trainer.step = 0, 5
-    trainer._check_nonfinite({"actor/nonfinite_skips": 1.0})
-    trainer._check_nonfinite({"actor/nonfinite_skips": 0.0})  # a good step resets the streak
-    trainer._check_nonfinite({"critic/nonfinite_skips": 1.0})
+
+    def step(metrics):  # as _fit: count (a checkpoint of this step saves the count), log, then stop
+        trainer._count_nonfinite(metrics)
+        trainer._stop_if_nonfinite()
+
+    step({"actor/nonfinite_skips": 1.0})
+    step({"actor/nonfinite_skips": 0.0})  # a good step resets the streak
+    step({"critic/nonfinite_skips": 1.0})
+    assert trainer.nonfinite_streak == 1
     with pytest.raises(UserError, match=r"2 steps in a row had NaN/Inf gradients .* last checkpoint: runs/x/checkpoints/step_000004"):
-        trainer._check_nonfinite({"actor/nonfinite_skips": 2.0})
+        step({"actor/nonfinite_skips": 2.0})
+
+
+def test_nonfinite_streak_is_counted_before_the_checkpoint_of_its_step(process_group, tmp_path):
+    """A checkpoint of step k holds step k's streak: a run resumed from it stops where the
+    uninterrupted run would (it used to hold step k-1's and stopped a step late, or never)."""
+    from tests.distributed.tiny_setup import make_tiny_setup
+    from tests.unit.test_engine_shares_trainer_weights import tiny_run
+
+    root = make_tiny_setup(tmp_path, num_train=16)
+    huge = root / "huge.py"  # an overflowing reward: every update's gradient is non-finite
+    huge.write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+                    "    return 3e38 * (1 + len(solution_str) % 2)\n")
+    with pytest.raises(UserError, match=r"^3 steps in a row had NaN/Inf gradients \(up to step 3\)"):
+        tiny_run(root, "nan", "trainer.total_steps=4", "trainer.save_freq=1", "trainer.max_nonfinite_steps=3",
+                 f"reward.custom_function.path={huge}", "algorithm.norm_adv_by_std_in_grpo=false")
+    saved = [torch.load(root / "runs" / "nan" / "checkpoints" / f"step_00000{k}" / "trainer_state.pt",
+                        weights_only=True)["nonfinite_streak"] for k in (1, 2, 3)]
+    assert saved == [1, 2, 3]
