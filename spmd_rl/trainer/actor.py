@@ -70,17 +70,18 @@ def update_policy(policy: PolicyModel, optimizer, scheduler, batch: RolloutBatch
     Returns metrics averaged over optimizer steps (still per rank; the caller reduces over dp)."""
     loss_fn = get_policy_loss(cfg.policy_loss)
     sums: dict[str, float] = defaultdict(float)
-    num_steps, norms = 0, []
+    num_steps, norms, lrs = 0, [], []
     for mini in mini_batches(batch, mini_batch_size, cfg.ppo_epochs):
         step_metrics = _mini_batch_step(policy, loss_fn, mini, cfg, temperature, scale_factor, dp_group, dp_size,
                                         device, generator)
+        lrs.append(scheduler.get_last_lr()[0])  # the rate this optimizer step uses
         norms.append(optimizer_step(policy, optimizer, scheduler, cfg.optim.grad_clip))
         for k, v in step_metrics.items():
             sums[k] += v
         num_steps += 1
     metrics = {k: v / num_steps for k, v in sums.items()}
     metrics.update(grad_norm_metrics(norms, "actor"))
-    metrics["actor/lr"] = scheduler.get_last_lr()[0]
+    metrics["actor/lr"] = sum(lrs) / len(lrs)  # mean rate of this update's steps (verl: the step's rate)
     return metrics
 
 

@@ -69,7 +69,7 @@ def update_critic(critic: ValueModel, optimizer, scheduler, batch: RolloutBatch,
     Micro-batches hold ``micro_batch_size`` rows, or at most ``cfg.max_tokens_per_micro_batch``
     tokens when that is > 0; the loss is normalised by global counts either way."""
     sums: dict[str, float] = defaultdict(float)
-    num_steps, norms = 0, []
+    num_steps, norms, lrs = 0, [], []
     for mini in mini_batches(batch, mini_batch_size, cfg.ppo_epochs):
         tokens, seqs = global_counts(mini, dp_group)
         split = micro_batches(mini, micro_batch_size, cfg.max_tokens_per_micro_batch, dp_group, padded=not packed)
@@ -84,9 +84,10 @@ def update_critic(critic: ValueModel, optimizer, scheduler, batch: RolloutBatch,
             sums["critic/vf_loss"] += loss.item() * dp_size
             sums["critic/vf_clipfrac"] += float(m["vf_clipfrac"]) / num_micro
             sums["critic/vpred_mean"] += float(m["vpred_mean"]) / num_micro
+        lrs.append(scheduler.get_last_lr()[0])  # the rate this optimizer step uses
         norms.append(optimizer_step(critic, optimizer, scheduler, cfg.optim.grad_clip))
         num_steps += 1
     metrics = {k: v / num_steps for k, v in sums.items()}
     metrics.update(grad_norm_metrics(norms, "critic"))
-    metrics["critic/lr"] = scheduler.get_last_lr()[0]
+    metrics["critic/lr"] = sum(lrs) / len(lrs)
     return metrics

@@ -20,6 +20,7 @@ from spmd_rl.algorithms.kl import apply_kl_penalty
 from spmd_rl.algorithms.masked import masked_mean, masked_var
 from spmd_rl.config import Config, save_config
 from spmd_rl.config_loader import config_to_dict
+from spmd_rl.data.sampler import rank_share
 from spmd_rl.distributed.collectives import all_reduce_sum, reduce_metrics
 from spmd_rl.durable_files import write_text_atomic
 from spmd_rl.errors import UserError
@@ -156,6 +157,8 @@ class PPOTrainer:
         dynamic = cfg.algorithm.filter_groups
         target = cfg.data.train_batch_size
         kept: list[RolloutBatch] = []
+        kept_order: list[tuple[int, int]] = []  # (generation batch, position in its global batch) per kept group
+        positions = rank_share(c.sampler.batch_size, c.sampler.mini_batch_size, c.dp_rank, c.dp_size)
         num_gen, num_generated_groups, num_kept = 0, 0.0, 0.0
         while True:
             num_gen += 1
@@ -165,6 +168,7 @@ class PPOTrainer:
             metric = batch.raw_scores if dynamic.metric == "acc" else batch.scores
             keep = informative_groups(metric, batch.group_index)
             kept.append(batch.select(keep.nonzero().squeeze(-1).tolist()))
+            kept_order += [(num_gen, positions[g]) for g in torch.unique_consecutive(kept[-1].group_index).tolist()]
             num_generated_groups += all_reduce_sum(batch.num_groups, c.dp_group)
             num_kept += all_reduce_sum(kept[-1].num_groups if len(kept[-1]) else 0, c.dp_group)
             if num_kept >= target or 0 < dynamic.max_num_gen_batches <= num_gen:
@@ -178,7 +182,7 @@ class PPOTrainer:
             c.log(f"step {self.step}: only {int(num_kept)} informative groups after {num_gen} generation batches; "
                   f"training on {usable} (raise algorithm.filter_groups.max_num_gen_batches to fill the batch)")
         batch = take_global_groups(concat_batches([b for b in kept if len(b)] or kept[:1]), usable,
-                                   cfg.actor.ppo_mini_batch_size, c.dp_group, c.dp_rank, c.dp_size)
+                                   cfg.actor.ppo_mini_batch_size, c.dp_group, c.dp_rank, c.dp_size, order=kept_order)
         return batch, {"train/num_gen_batches": float(num_gen), "train/num_groups": float(usable),
                        "train/kept_group_frac": num_kept / max(num_generated_groups, 1.0)}
 

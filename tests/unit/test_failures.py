@@ -99,3 +99,28 @@ def test_nonfinite_streak_is_counted_before_the_checkpoint_of_its_step(process_g
     saved = [torch.load(root / "runs" / "nan" / "checkpoints" / f"step_00000{k}" / "trainer_state.pt",
                         weights_only=True)["nonfinite_streak"] for k in (1, 2, 3)]
     assert saved == [1, 2, 3]
+
+
+def test_logged_actor_lr_is_the_mean_rate_of_the_update_steps(process_group):
+    """``actor/lr`` is the rate the update's optimizer steps used (verl logs the step's rate,
+    read before its scheduler steps), not the next update's."""
+    from spmd_rl.config import ActorConfig
+    from spmd_rl.models import build_model
+    from spmd_rl.trainer.actor import update_policy
+    from spmd_rl.trainer.batch import build_rollout_batch
+    from spmd_rl.trainer.optim import build_optimizer
+    from spmd_rl.trainer.policy import PolicyModel
+    from spmd_rl.rollout.types import Completion
+    from tests.unit.test_rollout import tiny_args
+
+    optim = OptimConfig(lr=2e-4, warmup_steps=3)
+    policy = PolicyModel(build_model(None, args=tiny_args(), seed=0))
+    optimizer = build_optimizer(policy, optim)
+    scheduler = build_lr_scheduler(optimizer, optim, total_steps=10)
+    batch = build_rollout_batch([[1, 2]] * 4, [[Completion([3, 4], [0.0, 0.0], "stop")] for _ in range(4)])
+    batch.old_logprobs = torch.zeros(4, 2)
+    batch.advantages = torch.tensor([[1.0], [-1.0], [1.0], [-1.0]]).expand(4, 2).contiguous()
+    cfg = ActorConfig(optim=optim, ppo_mini_batch_size=2, micro_batch_size_per_device=2)
+    metrics = update_policy(policy, optimizer, scheduler, batch, cfg, temperature=1.0, mini_batch_size=2,
+                            scale_factor=2, dp_group=None, dp_size=1, device="cpu")
+    assert metrics["actor/lr"] == pytest.approx(2e-4 * (1 / 3 + 2 / 3) / 2)  # two optimizer steps of warmup

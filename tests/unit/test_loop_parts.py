@@ -84,6 +84,16 @@ def _take_global_groups(rank, world_size):
     whole = take_global_groups(local, 4, 4, None, rank, world_size)  # one mini-batch: contiguous halves
     assert whole.scores.tolist() == ([0.0, 1.0] if rank == 0 else [2.0, 3.0])
 
+    # Kept over three generation batches of 4 prompts (2 per rank): rank 0 kept A0, B0, C0, C1,
+    # rank 1 kept A2, C2, C3 (letter = batch, digit = position in the global batch). One rank
+    # would take the first 4 in generation order, A0 A2 B0 C0, and so must two.
+    names = [["A0", "B0", "C0", "C1"], ["A2", "C2", "C3"]][rank]
+    keys = [("ABC".index(n[0]) + 1, int(n[1])) for n in names]
+    score = {"A0": 0.0, "A2": 1.0, "B0": 2.0, "C0": 3.0, "C1": 4.0, "C2": 5.0, "C3": 6.0}
+    local = batch_of([[[7], [8]]] * len(names), [score[n] for n in names for _ in range(2)])
+    mine = take_global_groups(local, 4, 4, None, rank, world_size, order=keys)
+    assert mine.scores.tolist() == ([0.0, 0.0, 1.0, 1.0] if rank == 0 else [2.0, 2.0, 3.0, 3.0])
+
 
 def test_take_global_groups_deals_equal_shares_over_ranks():
     run_on_ranks(_take_global_groups, 2)

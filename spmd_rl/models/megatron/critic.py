@@ -99,7 +99,7 @@ class MegatronValueModel(nn.Module):
         groups = replace(ParallelGroups.from_megatron(trunk), embedding=None)  # no lm-head: nothing tied
         device = next(self.stage.parameters()).device
         sums: dict[str, float] = defaultdict(float)
-        norms = []
+        norms, lrs = [], []
         grads.begin_update(optimizer)
         for mini in mini_batches(batch, mini_batch_size, cfg.ppo_epochs):
             tokens, seqs = global_counts(mini, groups.dp)
@@ -119,13 +119,14 @@ class MegatronValueModel(nn.Module):
                 return loss, None
 
             self._run(split, groups, False, loss_step)
+            lrs.append(scheduler.get_last_lr()[0])  # the rate this optimizer step uses
             norms.append(grads.optimizer_step(self, optimizer, scheduler, cfg.optim.grad_clip, groups=groups,
                                               tp_rank=trunk.tp_rank, skip_tied_copy=False))
         grads.end_update(optimizer)
         sums = broadcast_object_from_last_stage(trunk, dict(sums))
         metrics = {k: v / len(norms) for k, v in sums.items()}
         metrics.update(grad_norm_metrics(norms, "critic"))
-        metrics["critic/lr"] = scheduler.get_last_lr()[0]
+        metrics["critic/lr"] = sum(lrs) / len(lrs)
         return metrics
 
 

@@ -233,19 +233,20 @@ def update(actor: MegatronActor, optimizer, scheduler, batch: RolloutBatch, cfg:
     if groups.embedding is not None:
         tied = grads.tied_embedding_weight(actor.model, actor.pp_rank == 0, actor.pp_rank == actor.pp_size - 1)
     sums: dict[str, float] = defaultdict(float)
-    norms = []
+    norms, lrs = [], []
     grads.begin_update(optimizer)
     for mini in mini_batches(batch, mini_batch_size, cfg.ppo_epochs):
         for key, value in _mini_batch_step(actor, groups, loss_fn, mini, cfg, temperature, scale_factor, kernels,
                                            generator).items():
             sums[key] += value
+        lrs.append(scheduler.get_last_lr()[0])  # the rate this optimizer step uses
         norms.append(grads.optimizer_step(actor.model, optimizer, scheduler, cfg.optim.grad_clip, groups=groups,
                                           tp_rank=actor.tp_rank, skip_tied_copy=actor.tied_copy, tied=tied))
     grads.end_update(optimizer)
     sums = broadcast_object_from_last_stage(actor, dict(sums))
     metrics = {k: v / len(norms) for k, v in sums.items()}
     metrics.update(grad_norm_metrics(norms, "actor"))
-    metrics["actor/lr"] = scheduler.get_last_lr()[0]
+    metrics["actor/lr"] = sum(lrs) / len(lrs)
     return metrics
 
 
