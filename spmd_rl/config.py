@@ -234,7 +234,9 @@ class OptimConfig:
     eps: float = 1e-8
     """AdamW epsilon."""
     warmup_steps: int = 0
-    """Linear warmup steps (optimizer steps)."""
+    """Linear warmup over this many optimizer steps (not RL steps: an RL step takes one per
+    mini-batch and PPO epoch); step i uses lr * (i + 1) / warmup_steps. verl's lr_warmup_steps
+    counts RL steps and starts at 0."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """Schedule after warmup."""
     min_lr_ratio: float = 0.0
