@@ -107,10 +107,22 @@ def _distributed_parameter(param: nn.Parameter, tp_mesh: DeviceMesh, placement) 
                         requires_grad=param.requires_grad)
 
 
+def shard_experts(moe: SparseMoE, tp_mesh: DeviceMesh) -> None:
+    """Every expert's gate/up split by output features, down by input features; the router stays
+    replicated. The MoE forward then sums the experts' partial outputs locally and all-reduces
+    once; the backward all-reduces the experts' input gradient and the routing weights' gradient
+    once each, whatever the number of experts."""
+    for expert in moe.experts:
+        for name, dim in zip(expert.names, (0, 0, 1)):
+            linear = getattr(expert, name)
+            linear.weight = _distributed_parameter(linear.weight, tp_mesh, Shard(dim))
+    moe.tp_mesh = tp_mesh
+
+
 def shard_block(block: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Replace one decoder block's projections by their column/row-parallel forms (same
     parameter names) and mark where the group's gradients meet. A sparse (MoE) block's
-    experts are split the same way by ``SparseMoE.shard_experts``; the router stays replicated."""
+    experts are split the same way by :func:`shard_experts`; the router stays replicated."""
     attn, group = block.self_attn, tp_mesh.get_group()
     for name in ("q_proj", "k_proj", "v_proj"):
         setattr(attn, name, ColumnParallelLinear(getattr(attn, name), tp_mesh))
@@ -120,7 +132,7 @@ def shard_block(block: nn.Module, tp_mesh: DeviceMesh) -> None:
         attn.q_norm.grad_sum_group = attn.k_norm.grad_sum_group = group
     ffn = getattr(block, block.ffn_name)
     if isinstance(ffn, SparseMoE):
-        ffn.shard_experts(tp_mesh)
+        shard_experts(ffn, tp_mesh)
         return
     ffn.gate_proj = ColumnParallelLinear(ffn.gate_proj, tp_mesh)
     ffn.up_proj = ColumnParallelLinear(ffn.up_proj, tp_mesh)

@@ -45,7 +45,7 @@ class Expert(nn.Module):
 
     Under tensor parallelism its weights are DTensors (gate/up split by rows of the output, down
     by columns) and it computes with the local shards: a slice of the intermediate features and a
-    partial sum of the output, with no collective of its own (:meth:`SparseMoE.shard_experts`)."""
+    partial sum of the output, with no collective of its own (``distributed/tensor_parallel.py``)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, mixtral_names: bool) -> None:
         super().__init__()
@@ -77,23 +77,7 @@ class SparseMoE(nn.Module):
         self.fp32_weights = mixtral_names
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.experts = nn.ModuleList(Expert(hidden_size, intermediate_size, mixtral_names) for _ in range(num_experts))
-        self.tp_mesh = None
-
-    def shard_experts(self, tp_mesh) -> None:
-        """Tensor parallelism: every expert's gate/up split by output features, down by input
-        features (DTensors, so FSDP2, DCP and the weight loaders see their layout); the router
-        stays replicated. The forward then sums the experts' partial outputs locally and
-        all-reduces once; the backward all-reduces the experts' input gradient and the routing
-        weights' gradient once each."""
-        from torch.distributed.tensor import Shard, distribute_tensor
-
-        for expert in self.experts:
-            for name, dim in zip(expert.names, (0, 0, 1)):
-                linear = getattr(expert, name)
-                linear.weight = nn.Parameter(distribute_tensor(linear.weight.data, tp_mesh, [Shard(dim)],
-                                                               src_data_rank=None),
-                                             requires_grad=linear.weight.requires_grad)
-        self.tp_mesh = tp_mesh
+        self.tp_mesh = None  # set by tensor parallelism (distributed/tensor_parallel.py: shard_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])

@@ -138,6 +138,7 @@ def _moe_collectives_worker(rank, world_size, out_path):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.debug import CommDebugMode
 
+    from spmd_rl.distributed.tensor_parallel import shard_experts
     from spmd_rl.models.moe import SparseMoE
 
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
@@ -145,7 +146,7 @@ def _moe_collectives_worker(rank, world_size, out_path):
     for experts in (2, 8):
         torch.manual_seed(0)
         moe = SparseMoE(8, 4, num_experts=experts, top_k=2, normalize=True)
-        moe.shard_experts(mesh)
+        shard_experts(moe, mesh)
         x = torch.randn(6, 8, requires_grad=True)
         with CommDebugMode() as comm:  # counts DTensor's collectives and plain c10d ones
             moe(x).square().sum().backward()
