@@ -222,6 +222,13 @@ def test_update_weights_and_sleep(model):
         engine.update_weights([("model.bogus", torch.zeros(1))])
     with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(3,\), the model expects \(64,\)"):
         engine.update_weights([("model.norm.weight", torch.zeros(3))])
+    partial = [(n, p.detach().clone()) for n, p in engine.model.named_parameters()][:3]
+    total = len(list(engine.model.named_parameters()))
+    with pytest.raises(ValueError) as err:
+        engine.update_weights(partial)
+    assert str(err.value) == (f"update_weights: the stream ended without {total - 3} of the model's {total} parameters "
+                              f"(first: 'model.layers.0.self_attn.v_proj.weight'); send every parameter, or the engine "
+                              "generates from stale weights")
 
 
 def test_update_weights_tied_embeddings():

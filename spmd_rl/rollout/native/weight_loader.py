@@ -42,7 +42,8 @@ def load_in_buckets(
     """Copy full tensors into ``model``'s parameters by name, a bucket at a time. Returns the
     number of buckets flushed.
 
-    ValueError for a name the model does not have or a shape mismatch. With ``tied_lm_head``
+    ValueError for a name the model does not have, a shape mismatch, or a stream that ends
+    before every parameter arrived (the rest would keep stale weights). With ``tied_lm_head``
     an incoming ``lm_head.weight`` is the embedding itself and is skipped when the model does
     not list it separately.
     """
@@ -52,6 +53,7 @@ def load_in_buckets(
     held_params: list[torch.Tensor] = []
     held_tensors: list[torch.Tensor] = []
     held_bytes, flushes = 0, 0
+    missing = set(order)
 
     def flush() -> None:
         nonlocal held_bytes, flushes
@@ -73,6 +75,7 @@ def load_in_buckets(
             raise ValueError(
                 f"update_weights: {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
             )
+        missing.discard(name)
         held_params.append(param)
         held_tensors.append(tensor)
         held_bytes += tensor.numel() * tensor.element_size()
@@ -82,6 +85,11 @@ def load_in_buckets(
         if held_bytes + expected > bucket_bytes:
             flush()
     flush()
+    if missing:
+        first = next(name for name in order if name in missing)
+        raise ValueError(f"update_weights: the stream ended without {len(missing)} of the model's {len(order)} "
+                         f"parameters (first: {first!r}); send every parameter, or the engine generates from "
+                         "stale weights")
     return flushes
 
 
