@@ -80,8 +80,9 @@ def validate_prompts(prompts: list[list[int]], max_seq_len: int | None, vocab_si
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise UserError(f"prompt {i} is empty; every prompt needs at least one token")
-        if vocab_size is not None and not all(0 <= t < vocab_size for t in prompt):
-            bad = next(t for t in prompt if not 0 <= t < vocab_size)
+        # min/max scan at C speed: this runs over every prompt token of a rollout
+        if vocab_size is not None and (min(prompt) < 0 or max(prompt) >= vocab_size):
+            bad = min(prompt) if min(prompt) < 0 else max(prompt)
             raise UserError(f"prompt {i} holds token id {bad}, outside the model's vocabulary [0, {vocab_size}): "
                             "tokenize with the model's own tokenizer")
         if max_seq_len is not None and len(prompt) >= max_seq_len:
