@@ -23,6 +23,10 @@ megatron_path="${MEGATRON_PATH:-$(ls -d .venv/lib/python3*/site-packages 2>/dev/
 if [[ -n "$megatron_path" && -d "$megatron_path/megatron" ]]; then
     only_megatron="$(mktemp -d)"
     ln -s "$(cd "$megatron_path" && pwd)/megatron" "$only_megatron/megatron"
+    # its dist-info too: the backend checks the installed version through importlib.metadata
+    for info in "$megatron_path"/megatron_core-*.dist-info; do
+        [[ -d "$info" ]] && ln -s "$(cd "$info" && pwd)" "$only_megatron/$(basename "$info")"
+    done
     export PYTHONPATH="$PYTHONPATH:$only_megatron"
 elif [[ -n "${MEGATRON_PATH:-}" ]]; then
     echo "MEGATRON_PATH=$MEGATRON_PATH has no megatron/ package folder" >&2
@@ -30,6 +34,23 @@ elif [[ -n "${MEGATRON_PATH:-}" ]]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+# Pre-flight, seconds: the source tree imports (kernels/ as spmd_rl.kernels) and Triton can build and
+# launch a kernel here (it compiles a launcher with the machine's C compiler). Without either,
+# every stage would fail; stop before spending GPU time.
+python - <<'PY' || { echo "pre-flight failed: fix the above before running a stage" >&2; exit 2; }
+import torch, triton, triton.language as tl
+import spmd_rl.kernels.logprob, spmd_rl.rollout.native.engine  # noqa: F401
+
+@triton.jit
+def _add_one(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
+
+x = torch.zeros(100, device="cuda")
+_add_one[(1,)](x, 100, BLOCK=128)
+assert x.sum().item() == 100, "a trivial Triton kernel gave a wrong result"
+print("pre-flight ok:", torch.cuda.get_device_name())
+PY
 
 status=0
 run() {  # run a step, remember a failure, keep going with the other steps
@@ -38,7 +59,10 @@ run() {  # run a step, remember a failure, keep going with the other steps
 }
 
 if [[ "$stage" == tests || "$stage" == all ]]; then
-    run python -m pytest -q -rs tests/gpu tests/unit/test_kernel_logprob.py tests/unit/test_kernel_varlen_attention.py \
+    # The kernel unit files' other tests feed CPU tensors to the interpreter (TRITON_INTERPRET is
+    # only set without a GPU): on the GPU only their `gpu`-marked tests apply.
+    run python -m pytest -q -rs tests/gpu
+    run python -m pytest -q -rs -m gpu tests/unit/test_kernel_logprob.py tests/unit/test_kernel_varlen_attention.py \
         tests/unit/test_kernel_paged_attention.py
 fi
 if [[ "$stage" == kernels || "$stage" == all ]]; then

@@ -70,7 +70,7 @@ def update_policy(policy: PolicyModel, optimizer, scheduler, batch: RolloutBatch
     Returns metrics averaged over optimizer steps (still per rank; the caller reduces over dp)."""
     loss_fn = get_policy_loss(cfg.policy_loss)
     sums: dict[str, float] = defaultdict(float)
-    num_steps, norms, lrs = 0, [], []
+    norms, lrs = [], []
     for mini in mini_batches(batch, mini_batch_size, cfg.ppo_epochs):
         step_metrics = _mini_batch_step(policy, loss_fn, mini, cfg, temperature, scale_factor, dp_group, dp_size,
                                         device, generator)
@@ -78,18 +78,19 @@ def update_policy(policy: PolicyModel, optimizer, scheduler, batch: RolloutBatch
         norms.append(optimizer_step(policy, optimizer, scheduler, cfg.optim.grad_clip))
         for k, v in step_metrics.items():
             sums[k] += v
-        num_steps += 1
-    metrics = {k: v / num_steps for k, v in sums.items()}
-    metrics.update(grad_norm_metrics(norms, "actor"))
-    metrics["actor/lr"] = sum(lrs) / len(lrs)  # mean rate of this update's steps (verl: the step's rate)
-    return metrics
+    return update_metrics(sums, norms, lrs, "actor")
 
 
-def grad_norm_metrics(norms: list[float], prefix: str) -> dict[str, float]:
-    """Mean of the finite gradient norms and how many optimizer steps were skipped as non-finite."""
+def update_metrics(sums: dict[str, float], norms: list[float], lrs: list[float], prefix: str) -> dict[str, float]:
+    """An update's metrics from its optimizer steps: each summed metric over the step count, the
+    mean of the finite gradient norms, how many steps were skipped as non-finite, and the mean
+    learning rate the steps used (verl logs the step's rate; this is it for one step per update)."""
+    metrics = {k: v / len(norms) for k, v in sums.items()}
     finite = [n for n in norms if math.isfinite(n)]
-    return {f"{prefix}/grad_norm": sum(finite) / len(finite) if finite else float("nan"),
-            f"{prefix}/nonfinite_skips": float(len(norms) - len(finite))}
+    metrics[f"{prefix}/grad_norm"] = sum(finite) / len(finite) if finite else float("nan")
+    metrics[f"{prefix}/nonfinite_skips"] = float(len(norms) - len(finite))
+    metrics[f"{prefix}/lr"] = sum(lrs) / len(lrs)
+    return metrics
 
 
 def _mini_batch_step(policy, loss_fn, mini: RolloutBatch, cfg: ActorConfig, temperature, scale_factor, dp_group,

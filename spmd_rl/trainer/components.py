@@ -37,8 +37,10 @@ from spmd_rl.trainer.checkpoint import Checkpointer, Trained
 from spmd_rl.trainer.critic import ValueModel, compute_values, update_critic
 from spmd_rl.trainer.hf_export import export_model, write_hf_folder
 from spmd_rl.trainer.memory_plan import report_memory_plan
+from spmd_rl.trainer.minibatch import layout_mini_batch_size
 from spmd_rl.trainer.optim import build_lr_scheduler, build_optimizer
 from spmd_rl.trainer.policy import PolicyModel
+from spmd_rl.trainer.rng import sampling_seed
 
 
 @dataclass
@@ -75,10 +77,11 @@ class RunComponents:
     def next_prompts(self) -> list[PromptSample]:
         return [self.dataset[i] for i in self.sampler.next_indices()]
 
-    def rollout_seeds(self, step: int, prompts: list[PromptSample]) -> list[int]:
-        """A sampling seed per prompt from (run seed, step, prompt index): resumable and
-        independent of how prompts are spread over ranks."""
-        return [(self.seed * 1_000_003 + step * 100_003 + p.index) % 2**31 for p in prompts]
+    def rollout_seeds(self, step: int, prompts: list[PromptSample], generation: int = 1) -> list[int]:
+        """A sampling seed per prompt from (run seed, step, generation batch of the step, prompt
+        index) (:func:`~spmd_rl.trainer.rng.sampling_seed`): resumable and independent of how
+        prompts are spread over ranks."""
+        return [sampling_seed(self.seed, step, generation, p.index) for p in prompts]
 
     def score_texts(self, owners: list[PromptSample], response_ids: list[list[int]]) -> list[float]:
         """Reward of each response; ``owners[i]`` is the prompt of ``response_ids[i]``."""
@@ -198,7 +201,8 @@ def build_components(cfg: Config, dims, mesh, device: torch.device) -> RunCompon
                                 filter_overlong_prompts=data.filter_overlong_prompts)
     dp_rank = mesh["dp"].get_local_rank()
     sampler = PromptSampler(len(dataset), batch_size=data.train_batch_size, dp_rank=dp_rank,
-                            mini_batch_size=cfg.actor.ppo_mini_batch_size,
+                            mini_batch_size=layout_mini_batch_size(
+                                cfg.actor.ppo_mini_batch_size, cfg.critic.ppo_mini_batch_size if cfg.critic.enable else 0),
                             dp_size=dims.dp_size, seed=data.seed, shuffle=data.shuffle)
     total_steps = cfg.trainer.total_steps or cfg.trainer.total_epochs * sampler.steps_per_epoch
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from spmd_rl.algorithms.losses import value_loss
 from spmd_rl.config import CriticConfig
-from spmd_rl.trainer.actor import grad_norm_metrics, reshard
+from spmd_rl.trainer.actor import update_metrics, reshard
 from spmd_rl.trainer.batch import RolloutBatch
 from spmd_rl.trainer.minibatch import global_counts, micro_batches, mini_batches, scatter_rows
 from spmd_rl.trainer.optim import optimizer_step
@@ -69,7 +69,7 @@ def update_critic(critic: ValueModel, optimizer, scheduler, batch: RolloutBatch,
     Micro-batches hold ``micro_batch_size`` rows, or at most ``cfg.max_tokens_per_micro_batch``
     tokens when that is > 0; the loss is normalised by global counts either way."""
     sums: dict[str, float] = defaultdict(float)
-    num_steps, norms, lrs = 0, [], []
+    norms, lrs = [], []
     for mini in mini_batches(batch, mini_batch_size, cfg.ppo_epochs):
         tokens, seqs = global_counts(mini, dp_group)
         split = micro_batches(mini, micro_batch_size, cfg.max_tokens_per_micro_batch, dp_group, padded=not packed)
@@ -86,8 +86,4 @@ def update_critic(critic: ValueModel, optimizer, scheduler, batch: RolloutBatch,
             sums["critic/vpred_mean"] += float(m["vpred_mean"]) / num_micro
         lrs.append(scheduler.get_last_lr()[0])  # the rate this optimizer step uses
         norms.append(optimizer_step(critic, optimizer, scheduler, cfg.optim.grad_clip))
-        num_steps += 1
-    metrics = {k: v / num_steps for k, v in sums.items()}
-    metrics.update(grad_norm_metrics(norms, "critic"))
-    metrics["critic/lr"] = sum(lrs) / len(lrs)
-    return metrics
+    return update_metrics(sums, norms, lrs, "critic")

@@ -14,6 +14,8 @@ count with one all-reduce per mini-batch and split their own micro-batches up to
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -21,6 +23,17 @@ from spmd_rl.data.batching import (balance_ratio, balanced_assignment, split_mic
                                    token_budget_micro_batches)
 from spmd_rl.distributed.collectives import all_reduce_sum
 from spmd_rl.trainer.batch import RolloutBatch, concat_batches
+
+
+def layout_mini_batch_size(actor_mini_batch_size: int, critic_mini_batch_size: int = 0) -> int:
+    """Prompts per chunk of the data layout over dp ranks (rank r holds the r-th slice of every
+    chunk, :func:`~spmd_rl.data.sampler.rank_share`).
+
+    A rank cuts its rows into mini-batches locally, so a mini-batch is the same set of prompts at
+    any dp size only when it is made of whole chunks. The actor's and the critic's mini-batches
+    both are when the chunk is their greatest common divisor (0: the critic has none of its own).
+    """
+    return math.gcd(actor_mini_batch_size, critic_mini_batch_size or actor_mini_batch_size)
 
 
 def mini_batches(batch: RolloutBatch, mini_batch_size: int, epochs: int):

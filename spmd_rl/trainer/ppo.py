@@ -7,7 +7,6 @@ actor updates). ``learn`` takes any scored batch, which is what the invariance t
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 from pathlib import Path
@@ -162,7 +161,7 @@ class PPOTrainer:
         num_gen, num_generated_groups, num_kept = 0, 0.0, 0.0
         while True:
             num_gen += 1
-            batch = self.generate_and_score(c.next_prompts())
+            batch = self.generate_and_score(c.next_prompts(), generation=num_gen)
             if not dynamic.enable:
                 return batch, {}
             metric = batch.raw_scores if dynamic.metric == "acc" else batch.scores
@@ -182,15 +181,15 @@ class PPOTrainer:
             c.log(f"step {self.step}: only {int(num_kept)} informative groups after {num_gen} generation batches; "
                   f"training on {usable} (raise algorithm.filter_groups.max_num_gen_batches to fill the batch)")
         batch = take_global_groups(concat_batches([b for b in kept if len(b)] or kept[:1]), usable,
-                                   cfg.actor.ppo_mini_batch_size, c.dp_group, c.dp_rank, c.dp_size, order=kept_order)
+                                   c.sampler.mini_batch_size, c.dp_group, c.dp_rank, c.dp_size, order=kept_order)
         return batch, {"train/num_gen_batches": float(num_gen), "train/num_groups": float(usable),
                        "train/kept_group_frac": num_kept / max(num_generated_groups, 1.0)}
 
-    def generate_and_score(self, prompts) -> RolloutBatch:
+    def generate_and_score(self, prompts, generation: int = 1) -> RolloutBatch:
         c, timer = self.c, self.timer
         with timer("gen"):
             completions = c.engine.generate([p.prompt_ids for p in prompts], self.sampling(),
-                                            seeds=c.rollout_seeds(self.step, prompts))
+                                            seeds=c.rollout_seeds(self.step, prompts, generation))
         batch = build_rollout_batch([p.prompt_ids for p in prompts], completions)
         with timer("reward"):
             c.score(batch, prompts)
@@ -214,7 +213,7 @@ class PPOTrainer:
         balance = {}
         if cfg.trainer.balance_batch:  # whole groups move within each mini-batch: the update is unchanged
             with timer("balance"):
-                rows = math.gcd(cfg.actor.ppo_mini_batch_size, self.critic_mini) * cfg.rollout.n // c.dp_size
+                rows = c.sampler.mini_batch_size * cfg.rollout.n // c.dp_size  # one layout chunk
                 batch, balance = balance_groups(batch, rows, c.dp_group, c.dp_rank, c.dp_size)
         with timer("old_log_prob"):
             batch.old_logprobs = c.logprobs(c.policy, batch)

@@ -1,17 +1,29 @@
 """Every random number generator a rank uses, as a checkpointable dict of tensors and ints.
 
-The loop itself draws sampling seeds from (run seed, step, prompt index), so a resumed run needs
-no RNG state to generate the same rollouts; the global generators are saved anyway so that user
+The loop itself draws sampling seeds from (run seed, step, generation batch, prompt index)
+(:func:`sampling_seed`), so a resumed run needs no RNG state to generate the same rollouts; the global generators are saved anyway so that user
 code (reward functions, custom losses) that draws from them also continues where it stopped.
 Everything is stored as tensors/ints so that ``torch.load(weights_only=True)`` can read it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import numpy as np
 import torch
+
+
+def sampling_seed(run_seed: int, step: int, generation: int, prompt_index: int) -> int:
+    """A 31-bit seed (what every engine accepts) hashed from the four ints.
+
+    A hash, not a linear mix: with ``seed + step * K + index`` prompt ``i + K`` at one step reused
+    prompt ``i``'s seed of the step before. ``generation`` tells apart the batches one step
+    generates (DAPO's refills), which can draw the same prompt again after an epoch boundary and
+    must not sample the very same responses for it."""
+    key = f"{run_seed}/{step}/{generation}/{prompt_index}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % 2**31
 
 
 def capture_rng_state() -> dict:

@@ -38,6 +38,7 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None):
     return float(len(solution_str) % 2)
 '''
 EXACT = ("critic/score/mean", "response_length/mean")  # same tokens sampled
+CLIPFRAC_ATOL = 1 / 150
 CLOSE = ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/kl_loss", "actor/pg_clipfrac")
 LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": [],  # 2 ranks each
            # dp2 shards AdamW over the two ranks by default (actor.megatron.use_distributed_optimizer);
@@ -92,7 +93,10 @@ def assert_rows_match(rows: list[dict], reference: list[dict], close: tuple[str,
         for key in EXACT:
             assert row[key] == ref[key], (row["step"], key)
         for key in close:
-            assert row[key] == pytest.approx(ref[key], rel=1e-5, abs=atol), (row["step"], key)
+            # a clip fraction counts tokens: one whose ratio or value sits on the clip boundary
+            # (within fp32 noise) may fall either side, one token of the ~160 per step
+            tol = CLIPFRAC_ATOL if key.endswith("clipfrac") else atol
+            assert row[key] == pytest.approx(ref[key], rel=1e-5, abs=tol), (row["step"], key)
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ def learn_once(rank: int, world_size: int, root: Path, cases: dict[str, list[str
         trainer = PPOTrainer(cfg, build_components(cfg, dims, mesh, torch.device("cpu")))
         trainer.step = 1
         full = synthetic_batch(vocab=len(trainer.c.tokenizer))
-        mine = full.select(rows_of_rank(rank, world_size, mini_groups=4))
+        mine = full.select(rows_of_rank(rank, world_size, mini_groups=trainer.c.sampler.mini_batch_size))
         metrics = trainer.learn(mine)
         params = {f"actor.{k}": p.full_tensor() for k, p in trainer.c.policy.named_parameters()}
         if trainer.c.critic is not None:
@@ -124,6 +124,8 @@ def test_moe_model_two_ranks_equal_one_rank(moe_workdir):
 @pytest.mark.slow
 def test_two_ranks_equal_one_rank_for_grpo_and_ppo_gae(workdir):
     cases = {"grpo": GRPO, "ppo_gae": PPO_GAE,
+             # critic mini-batches of 2 prompts, the actor's of 4: the sampler deals 2-prompt chunks
+             "ppo_gae_critic_mini2": PPO_GAE + ["critic.ppo_mini_batch_size=2"],
              "grpo_kl_entropy": GRPO + ["actor.use_kl_loss=true", "actor.kl_loss_coef=0.1", "actor.entropy_coeff=0.01"]}
     one = run_cases(workdir, 1, cases, "dp")
     two = run_cases(workdir, 2, cases, "dp")
@@ -132,8 +134,13 @@ def test_two_ranks_equal_one_rank_for_grpo_and_ppo_gae(workdir):
         # the reported loss is that of the global batch whatever the split
         assert two[name]["metrics"]["actor/pg_loss"] == pytest.approx(one[name]["metrics"]["actor/pg_loss"], abs=1e-6)
     # GAE whitening used global statistics: the critic moved identically too
-    assert any(k.startswith("critic.") for k in two["ppo_gae"]["params"])
-    assert two["ppo_gae"]["metrics"]["critic/vf_loss"] == pytest.approx(one["ppo_gae"]["metrics"]["critic/vf_loss"], abs=1e-6)
+    for name in ("ppo_gae", "ppo_gae_critic_mini2"):
+        assert any(k.startswith("critic.") for k in two[name]["params"])
+        assert two[name]["metrics"]["critic/vf_loss"] == pytest.approx(one[name]["metrics"]["critic/vf_loss"], abs=1e-6)
+    # four critic steps instead of two: a different critic, hence different values and actor update
+    critic_moved = max((one["ppo_gae"]["params"][k] - one["ppo_gae_critic_mini2"]["params"][k]).abs().max().item()
+                       for k in one["ppo_gae"]["params"] if k.startswith("critic."))
+    assert critic_moved > 1e-5
     # and the update did something: parameters differ from the KL/entropy variant
     assert max((one["grpo"]["params"][k] - one["grpo_kl_entropy"]["params"][k]).abs().max().item()
                for k in one["grpo"]["params"]) > 1e-6

@@ -11,7 +11,7 @@ import torch
 from spmd_rl.config import OptimConfig
 from spmd_rl.errors import UserError
 from spmd_rl.rewards.scorer import RewardScorer
-from spmd_rl.trainer.actor import grad_norm_metrics
+from spmd_rl.trainer.actor import update_metrics
 from spmd_rl.trainer.optim import build_lr_scheduler, optimizer_step
 from spmd_rl.trainer.ppo import PPOTrainer
 from tests.distributed.launcher import run_on_ranks
@@ -59,9 +59,11 @@ def test_nonfinite_gradient_skips_the_optimizer_step_on_every_rank():
     run_on_ranks(_nan_step, 2)
 
 
-def test_grad_norm_metrics_average_finite_norms_and_count_skips():
-    assert grad_norm_metrics([1.0, float("nan"), 3.0], "actor") == {"actor/grad_norm": 2.0, "actor/nonfinite_skips": 1.0}
-    m = grad_norm_metrics([float("inf")], "critic")
+def test_update_metrics_average_over_steps_finite_norms_and_count_skips():
+    m = update_metrics({"actor/pg_loss": 0.9}, [1.0, float("nan"), 3.0], [1e-3, 2e-3, 3e-3], "actor")
+    assert m == pytest.approx({"actor/pg_loss": 0.3, "actor/grad_norm": 2.0, "actor/nonfinite_skips": 1.0,
+                               "actor/lr": 2e-3})
+    m = update_metrics({}, [float("inf")], [1e-3], "critic")
     assert math.isnan(m["critic/grad_norm"]) and m["critic/nonfinite_skips"] == 1.0
 
 

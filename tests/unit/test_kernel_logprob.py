@@ -129,6 +129,21 @@ def test_fused_matches_float64(dtype, with_entropy, temperature):
         assert ent is None
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_compiled_kernel_at_qwen_vocab_matches_float64(dtype):
+    # The compiled kernel with the GPU's default tiles (not the interpreter's): Qwen2.5's 151,936
+    # vocab and 896 hidden, 1000 tokens (none a multiple of a tile), forward and backward.
+    hidden, weight, targets, g_lp, g_ent = make_inputs(40, dtype, n=1000, v=151_936, h=896)
+    weight = (weight.float() / 15).to(dtype)  # logits of std ~1, as a trained lm head's
+    hidden, weight, targets, g_lp, g_ent = (t.cuda() for t in (hidden, weight, targets, g_lp, g_ent))
+    ref = oracle(hidden, weight, targets, 0.7, g_lp, g_ent)
+    out = run_fused(hidden, weight, targets, 0.7, True, g_lp, g_ent)
+    for got, expect, what in zip(out, ref, ("logprobs", "entropy", "grad hidden", "grad weight")):
+        assert rel_err(got, expect) <= TOL[dtype], what
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_backward_in_several_vocab_chunks(dtype, monkeypatch):
     # 70 tokens (5 token blocks -> one vocab split in the forward); the backward chunk is forced

@@ -31,7 +31,7 @@ from spmd_rl.models.megatron.policy import (
     padded_scoring_inputs,
 )
 from spmd_rl.models.megatron.schedule import run_pipeline
-from spmd_rl.trainer.actor import grad_norm_metrics
+from spmd_rl.trainer.actor import update_metrics
 from spmd_rl.trainer.batch import RolloutBatch
 from spmd_rl.trainer.minibatch import global_counts, micro_batches, mini_batches, scatter_rows
 from spmd_rl.trainer.policy import ScoringInputs, pad_by_lengths
@@ -124,10 +124,7 @@ class MegatronValueModel(nn.Module):
                                               tp_rank=trunk.tp_rank, skip_tied_copy=False))
         grads.end_update(optimizer)
         sums = broadcast_object_from_last_stage(trunk, dict(sums))
-        metrics = {k: v / len(norms) for k, v in sums.items()}
-        metrics.update(grad_norm_metrics(norms, "critic"))
-        metrics["critic/lr"] = sum(lrs) / len(lrs)
-        return metrics
+        return update_metrics(sums, norms, lrs, "critic")
 
 
 def build_megatron_critic(cfg, path: str, dims, *, compute_dtype: torch.dtype | None = None) -> MegatronValueModel:

@@ -31,7 +31,7 @@ from spmd_rl.models.megatron import grads
 from spmd_rl.models.megatron.backend import MegatronActor
 from spmd_rl.models.megatron.cpu import causal_mask
 from spmd_rl.models.megatron.schedule import StageLinks, run_pipeline, stage_links
-from spmd_rl.trainer.actor import grad_norm_metrics, micro_batch_loss
+from spmd_rl.trainer.actor import update_metrics, micro_batch_loss
 from spmd_rl.trainer.batch import RolloutBatch
 from spmd_rl.trainer.minibatch import global_counts, micro_batches, mini_batches, scatter_rows
 from spmd_rl.trainer.policy import ScoringInputs, build_scoring_inputs, pad_by_lengths
@@ -244,10 +244,7 @@ def update(actor: MegatronActor, optimizer, scheduler, batch: RolloutBatch, cfg:
                                           tp_rank=actor.tp_rank, skip_tied_copy=actor.tied_copy, tied=tied))
     grads.end_update(optimizer)
     sums = broadcast_object_from_last_stage(actor, dict(sums))
-    metrics = {k: v / len(norms) for k, v in sums.items()}
-    metrics.update(grad_norm_metrics(norms, "actor"))
-    metrics["actor/lr"] = sum(lrs) / len(lrs)
-    return metrics
+    return update_metrics(sums, norms, lrs, "actor")
 
 
 def _mini_batch_step(actor: MegatronActor, groups: ParallelGroups, loss_fn, mini: RolloutBatch, cfg: ActorConfig,
