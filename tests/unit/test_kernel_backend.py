@@ -49,3 +49,19 @@ def test_policy_logprobs_and_grads_match_between_backends(monkeypatch):
                             model.model.layers[0].self_attn.q_proj.weight.grad.clone())
     for a, b in zip(results["torch"], results["triton"]):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
+
+
+def test_a_source_checkout_imports_kernels_as_spmd_rl_kernels():
+    # Without an install (no editable finder: `python -S` skips the .pth files), the repository on
+    # sys.path still gives spmd_rl.kernels from the top-level kernels/ folder, as perf/gpu_suite.sh runs it.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    code = (f"import sys; sys.path[:0] = [{str(repo)!r}, *{site!r}]; "
+            "import spmd_rl.kernels.logprob as m, spmd_rl.kernels.backend; print(m.__file__)")
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert Path(out.stdout.strip()) == repo / "kernels" / "logprob.py"
