@@ -26,6 +26,7 @@ import torch
 from spmd_rl.config import Config, load_config
 from spmd_rl.errors import UserError, exit_on_user_error
 from spmd_rl.models import NATIVE_MODEL_TYPES, ModelArgs, Transformer, read_hf_config
+from spmd_rl.models.generic import HF_MODEL_PREFIX, GenericExportArgs, copy_remote_code, expected_hf_shapes
 from spmd_rl.models.megatron.checkpoint import hf_state_from_shards, megatron_grid
 from spmd_rl.durable_files import replace_folder
 from spmd_rl.models.hf_io import (
@@ -104,38 +105,46 @@ def _read_metadata(folder: Path):
                         f"{STEP_FOLDER_HINT}") from None
 
 
-def native_model_args(cfg: Config) -> ModelArgs:
-    """The decoder shape from ``model.path``'s config.json; UserError unless training used the native decoder."""
+def export_args(cfg: Config) -> ModelArgs | GenericExportArgs:
+    """The architecture from ``model.path``'s config.json: the native decoder's ``ModelArgs``, or
+    the transformers config when the run trained the generic model."""
     path = cfg.model.path
     try:
         hf_config = read_hf_config(path)
     except UserError as e:
         raise UserError(f"{e} (model.path of the run's config; if the folder moved, add model.path=DIR)") from None
-    model_type = hf_config.get("model_type")
-    if cfg.model.implementation == "generic" or model_type not in NATIVE_MODEL_TYPES:
-        why = "model.implementation=generic" if model_type in NATIVE_MODEL_TYPES else f"model_type {model_type!r}"
-        raise UserError(f"this run trained the generic transformers model ({why} in {path}); export supports "
-                        f"checkpoints of the native decoder only ({', '.join(sorted(NATIVE_MODEL_TYPES))})")
+    if cfg.model.implementation == "generic" or hf_config.get("model_type") not in NATIVE_MODEL_TYPES:
+        return GenericExportArgs.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     return ModelArgs.from_hf_config(hf_config)
 
 
-def decoder_state(state: dict[str, torch.Tensor], args: ModelArgs, source: str, config_file: str) -> dict[str, torch.Tensor]:
-    """The policy's ``decoder.<HF name>`` tensors renamed to HF names, checked against ``args``
-    (read from ``config_file``)."""
-    if any(k.startswith(DECODER_PREFIX + "hf_model.") for k in state):
-        raise UserError(f"{source} holds a generic transformers model (decoder.hf_model.*); export supports "
-                        f"checkpoints of the native decoder only ({', '.join(sorted(NATIVE_MODEL_TYPES))})")
-    others = sorted(k for k in state if not k.startswith(DECODER_PREFIX))
+def decoder_state(state: dict[str, torch.Tensor], args: ModelArgs | GenericExportArgs, source: str,
+                  config_file: str, *, trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
+    """The policy's ``decoder.<HF name>`` (generic: ``decoder.hf_model.<HF name>``) tensors
+    renamed to HF names, checked against the architecture of ``config_file``."""
+    generic = isinstance(args, GenericExportArgs)
+    prefix = DECODER_PREFIX + HF_MODEL_PREFIX if generic else DECODER_PREFIX
+    if not generic and any(k.startswith(DECODER_PREFIX + HF_MODEL_PREFIX) for k in state):
+        raise UserError(f"{source} holds a generic transformers model (decoder.hf_model.*) but {config_file} "
+                        "describes the native decoder; add model.implementation=generic (the run's setting)")
+    if generic and not any(k.startswith(prefix) for k in state) and any(k.startswith(DECODER_PREFIX) for k in state):
+        raise UserError(f"{source} holds the native decoder (decoder.<HF name>), but {config_file} describes a "
+                        "generic transformers model; pass the --config of the run that wrote this checkpoint")
+    others = sorted(k for k in state if not k.startswith(prefix))
     if others:
         raise UserError(f"{source} holds tensors outside the policy decoder ({others[:3]}); "
-                        "it was not written by the RL trainer's actor")
-    state = {k[len(DECODER_PREFIX):]: t for k, t in state.items()}
+                        "it was not written by the RL trainer's actor"
+                        + (" from this generic transformers model" if generic else ""))
+    state = {k[len(prefix):]: t for k, t in state.items()}
     if args.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # the tied copy; HF re-ties it from the embedding
-    with torch.device("meta"):
-        expected = {k: tuple(t.shape) for k, t in Transformer(args).state_dict().items()}
+    if generic:
+        expected = expected_hf_shapes(Path(config_file).parent, trust_remote_code)
+    else:
+        with torch.device("meta"):
+            expected = {k: tuple(t.shape) for k, t in Transformer(args).state_dict().items()}
     if args.tie_word_embeddings:
-        expected.pop("lm_head.weight")
+        expected.pop("lm_head.weight", None)
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     wrong = sorted(k for k in expected.keys() & state.keys() if tuple(state[k].shape) != expected[k])
     if missing or unexpected or wrong:
@@ -173,7 +182,7 @@ def export_checkpoint(
 
     ckpt = check_checkpoint_dir(checkpoint_dir)
     out = check_out_dir(out_dir, overwrite, ckpt)
-    args = native_model_args(cfg)
+    args = export_args(cfg)
     # The training-time chat template goes with the export, so prompts render as they did in rollouts.
     tokenizer = load_tokenizer(cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code,
                                require_chat_template=False, chat_template=cfg.data.chat_template or None)
@@ -191,12 +200,18 @@ def export_checkpoint(
         state = {DECODER_PREFIX + k: v for k, v in hf_state.items()}
     else:
         prefix = LEGACY_PREFIX if LEGACY_PREFIX in names else ACTOR_PREFIX
-        log(f"loading {prefix} from {ckpt} ({args.architecture}, {args.num_layers} layers)")
+        shape = (f"{(args.hf_config.get('architectures') or ['?'])[0]}, generic transformers model"
+                 if isinstance(args, GenericExportArgs) else f"{args.architecture}, {args.num_layers} layers")
+        log(f"loading {prefix} from {ckpt} ({shape})")
         state = load_checkpoint_state(ckpt, prefix)
-    state = decoder_state(state, args, f"checkpoint {ckpt}", str(Path(cfg.model.path) / "config.json"))
-    with torch.device("meta"):
-        model = Transformer(args)
-    load_weights(model, state, dtype=torch.float32, source=f"checkpoint {ckpt}")
+    state = decoder_state(state, args, f"checkpoint {ckpt}", str(Path(cfg.model.path) / "config.json"),
+                          trust_remote_code=cfg.model.trust_remote_code)
+    if isinstance(args, GenericExportArgs):
+        model = state  # HF names already, checked against the transformers model's
+    else:
+        with torch.device("meta"):
+            model = Transformer(args)
+        load_weights(model, state, dtype=torch.float32, source=f"checkpoint {ckpt}")
     num_bytes = sum(t.numel() for t in state.values()) * torch.empty((), dtype=dtype).element_size()
     log(f"writing {len(state)} tensors ({num_bytes / MIB:.1f} MiB, {str(dtype).removeprefix('torch.')}) to {out}")
 
@@ -205,6 +220,7 @@ def export_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         save_pretrained(model, args, tmp, max_shard_bytes=max_shard_bytes, dtype=dtype)
+        copy_remote_code(cfg.model.path, args, tmp)
         tokenizer.save_pretrained(str(tmp))
         save_generation_config(tmp, base=base, **generation_token_ids(args, tokenizer, base))
         replace_folder(tmp, out)

@@ -8,6 +8,9 @@ and plain batches (mode 2) and returns final-norm hidden states; it has no KV-ca
 from __future__ import annotations
 
 import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -16,6 +19,75 @@ from spmd_rl.errors import UserError
 
 # Config attributes that post-process logits after the lm head; compute_logits would miss them.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+HF_MODEL_PREFIX = "hf_model."  # GenericCausalLM's parameter names are the HF model's behind this
+
+
+@dataclass(frozen=True)
+class GenericExportArgs:
+    """What writing an HF folder needs of a transformers model's config, under the names
+    :class:`~spmd_rl.models.args.ModelArgs` gives them (``save_pretrained``, generation ids)."""
+
+    hf_config: dict  # the config.json to write
+
+    @classmethod
+    def from_config(cls, config) -> GenericExportArgs:
+        """From a ``transformers.PretrainedConfig``."""
+        as_dict = config.to_dict()
+        as_dict["tie_word_embeddings"] = bool(getattr(config, "tie_word_embeddings", False))
+        return cls(as_dict)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, trust_remote_code: bool = False) -> GenericExportArgs:
+        return cls.from_config(_auto_config(path, trust_remote_code))
+
+    def to_hf_config(self) -> dict:
+        return dict(self.hf_config)
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return self.hf_config["tie_word_embeddings"]
+
+    @property
+    def eos_token_id(self) -> int | list[int] | None:
+        return self.hf_config.get("eos_token_id")
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.hf_config.get("bos_token_id")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.hf_config.get("pad_token_id")
+
+
+def _auto_config(path: str | os.PathLike, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        reason = " ".join(str(e).split()).split(". ")[0][:300] or type(e).__name__
+        raise UserError(f"transformers cannot read the model config in {path}: {reason}") from None
+
+
+def expected_hf_shapes(path: str | os.PathLike, trust_remote_code: bool = False) -> dict[str, tuple[int, ...]]:
+    """Parameter/buffer name -> shape of the transformers causal LM that ``path``'s config.json
+    describes (built on the meta device: no memory, no weights read)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_auto_config(path, trust_remote_code),
+                                                 trust_remote_code=trust_remote_code)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def copy_remote_code(source_dir: str | os.PathLike | None, args, folder: Path) -> None:
+    """A config with ``auto_map`` names modelling code in its folder: the export carries it along,
+    so ``from_pretrained(..., trust_remote_code=True)`` finds it."""
+    if source_dir is None or not isinstance(args, GenericExportArgs) or "auto_map" not in args.hf_config:
+        return
+    for code in Path(source_dir).glob("*.py"):
+        shutil.copy2(code, folder / code.name)
 
 
 class GenericCausalLM(nn.Module):
@@ -97,6 +169,10 @@ class GenericCausalLM(nn.Module):
         mask = torch.arange(max_len, device=cu.device)[None, :] < lengths[:, None]  # [S, L]
         hidden = self._hidden(ids.view(num_seqs, max_len), pos.view(num_seqs, max_len), mask.long())
         return hidden.reshape(num_seqs * max_len, -1)[flat].unsqueeze(0)
+
+    def export_args(self) -> GenericExportArgs:
+        """The config an HF export of this model writes."""
+        return GenericExportArgs.from_config(self.hf_model.config)
 
     def lm_head_weight(self) -> torch.Tensor:
         """The ``[V, H]`` output projection."""

@@ -133,6 +133,8 @@ def save_pretrained(
     with an index. Everything is written to a temporary sibling folder which then replaces
     ``out_dir``; other files already in ``out_dir`` (tokenizer, generation config) are kept.
     The state dict must hold full tensors: gather sharded (DTensor) parameters first.
+    ``args`` gives config.json and the tying: a native ``ModelArgs``, or a generic model's
+    :class:`~spmd_rl.models.generic.GenericExportArgs` with HF-named tensors.
     """
     tensors = _tensors_to_save(model_or_state_dict, args, dtype)
     out_dir = Path(out_dir)

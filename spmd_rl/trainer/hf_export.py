@@ -12,14 +12,20 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from spmd_rl.durable_files import fsync_tree, replace_folder
+from spmd_rl.models.generic import HF_MODEL_PREFIX, GenericCausalLM, copy_remote_code
 from spmd_rl.models.hf_io import generation_token_ids, read_generation_config, save_generation_config, save_pretrained
 
 
 def export_model(decoder, tokenizer, out_dir: Path, rank: int, source_dir: str | None = None) -> None:
     """Gather the full weights to CPU (every rank takes part), then rank 0 writes the HF folder
-    (:func:`write_hf_folder`)."""
+    (:func:`write_hf_folder`). A generic transformers model is written under its own HF names
+    and config."""
     state = get_model_state_dict(decoder, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    write_hf_folder(state.items(), decoder.args, tokenizer, out_dir, rank, source_dir)
+    if isinstance(decoder, GenericCausalLM):
+        named = ((name.removeprefix(HF_MODEL_PREFIX), tensor) for name, tensor in state.items())
+        write_hf_folder(named, decoder.export_args(), tokenizer, out_dir, rank, source_dir)
+    else:
+        write_hf_folder(state.items(), decoder.args, tokenizer, out_dir, rank, source_dir)
 
 
 def write_hf_folder(named_tensors: Iterable[tuple[str, torch.Tensor]], args, tokenizer, out_dir: Path, rank: int,
@@ -36,6 +42,7 @@ def write_hf_folder(named_tensors: Iterable[tuple[str, torch.Tensor]], args, tok
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             save_pretrained(state, args, tmp)
+            copy_remote_code(source_dir, args, tmp)
             tokenizer.save_pretrained(str(tmp))
             base = read_generation_config(source_dir) if source_dir else {}
             save_generation_config(tmp, base=base, **generation_token_ids(args, tokenizer, base))

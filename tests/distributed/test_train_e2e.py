@@ -185,3 +185,37 @@ def test_random_init_trains_from_a_config_only_folder(sft_model, tmp_path):
     assert rows[0]["rollout/logprob_diff_max"] < 1e-4  # the engine got the trainer's random init
     assert rows[0]["actor/kl_loss"] == pytest.approx(0.0, abs=1e-6)  # the reference is the same init
     assert rows[0]["actor/entropy"] > 3.5  # near ln(vocab) = 3.9: a random policy, not the SFT-ed weights
+
+
+def test_generic_transformers_model_trains_and_exports_at_the_end(sft_model, tmp_path):
+    # GPT-2 is no native architecture: the generic transformers path trains it under FSDP2 on 2
+    # ranks, the hf engine generates, and the run ends by writing run_dir/hf under GPT-2's own
+    # names (this crashed on the missing ModelArgs, after all the training).
+    import transformers
+
+    from spmd_rl.export import load_checkpoint_state
+
+    folder = tmp_path / "gpt2"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(sft_model / "init"))
+    tokenizer.save_pretrained(str(folder))
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)).save_pretrained(str(folder))
+    (tmp_path / "reward.py").write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+                                        "    return (len(solution_str) % 4) / 3\n")  # varies within a group
+    run_dir = tmp_path / "run"
+    run(torchrun("spmd_rl.train", 2, *grpo_args(sft_model, 2, f"model.path={folder}", "rollout.engine=hf",
+                                                f"trainer.run_dir={run_dir}", "trainer.save_hf_at_end=true",
+                                                "data.max_response_length=8",
+                                                f"reward.custom_function.path={tmp_path / 'reward.py'}")), REPO)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows if "actor/pg_loss" in r] == [1, 2]
+    assert all(r["actor/grad_norm"] > 0 for r in rows if "actor/grad_norm" in r)
+    assert json.loads((run_dir / "hf/config.json").read_text())["model_type"] == "gpt2"
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(run_dir / "hf"), dtype=torch.float32)
+    trained = load_checkpoint_state(run_dir / "checkpoints/step_000002")  # the same final weights
+    for name, tensor in exported.state_dict().items():
+        torch.testing.assert_close(tensor, trained[f"decoder.hf_model.{name}"], rtol=0, atol=0, msg=name)
+    initial = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).state_dict()
+    assert max((exported.state_dict()[k] - initial[k]).abs().max().item() for k in initial) > 1e-4  # it learned

@@ -38,6 +38,16 @@ ARCHS = {
 }
 
 
+def _gpt2_model(folder: Path) -> None:
+    """A tiny GPT-2 (tied head), a type only the generic transformers path runs."""
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                     eos_token_id=3, bos_token_id=1)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(str(folder))
+
+
 def _train_and_save(rank, world_size, root):
     """One AdamW step of each tiny policy under FSDP2, saved the way the trainer saves it."""
     from spmd_rl.distributed.parallel_dims import ParallelDims
@@ -47,7 +57,7 @@ def _train_and_save(rank, world_size, root):
     from spmd_rl.trainer.policy import PolicyModel, build_scoring_inputs
 
     mesh = ParallelDims(1, -1, 1, 1, 1, world_size).build_mesh("cpu")
-    for name in ARCHS:
+    for name in (*ARCHS, "gpt2"):
         run_dir = Path(root) / name
         policy = apply_fsdp(PolicyModel(build_model(str(run_dir / "model"))), mesh["dp"])
         optimizer = build_optimizer(policy, OptimConfig(lr=1e-2))
@@ -75,6 +85,9 @@ def runs(tmp_path_factory) -> Path:
         save_pretrained(build_model(None, args=args, seed=0), args, root / name / "model")
         model_cfg = ModelConfig(path=str(root / name / "model"), tokenizer_path=str(root / "qwen2" / "model"))
         save_config(Config(model=model_cfg, data=DataConfig(train_files=["unused.parquet"])), root / name / "config.yaml")
+    _gpt2_model(root / "gpt2" / "model")
+    model_cfg = ModelConfig(path=str(root / "gpt2" / "model"), tokenizer_path=str(root / "qwen2" / "model"))
+    save_config(Config(model=model_cfg, data=DataConfig(train_files=["unused.parquet"])), root / "gpt2" / "config.yaml")
     run_on_ranks(_train_and_save, 1, str(root))
     return root
 
@@ -109,6 +122,32 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
         code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def test_generic_transformers_run_exports_under_its_own_names(runs, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from spmd_rl.models import GenericCausalLM
+
+    run, out = runs / "gpt2", tmp_path / "hf"
+    ckpt = run / "checkpoints" / "step_000001"
+    code, stdout, err = run_main([str(ckpt), str(out)], capsys)
+    assert code == 0, err
+    assert stdout.splitlines()[0] == f"loading actor/model from {ckpt} (GPT2LMHeadModel, generic transformers model)"
+    trained = GenericCausalLM.from_pretrained(run / "model").eval()
+    params = torch.load(run / "trained.pt", weights_only=True)
+    trained.load_state_dict(params)
+    init = GenericCausalLM.from_pretrained(run / "model").eval()
+    exported = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        assert "lm_head.weight" not in handle.keys()  # tied: transformers re-ties it
+    with torch.no_grad():
+        for seq in SEQUENCES:
+            ids = torch.tensor([seq])
+            expected = trained.hf_model(ids).logits
+            torch.testing.assert_close(exported(ids).logits, expected, atol=1e-5, rtol=0)
+            assert (expected - init.hf_model(ids).logits).abs().max() > 1e-2  # the trained weights, not the initial ones
 
 
 def test_training_changed_the_logits(runs):
@@ -252,9 +291,16 @@ def _bad_inputs(runs: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "out_dir holds the checkpoint": ([str(ckpt), str(runs / "qwen2"), "--overwrite"],
                                          f"output folder {runs / 'qwen2'} contains the checkpoint {ckpt}; choose a "
                                          "folder outside it"),
-        "generic model": ([str(ckpt), out, f"model.path={gpt2}"],
-                          f"this run trained the generic transformers model (model_type 'gpt2' in {gpt2}); export "
-                          "supports checkpoints of the native decoder only (llama, mistral, mixtral, qwen2, qwen3, qwen3_moe)"),
+        "generic config, native checkpoint": ([str(ckpt), out, f"model.path={gpt2}"],
+                                              f"checkpoint {ckpt} holds the native decoder (decoder.<HF name>), but "
+                                              f"{gpt2 / 'config.json'} describes a generic transformers model; pass the "
+                                              "--config of the run that wrote this checkpoint"),
+        "native config, generic checkpoint": ([str(runs / "gpt2" / "checkpoints" / "step_000001"), out, "--config",
+                                               str(runs / "qwen2" / "config.yaml")],
+                                              f"checkpoint {runs / 'gpt2' / 'checkpoints' / 'step_000001'} holds a generic "
+                                              "transformers model (decoder.hf_model.*) but "
+                                              f"{runs / 'qwen2' / 'model' / 'config.json'} describes the native decoder; "
+                                              "add model.implementation=generic (the run's setting)"),
         # Qwen2 weights with a Llama config: Llama has no q/k/v biases (the untied lm_head exists in both).
         "other architecture": ([str(ckpt), out, "--config", str(runs / "llama" / "config.yaml")],
                                f"checkpoint {ckpt} does not match the architecture in {runs / 'llama' / 'model' / 'config.json'} "
@@ -283,3 +329,16 @@ def test_bad_input_in_a_subprocess_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr == (f"error: checkpoint folder {tmp_path / 'nope'} does not exist; "
                            "pass a <run_dir>/checkpoints/step_XXXXXX folder\n")
+
+
+def test_remote_code_goes_with_a_config_that_names_it(tmp_path):
+    from spmd_rl.models.generic import GenericExportArgs, copy_remote_code
+
+    source, out = tmp_path / "src", tmp_path / "out"
+    source.mkdir(), out.mkdir()
+    (source / "modeling_custom.py").write_text("# model code\n")
+    copy_remote_code(source, GenericExportArgs({"tie_word_embeddings": False}), out)
+    assert not list(out.iterdir())  # no auto_map: nothing to carry
+    copy_remote_code(source, GenericExportArgs({"tie_word_embeddings": False,
+                                                "auto_map": {"AutoModelForCausalLM": "modeling_custom.M"}}), out)
+    assert (out / "modeling_custom.py").read_text() == "# model code\n"
