@@ -7,7 +7,9 @@ every message must say what is wrong and how to fix it.
 from __future__ import annotations
 
 import functools
+import os
 import sys
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -27,3 +29,12 @@ def exit_on_user_error(main):
             sys.exit(2)
 
     return wrapper
+
+
+def training_checkpoint_hint(folder: str | os.PathLike) -> str:
+    """For a message about a folder that should be an HF model: how to make one, when it is a
+    training checkpoint (a DCP folder holds .metadata), else ""."""
+    if not (Path(folder) / ".metadata").is_file():
+        return ""
+    return (f" ({folder} is a training checkpoint: export it with python -m spmd_rl.export {folder} OUT_DIR "
+            "and use OUT_DIR)")

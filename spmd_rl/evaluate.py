@@ -64,7 +64,9 @@ def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device) -> d
                         filter_overlong_prompts=data.filter_overlong_prompts)
     # The engine's dtype of training (model.dtype; auto: bf16 on GPU), loaded directly in it.
     dtype = torch.bfloat16 if cfg.model.uses_bf16(device.type) else torch.float32
-    model = build_model(cfg.model.path, device=device, dtype=dtype, prefer_native=cfg.model.implementation != "generic",
+    # the hf engine generates with transformers' generate: a transformers model for every architecture
+    native = cfg.model.implementation != "generic" and cfg.rollout.engine != "hf"
+    model = build_model(cfg.model.path, device=device, dtype=dtype, prefer_native=native,
                         seed=cfg.trainer.seed, trust_remote_code=cfg.model.trust_remote_code)
     model.requires_grad_(False).eval()
     engine = build_engine(cfg.rollout.engine, model, device=device, **engine_options(cfg, tokenizer))

@@ -16,12 +16,12 @@ from spmd_rl.data.sampler import PromptSampler
 from spmd_rl.data.sft_dataset import SFTDataset, SFTExample
 from spmd_rl.data.tokenizer import load_tokenizer
 from spmd_rl.distributed.collectives import all_reduce_sum
+from spmd_rl.distributed.compile import wrap_decoder_blocks
 from spmd_rl.distributed.init import destroy_distributed, exit_worker, init_parallel, resolve_device
 from spmd_rl.distributed.parallel_dims import ParallelDims
 from spmd_rl.distributed.parallelize import apply_fsdp, apply_model_parallel
 from spmd_rl.errors import exit_on_user_error
-from spmd_rl.models import ModelArgs, build_model
-from spmd_rl.models.hf_io import read_hf_config
+from spmd_rl.models import build_model, native_args
 from spmd_rl.observability.logger import build_metrics_logger
 from spmd_rl.observability.progress import progress_bar
 from spmd_rl.trainer.hf_export import export_model
@@ -56,11 +56,13 @@ def train_sft(cfg: SFTConfig, dims: ParallelDims, mesh, device: torch.device) ->
                             dp_size=dp_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
     total_steps = cfg.trainer.total_steps or cfg.trainer.total_epochs * sampler.steps_per_epoch
     if cfg.model.random_init:
-        args = ModelArgs.from_hf_config(read_hf_config(cfg.model.path))
+        args = native_args(cfg.model.path, cfg.model.implementation)
         decoder = build_model(None, args=args, device=device, seed=cfg.trainer.seed)
     else:
         decoder = build_model(cfg.model.path, device=device, prefer_native=cfg.model.implementation != "generic")
-    policy = PolicyModel(decoder, sp_group=apply_model_parallel(decoder, dims, mesh))
+    sp_group = apply_model_parallel(decoder, dims, mesh)
+    wrap_decoder_blocks(decoder, compile=cfg.model.compile, activation_checkpointing=False)
+    policy = PolicyModel(decoder, sp_group=sp_group)
     bf16 = cfg.model.uses_bf16(device.type)
     apply_fsdp(policy, dims.fsdp_mesh(mesh), param_dtype=torch.bfloat16 if bf16 else None)
     optimizer = build_optimizer(policy, cfg.optim)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from spmd_rl.errors import UserError
+from spmd_rl.errors import UserError, training_checkpoint_hint
 
 PAD, USER, ASSISTANT, END, UNK = "<|pad|>", "<|user|>", "<|assistant|>", "<|end|>", "<|unk|>"
 DEFAULT_ALPHABET = "0123456789+-*=#?. abcdefghijklmnopqrstuvwxyz"
@@ -47,6 +47,8 @@ def load_tokenizer(
 
     if not Path(path).is_dir():
         raise UserError(f"tokenizer folder {path} does not exist: set model.path (or the tokenizer path) to a local folder")
+    if training_checkpoint_hint(path):
+        raise UserError(f"cannot load a tokenizer from {path}{training_checkpoint_hint(path)}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

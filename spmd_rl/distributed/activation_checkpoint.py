@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
 from spmd_rl.distributed.parallelize import decoder_blocks
+from spmd_rl.errors import UserError
 
 AC_MODES = ("none", "full")
 
@@ -47,8 +48,9 @@ def wrap_blocks(model: nn.Module, wrap: Callable[[nn.Module], nn.Module]) -> Non
     the decoder's ``for layer in layers`` loop calls the wrapper."""
     blocks = decoder_blocks(model)
     if not blocks:
-        raise ValueError(f"{type(model).__name__} has no decoder blocks (model.layers) to wrap: "
-                         "use a native or Hugging Face decoder")
+        raise UserError(f"{type(model).__name__} has no decoder blocks that spmd-rl can find (model.layers or "
+                        "_no_split_modules) to checkpoint or compile: set *.activation_checkpointing=false "
+                        "and model.compile=false for this model")
     container = next((m for m in model.modules() if isinstance(m, nn.ModuleList) and any(b is blocks[0] for b in m)),
                       None)
     if container is None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from spmd_rl.distributed.activation_checkpoint import ac_mode, apply_ac
 from spmd_rl.distributed.parallelize import decoder_blocks
+from spmd_rl.errors import UserError
 
 
 def apply_compile(model: nn.Module) -> nn.Module:
@@ -23,8 +24,8 @@ def apply_compile(model: nn.Module) -> nn.Module:
     happens at a block's first forward."""
     blocks = decoder_blocks(model)
     if not blocks:
-        raise ValueError(f"{type(model).__name__} has no decoder blocks (model.layers) to compile: "
-                         "use a native or Hugging Face decoder, or model.compile=false")
+        raise UserError(f"{type(model).__name__} has no decoder blocks that spmd-rl can find (model.layers or "
+                        "_no_split_modules) to compile: set model.compile=false for this model")
     for block in blocks:
         block.compile()
     return model

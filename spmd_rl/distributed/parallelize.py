@@ -13,14 +13,19 @@ from spmd_rl.errors import UserError
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a native or HF decoder (``model.layers``), also when wrapped by
-    the trainer's ``PolicyModel`` / ``ValueModel`` (``.decoder``)."""
+    the trainer's ``PolicyModel`` / ``ValueModel`` (``.decoder``). Other transformers models keep
+    them elsewhere (GPT-2: ``transformer.h``): their blocks are the modules of the classes the
+    model declares unsplittable (``_no_split_modules``, what accelerate's device maps keep whole)."""
     model = getattr(model, "decoder", model)
     model = getattr(model, "hf_model", model)  # the generic transformers path (GenericCausalLM)
     inner = getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
     if layers is None and hasattr(inner, "get_decoder"):
         layers = getattr(inner.get_decoder(), "layers", None)
-    return list(layers) if layers is not None else []
+    if layers is not None:
+        return list(layers)
+    block_classes = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in block_classes]
 
 
 def apply_model_parallel(decoder: nn.Module, dims, mesh: DeviceMesh):

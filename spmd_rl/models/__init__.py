@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from spmd_rl.errors import UserError
 from spmd_rl.models.args import ModelArgs
 from spmd_rl.models.decoder import DecoderLayer, Transformer
 from spmd_rl.models.generic import GenericCausalLM
@@ -19,11 +20,23 @@ __all__ = [
     "ModelArgs",
     "Transformer",
     "build_model",
+    "native_args",
     "load_pretrained",
     "load_state_dict",
     "read_hf_config",
     "save_pretrained",
 ]
+
+
+def native_args(path: str, implementation: str = "auto", *, why: str = "model.random_init=true",
+                fix: str = "load its weights instead (model.random_init=false)") -> ModelArgs:
+    """The native decoder's shape from ``path``'s config.json, for a use that only the native
+    decoder supports (``why``); a one-line UserError ending in ``fix`` for another model."""
+    config = read_hf_config(path)
+    if implementation == "generic" or config.get("model_type") not in NATIVE_MODEL_TYPES:
+        raise UserError(f"{why} needs the native decoder ({', '.join(sorted(NATIVE_MODEL_TYPES))}); {path} is "
+                        f"model_type {config.get('model_type')!r} (model.implementation={implementation}): {fix}")
+    return ModelArgs.from_hf_config(config)
 
 
 def build_model(

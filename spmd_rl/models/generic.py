@@ -145,7 +145,10 @@ class GenericCausalLM(nn.Module):
     def _hidden(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        out = self.hf_model.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
+        # No KV cache: it only costs memory here, and a checkpointed block's recompute would append
+        # its keys a second time
+        out = self.hf_model.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                       use_cache=False)
         return out.last_hidden_state
 
     def _packed_hidden(

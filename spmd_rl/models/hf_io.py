@@ -17,7 +17,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from spmd_rl.errors import UserError
+from spmd_rl.errors import UserError, training_checkpoint_hint
 from spmd_rl.models.args import ModelArgs
 from spmd_rl.models.decoder import Transformer
 
@@ -34,7 +34,8 @@ def read_hf_config(path: str | os.PathLike) -> dict:
         raise UserError(f"model folder {folder} {problem}; pass a local HF model folder (config.json + *.safetensors)")
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
-        raise UserError(f"{config_file} not found; a model folder must hold an HF config.json")
+        raise UserError(f"{config_file} not found; a model folder must hold an HF config.json"
+                        + training_checkpoint_hint(folder))
     try:
         return json.loads(config_file.read_text())
     except json.JSONDecodeError as e:

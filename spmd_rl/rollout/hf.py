@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 from transformers.generation import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from spmd_rl.errors import UserError
 from spmd_rl.kernels.logprob import logprobs_from_logits
 from spmd_rl.rollout.engine import validate_prompts
 from spmd_rl.rollout.sampling import process_logits, resolve_prompt_seeds, token_counts
@@ -63,6 +64,9 @@ class HFEngine:
     ) -> None:
         # Accept the trainer's GenericCausalLM wrapper too: generate with the HF model inside.
         model = getattr(model, "hf_model", model)
+        if not callable(getattr(model, "generate", None)):
+            raise UserError(f"rollout.engine=hf needs a transformers model, got {type(model).__name__}: set "
+                            "model.implementation=generic, or use rollout.engine=native for this model")
         first = next(model.parameters())
         self.device = torch.device(device) if device is not None else first.device
         self.model = model.to(device=self.device, dtype=dtype or first.dtype).eval()
@@ -97,7 +101,9 @@ class HFEngine:
         """The n completions of one prompt."""
         if self.max_seq_len is not None and len(prompt) + params.max_new_tokens > self.max_seq_len:
             params = dataclasses.replace(params, max_new_tokens=self.max_seq_len - len(prompt))
-        input_ids = torch.tensor([prompt], dtype=torch.long, device=self.device)  # [1, L]
+        # transformers refuses num_return_sequences > 1 for greedy search: n identical rows instead
+        rows = params.n if params.greedy else 1
+        input_ids = torch.tensor([prompt] * rows, dtype=torch.long, device=self.device)  # [rows, L]
         processor = _ProcessLogits(params, len(prompt))
         stopping = StoppingCriteriaList([_StopStrings(checker, len(prompt))] if checker else [])
         rng_devices = [self.device] if self.device.type == "cuda" else []
@@ -231,7 +237,7 @@ def _generation_config(params: SamplingParams) -> GenerationConfig:
     stop = list(params.stop_token_ids)
     options = dict(
         max_new_tokens=params.max_new_tokens,
-        num_return_sequences=params.n,
+        num_return_sequences=1 if params.greedy else params.n,
         do_sample=not params.greedy,
         eos_token_id=stop or None,
         # Padding of rows that stopped early; it is trimmed away, its value is irrelevant.

@@ -19,7 +19,7 @@ from spmd_rl.distributed.compile import wrap_decoder_blocks
 from spmd_rl.distributed.parallelize import apply_fsdp, apply_model_parallel
 from spmd_rl.errors import UserError
 from spmd_rl.kernels.backend import resolve_kernel_backend
-from spmd_rl.models import NATIVE_MODEL_TYPES, ModelArgs, build_model, read_hf_config
+from spmd_rl.models import NATIVE_MODEL_TYPES, GenericCausalLM, ModelArgs, build_model, native_args, read_hf_config
 from spmd_rl.models.decoder import Transformer
 from spmd_rl.models.megatron.critic import MegatronValueModel, build_megatron_critic
 from spmd_rl.models.megatron.memory_plan import report_megatron_memory_plan
@@ -306,7 +306,11 @@ def _materialise(cfg: Config, model: torch.nn.Module, decoder: torch.nn.Module, 
 def _engine_model(cfg: Config, decoder: torch.nn.Module, device: torch.device, dtype: torch.dtype):
     """The engine's own copy of the policy. For a decoder still on the meta device: a meta copy the
     native engine allocates itself (its tp shard; the weights come with the sync before the first
-    rollout), or, for the other engines, which need weights to start, the checkpoint loaded."""
+    rollout), or, for the other engines, which need weights to start, the checkpoint loaded. The hf
+    engine generates with transformers' ``generate``: for a native decoder it gets the same
+    architecture as a transformers model, which takes the native (HF-named) weights at every sync."""
+    if cfg.rollout.engine == "hf" and isinstance(decoder, Transformer):
+        return _transformers_model(cfg, device, dtype)
     if not is_on_meta(decoder):
         return copy.deepcopy(decoder).to(dtype).eval()
     if cfg.rollout.engine == "native":
@@ -314,6 +318,20 @@ def _engine_model(cfg: Config, decoder: torch.nn.Module, device: torch.device, d
     if cfg.model.random_init:
         return build_model(None, args=decoder.args, device=device, dtype=dtype, seed=cfg.trainer.seed).eval()
     return build_model(cfg.model.path, device=device, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code).eval()
+
+
+def _transformers_model(cfg: Config, device: torch.device, dtype: torch.dtype) -> GenericCausalLM:
+    """``model.path``'s architecture as a transformers model: its weights, or with
+    ``model.random_init`` (a folder without weights) a placeholder init the first sync replaces."""
+    if not cfg.model.random_init:
+        return build_model(cfg.model.path, device=device, dtype=dtype, prefer_native=False,
+                           trust_remote_code=cfg.model.trust_remote_code).eval()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    return GenericCausalLM(model).eval()
 
 
 def _optimizer(model, optim: OptimConfig, megatron: MegatronOptions, mesh) -> torch.optim.Optimizer:
@@ -330,8 +348,8 @@ def _megatron_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, k
     (each rank keeps its slice of the stages' weights, gathered to HF tensors one at a time
     before each rollout), whose completions the other stages receive."""
     check_megatron_run(cfg, dims)
-    report_megatron_memory_plan(cfg, read_model_args(cfg.model.path), dims, device, log,
-                                critic_args=read_model_args(cfg.critic.model_path) if cfg.critic.enable
+    report_megatron_memory_plan(cfg, _megatron_args(cfg.model.path), dims, device, log,
+                                critic_args=_megatron_args(cfg.critic.model_path) if cfg.critic.enable
                                 and cfg.critic.model_path else None)  # UserError if it cannot fit
     mixed = compute_dtype(cfg, device, default=None)  # bf16 autocast on CUDA, as FSDP's mixed precision
     policy = build_megatron_policy(cfg, cfg.model.path, dims, mesh, kernels=kernels, compute_dtype=mixed)
@@ -358,9 +376,10 @@ def _megatron_policy(cfg: Config, dims, mesh, device: torch.device, tokenizer, k
     return policy, ref, engine, engine_model
 
 
-def read_model_args(path: str):
-    """The native decoder's ``ModelArgs`` of the HF folder at ``path``."""
-    return ModelArgs.from_hf_config(read_hf_config(path))
+def _megatron_args(path: str) -> ModelArgs:
+    """The native decoder's ``ModelArgs`` of the HF folder at ``path``: the megatron backend
+    builds the same architectures."""
+    return native_args(path, why="actor.strategy=megatron", fix="use actor.strategy=fsdp for this model")
 
 
 def compute_dtype(cfg: Config, device: torch.device, default: torch.dtype | None = torch.float32):
@@ -392,13 +411,10 @@ def _load_decoder(cfg: Config, path: str, device: torch.device) -> torch.nn.Modu
     shard (:func:`~spmd_rl.models.sharded_load.materialise_from_hf`), or a generic transformers
     model loaded whole on ``device``."""
     config = read_hf_config(path)
-    if cfg.model.implementation != "generic" and config.get("model_type") in NATIVE_MODEL_TYPES:
+    if cfg.model.random_init or (cfg.model.implementation != "generic"
+                                 and config.get("model_type") in NATIVE_MODEL_TYPES):
         with torch.device("meta"):
-            decoder = Transformer(ModelArgs.from_hf_config(config))
-    elif cfg.model.random_init:
-        raise UserError(f"model.random_init=true needs the native decoder ({', '.join(sorted(NATIVE_MODEL_TYPES))}); "
-                        f"{path} is model_type {config.get('model_type')!r} (model.implementation="
-                        f"{cfg.model.implementation}): load its weights instead (model.random_init=false)")
+            decoder = Transformer(native_args(path, cfg.model.implementation))
     else:
         decoder = build_model(path, device=device, dtype=torch.float32, prefer_native=False, seed=cfg.trainer.seed,
                               trust_remote_code=cfg.model.trust_remote_code)

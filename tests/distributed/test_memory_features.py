@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from spmd_rl.errors import UserError
 from tests.distributed.launcher import run_on_ranks
 from tests.distributed.test_update_invariance import GRPO, PPO_GAE, overrides, rows_of_rank, synthetic_batch
 from tests.distributed.tiny_setup import make_tiny_setup
@@ -311,8 +312,9 @@ def test_bad_wrapping_requests():
 
     with pytest.raises(ValueError, match=r"^activation checkpointing mode 'selective' is not one of none, full$"):
         apply_ac(torch.nn.Linear(2, 2), "selective")
-    with pytest.raises(ValueError, match=r"^Linear has no decoder blocks \(model.layers\) to wrap"):
+    with pytest.raises(UserError, match=r"^Linear has no decoder blocks that spmd-rl can find \(model.layers or "
+                       r"_no_split_modules\) to checkpoint or compile: set \*.activation_checkpointing=false"):
         apply_ac(torch.nn.Linear(2, 2), "full")
-    with pytest.raises(ValueError, match=r"^Linear has no decoder blocks \(model.layers\) to compile: use a native or "
-                       r"Hugging Face decoder, or model.compile=false$"):
+    with pytest.raises(UserError, match=r"^Linear has no decoder blocks that spmd-rl can find \(model.layers or "
+                       r"_no_split_modules\) to compile: set model.compile=false for this model$"):
         apply_compile(torch.nn.Linear(2, 2))

@@ -67,7 +67,8 @@ def reference_sft(root):
 
 def test_sft_with_tp_and_sp_matches_one_rank(root, reference_sft):
     reference = reference_sft
-    for name, extra in (("sft_tp2", "parallel.tp=2"), ("sft_sp2", "parallel.sp=2")):
+    # model.compile: SFT used to ignore it (the blocks now compile, with the same numbers)
+    for name, extra in (("sft_tp2", "parallel.tp=2"), ("sft_sp2", "parallel.sp=2"), ("sft_compiled", "model.compile=true")):
         rows = sft(root, name, 2, extra)
         for got, ref in zip(rows, reference, strict=True):
             assert got["train/loss"] == pytest.approx(ref["train/loss"], rel=1e-5), name

@@ -219,3 +219,14 @@ def test_generic_transformers_model_trains_and_exports_at_the_end(sft_model, tmp
         torch.testing.assert_close(tensor, trained[f"decoder.hf_model.{name}"], rtol=0, atol=0, msg=name)
     initial = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).state_dict()
     assert max((exported.state_dict()[k] - initial[k]).abs().max().item() for k in initial) > 1e-4  # it learned
+
+
+def test_hf_engine_generates_for_a_native_decoder(sft_model, tmp_path):
+    # rollout.engine=hf with a Qwen2 folder: the trainer runs the native decoder, the engine a
+    # transformers Qwen2 that takes the trainer's weights at every sync (it used to get the native
+    # decoder, which has no generate)
+    run(torchrun("spmd_rl.train", 1, *grpo_args(sft_model, 1, "rollout.engine=hf", f"trainer.run_dir={tmp_path / 'run'}",
+                                                "trainer.save_freq=0")), REPO)
+    row = read_metrics(tmp_path / "run/metrics.jsonl")[-1]
+    assert row["step"] == 1 and row["response_length/mean"] > 0
+    assert row["rollout/logprob_diff_max"] < 1e-4  # transformers' Qwen2 and the native decoder agree

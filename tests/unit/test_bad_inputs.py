@@ -31,7 +31,7 @@ from spmd_rl.distributed.parallelize import apply_model_parallel
 from spmd_rl.distributed.tensor_parallel import check_tp_divisible
 from spmd_rl.distributed.ulysses import check_heads_divisible
 from spmd_rl.errors import UserError
-from spmd_rl.models import ModelArgs, load_state_dict, read_hf_config
+from spmd_rl.models import ModelArgs, load_state_dict, native_args, read_hf_config
 from spmd_rl.rewards.custom import load_custom_reward_function
 from spmd_rl.rewards.scorer import RewardScorer
 from spmd_rl.rollout.engine import build_engine
@@ -120,6 +120,21 @@ def model_folder(config_text: str | None = None, files: tuple[str, ...] = ()) ->
         read_hf_config(folder)
         return load_state_dict(folder)
     return trigger
+
+
+def checkpoint_folder(tmp: Path) -> Path:
+    """A folder shaped like a DCP training checkpoint (its .metadata file)."""
+    folder = tmp / "step_000002"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(b"")
+    return folder
+
+
+def config_only_folder(tmp: Path, model_type: str) -> Path:
+    folder = tmp / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return folder
 
 
 def resume_not_a_checkpoint(tmp: Path, tok: Path):
@@ -269,6 +284,18 @@ CASES: dict[str, tuple[Callable[[Path, Path], object], str]] = {
     "llama3-rope-missing-keys": (lambda tmp, tok: ModelArgs.from_hf_config(
                                      {**LLAMA, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}),
                                  "rope scaling 'llama3' needs ['low_freq_factor', 'high_freq_factor'] in config.json"),
+    "model-path-is-a-checkpoint": (lambda tmp, tok: read_hf_config(checkpoint_folder(tmp)),
+                                   "{tmp}/step_000002/config.json not found; a model folder must hold an HF config.json "
+                                   "({tmp}/step_000002 is a training checkpoint: export it with python -m spmd_rl.export "
+                                   "{tmp}/step_000002 OUT_DIR and use OUT_DIR)"),
+    "tokenizer-path-is-a-checkpoint": (lambda tmp, tok: load_tokenizer(str(checkpoint_folder(tmp))),
+                                       "cannot load a tokenizer from {tmp}/step_000002 ({tmp}/step_000002 is a training "
+                                       "checkpoint: export it with python -m spmd_rl.export {tmp}/step_000002 OUT_DIR "
+                                       "and use OUT_DIR)"),
+    "random-init-of-a-generic-model": (lambda tmp, tok: native_args(str(config_only_folder(tmp, "gpt2"))),
+                                       "model.random_init=true needs the native decoder (llama, mistral, mixtral, qwen2, "
+                                       "qwen3, qwen3_moe); {tmp}/model is model_type 'gpt2' (model.implementation=auto): "
+                                       "load its weights instead (model.random_init=false)"),
     # ---- checkpoint / resume
     "resume-not-a-checkpoint": (resume_not_a_checkpoint,
                                 "trainer.resume={tmp}/run is not a checkpoint folder (no trainer_state.pt): "

@@ -358,3 +358,33 @@ def test_generic_path_for_a_native_type_matches_native(tmp_path):
     ids, pos = batch_inputs()
     with torch.no_grad():
         assert (generic.compute_logits(generic(ids, pos)) - native.compute_logits(native(ids, pos))).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3_untied"])
+def test_generic_blocks_are_found_and_checkpointing_keeps_the_gradients(tmp_path, arch):
+    # GPT-2 keeps its blocks in transformer.h (found through _no_split_modules); Qwen3 in
+    # model.layers. Checkpointed blocks recompute in the backward: without use_cache=False the
+    # recompute appended its keys to the forward's KV cache a second time (a shape error).
+    import copy
+
+    from spmd_rl.distributed.activation_checkpoint import apply_ac
+    from spmd_rl.distributed.parallelize import decoder_blocks
+
+    if arch == "gpt2":
+        torch.manual_seed(0)
+        transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=4,
+                                                             n_positions=64)).save_pretrained(tmp_path / arch)
+    else:
+        make_hf_model(arch).save_pretrained(tmp_path / arch)
+    plain = build_model(str(tmp_path / arch), prefer_native=False)
+    blocks = decoder_blocks(plain)
+    assert len(blocks) == 2 and {type(b).__name__ for b in blocks} == {"GPT2Block" if arch == "gpt2" else "Qwen3DecoderLayer"}
+    checkpointed = apply_ac(copy.deepcopy(plain), "full")
+    ids, pos = batch_inputs(T=10)
+    cu = torch.tensor([0, 4, 14], dtype=torch.int32)
+    packed = (torch.cat([ids[0, :4], ids[1]])[None], torch.cat([pos[0, :4], pos[1]])[None])
+    for model in (plain, checkpointed):
+        model.compute_logits(model(*packed, cu_seqlens=cu)).logsumexp(-1).sum().backward()
+    grads = {n: p.grad for n, p in plain.named_parameters()}
+    for name, p in checkpointed.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name.replace("._checkpoint_wrapped_module", "")], rtol=1e-5, atol=1e-6)

@@ -391,6 +391,21 @@ def test_hf_greedy_matches_argmax_loop(hf_model):
         assert (torch.tensor(comp.logprobs) - ref).abs().max() < 1e-5
 
 
+def test_hf_greedy_with_n_samples_gives_n_equal_responses(hf_model, model):
+    # transformers refuses num_return_sequences > 1 without sampling (validation at val_n > 1, T=0)
+    engine = HFEngine(copy.deepcopy(hf_model))
+    one = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=6))
+    three = engine.generate(PROMPTS, SamplingParams(n=3, temperature=0.0, max_new_tokens=6))
+    for (single,), group in zip(one, three):
+        assert [c.token_ids for c in group] == [single.token_ids] * 3
+        assert all(c.logprobs == pytest.approx(single.logprobs, abs=1e-6) for c in group)
+    # a native decoder has no transformers generate: refused in one line (the trainer hands the
+    # hf engine a transformers model of the same architecture instead)
+    with pytest.raises(UserError, match=r"^rollout.engine=hf needs a transformers model, got Transformer: set "
+                       r"model.implementation=generic, or use rollout.engine=native for this model$"):
+        HFEngine(model)
+
+
 def test_hf_sampling_logprobs_seeds_and_stop(hf_model):
     engine = HFEngine(copy.deepcopy(hf_model))
     params = SamplingParams(n=3, temperature=0.7, top_k=20, max_new_tokens=12, seed=1)
