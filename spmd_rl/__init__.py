@@ -18,5 +18,9 @@ if _importlib_util.find_spec(__name__ + ".kernels") is None:
                                                          submodule_search_locations=[_kernels])
         _module = _importlib_util.module_from_spec(_spec)
         _sys.modules[_spec.name] = _module
-        _spec.loader.exec_module(_module)
+        try:
+            _spec.loader.exec_module(_module)
+        except BaseException:
+            del _sys.modules[_spec.name]
+            raise
         kernels = _module

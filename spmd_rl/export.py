@@ -194,6 +194,10 @@ def export_checkpoint(
     except ValueError as e:
         raise UserError(f"checkpoint {ckpt}: {e}; {STEP_FOLDER_HINT}") from None
     if grid is not None:  # actor.strategy=megatron: GPTModel shards, one state dict per tp x pp cell
+        if isinstance(args, GenericExportArgs):
+            raise UserError(f"checkpoint {ckpt} was written by actor.strategy=megatron (the native decoder), but "
+                            f"{Path(cfg.model.path) / 'config.json'} describes a generic transformers model; pass the "
+                            "--config of the run that wrote this checkpoint")
         log(f"loading the megatron actor (tp={grid[0]} x pp={grid[1]} x ep={grid[2]} shards) from {ckpt} "
             f"({args.architecture}, {args.num_layers} layers)")
         hf_state = hf_state_from_shards(lambda prefix: load_checkpoint_state(ckpt, prefix), args, *grid)

@@ -49,11 +49,11 @@ def wrap_blocks(model: nn.Module, wrap: Callable[[nn.Module], nn.Module]) -> Non
     blocks = decoder_blocks(model)
     if not blocks:
         raise UserError(f"{type(model).__name__} has no decoder blocks that spmd-rl can find (model.layers or "
-                        "_no_split_modules) to checkpoint or compile: set *.activation_checkpointing=false "
-                        "and model.compile=false for this model")
+                        "_no_split_modules) to checkpoint: set *.activation_checkpointing=false for this model")
     container = next((m for m in model.modules() if isinstance(m, nn.ModuleList) and any(b is blocks[0] for b in m)),
                       None)
     if container is None:
-        raise ValueError(f"the decoder blocks of {type(model).__name__} are not held in an nn.ModuleList")
+        raise UserError(f"the decoder blocks of {type(model).__name__} are not held in an nn.ModuleList: set "
+                        "*.activation_checkpointing=false and model.compile=false for this model")
     for name, block in list(container.named_children()):
         container.register_module(name, wrap(block))

@@ -24,8 +24,18 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
         layers = getattr(inner.get_decoder(), "layers", None)
     if layers is not None:
         return list(layers)
+    return _unsplittable_blocks(model)
+
+
+def _unsplittable_blocks(model: nn.Module) -> list[nn.Module]:
+    """The outermost modules of ``model``'s ``_no_split_modules`` classes, when they are the
+    children of one ``nn.ModuleList`` (a stack of blocks); otherwise none."""
     block_classes = set(getattr(model, "_no_split_modules", None) or ())
-    return [m for m in model.modules() if type(m).__name__ in block_classes]
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and all(
+                type(child).__name__ in block_classes for child in module):
+            return list(module)  # modules() is pre-order: the first such list is the outermost
+    return []
 
 
 def apply_model_parallel(decoder: nn.Module, dims, mesh: DeviceMesh):

@@ -310,6 +310,10 @@ def _engine_model(cfg: Config, decoder: torch.nn.Module, device: torch.device, d
     engine generates with transformers' ``generate``: for a native decoder it gets the same
     architecture as a transformers model, which takes the native (HF-named) weights at every sync."""
     if cfg.rollout.engine == "hf" and isinstance(decoder, Transformer):
+        if decoder.args.num_experts:  # transformers 5 fuses the experts the native decoder keeps apart
+            raise UserError(f"rollout.engine=hf cannot take the native {decoder.args.model_type} decoder's per-expert "
+                            "weights (transformers fuses them): use rollout.engine=native, or "
+                            "model.implementation=generic to train the transformers model itself")
         return _transformers_model(cfg, device, dtype)
     if not is_on_meta(decoder):
         return copy.deepcopy(decoder).to(dtype).eval()
@@ -472,7 +476,9 @@ def _hidden_size(decoder: torch.nn.Module) -> int:
 
 def stop_token_ids(tokenizer, decoder) -> list[int]:
     ids = {tokenizer.eos_token_id}
-    model_eos = getattr(getattr(decoder, "args", None), "eos_token_id", None)
+    # the native decoder's args, or a transformers model's config (GenericCausalLM)
+    config = getattr(decoder, "args", None) or getattr(getattr(decoder, "hf_model", decoder), "config", None)
+    model_eos = getattr(config, "eos_token_id", None)
     ids.update(model_eos if isinstance(model_eos, list) else [model_eos])
     return sorted(i for i in ids if i is not None)
 

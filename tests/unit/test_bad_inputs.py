@@ -31,17 +31,19 @@ from spmd_rl.distributed.parallelize import apply_model_parallel
 from spmd_rl.distributed.tensor_parallel import check_tp_divisible
 from spmd_rl.distributed.ulysses import check_heads_divisible
 from spmd_rl.errors import UserError
-from spmd_rl.models import ModelArgs, load_state_dict, native_args, read_hf_config
+from spmd_rl.models import ModelArgs, build_model, load_state_dict, native_args, read_hf_config
 from spmd_rl.rewards.custom import load_custom_reward_function
 from spmd_rl.rewards.scorer import RewardScorer
 from spmd_rl.rollout.engine import build_engine
 from spmd_rl.trainer.checkpoint import Checkpointer
-from spmd_rl.trainer.components import engine_options
+from spmd_rl.trainer.components import _engine_model, engine_options
 
 torch.set_num_threads(1)
 
 REQUIRED = ["model.path=/m", "data.train_files=[t.parquet]"]
 SECTIONS = "model, data, rollout, algorithm, actor, critic, ref, reward, trainer, parallel, logging, profiler"
+MIXTRAL = {"model_type": "mixtral", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+           "num_hidden_layers": 1, "num_attention_heads": 2, "num_local_experts": 2, "num_experts_per_tok": 1}
 LLAMA = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
          "num_hidden_layers": 1, "num_attention_heads": 2}
 
@@ -296,6 +298,13 @@ CASES: dict[str, tuple[Callable[[Path, Path], object], str]] = {
                                        "model.random_init=true needs the native decoder (llama, mistral, mixtral, qwen2, "
                                        "qwen3, qwen3_moe); {tmp}/model is model_type 'gpt2' (model.implementation=auto): "
                                        "load its weights instead (model.random_init=false)"),
+    "hf-engine-for-a-native-moe-decoder": (lambda tmp, tok: _engine_model(
+                                               SimpleNamespace(rollout=SimpleNamespace(engine="hf")),
+                                               build_model(None, args=ModelArgs.from_hf_config(MIXTRAL)), "cpu",
+                                               torch.float32),
+                                           "rollout.engine=hf cannot take the native mixtral decoder's per-expert "
+                                           "weights (transformers fuses them): use rollout.engine=native, or "
+                                           "model.implementation=generic to train the transformers model itself"),
     # ---- checkpoint / resume
     "resume-not-a-checkpoint": (resume_not_a_checkpoint,
                                 "trainer.resume={tmp}/run is not a checkpoint folder (no trainer_state.pt): "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 
 from spmd_rl.config import Config, DataConfig, ModelConfig, OptimConfig, save_config
@@ -268,6 +270,11 @@ def _bad_inputs(runs: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     moved = tmp / "moved" / "step_000001"  # a checkpoint copied away from its run folder
     shutil.copytree(ckpt, moved)
     (tmp / "empty").mkdir()
+    megatron_ckpt = tmp / "megatron" / "step_000001"  # the key layout of a megatron actor's one shard
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save({"actor/tp0_pp0/model": {"stage.decoder.final_layernorm.weight": torch.ones(2)}},
+                 checkpoint_id=str(megatron_ckpt), no_dist=True)
     gpt2 = tmp / "gpt2"
     shutil.copytree(runs / "qwen2" / "model", gpt2)
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
@@ -301,6 +308,11 @@ def _bad_inputs(runs: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
                                               "transformers model (decoder.hf_model.*) but "
                                               f"{runs / 'qwen2' / 'model' / 'config.json'} describes the native decoder; "
                                               "add model.implementation=generic (the run's setting)"),
+        "megatron checkpoint, generic config": ([str(megatron_ckpt), out, "--config", str(runs / "gpt2" / "config.yaml")],
+                                                f"checkpoint {megatron_ckpt} was written by actor.strategy=megatron (the "
+                                                f"native decoder), but {runs / 'gpt2' / 'model' / 'config.json'} describes "
+                                                "a generic transformers model; pass the --config of the run that wrote "
+                                                "this checkpoint"),
         # Qwen2 weights with a Llama config: Llama has no q/k/v biases (the untied lm_head exists in both).
         "other architecture": ([str(ckpt), out, "--config", str(runs / "llama" / "config.yaml")],
                                f"checkpoint {ckpt} does not match the architecture in {runs / 'llama' / 'model' / 'config.json'} "

@@ -388,3 +388,42 @@ def test_generic_blocks_are_found_and_checkpointing_keeps_the_gradients(tmp_path
     grads = {n: p.grad for n, p in plain.named_parameters()}
     for name, p in checkpointed.named_parameters():
         torch.testing.assert_close(p.grad, grads[name.replace("._checkpoint_wrapped_module", "")], rtol=1e-5, atol=1e-6)
+
+
+def test_unsplittable_blocks_are_the_outermost_stack():
+    # _no_split_modules may list nested classes (a mixer inside a block) or a lone embedding: only
+    # a ModuleList made of listed classes counts, the outermost one, so FSDP wraps children of it
+    from spmd_rl.distributed.parallelize import decoder_blocks
+
+    class Mixer(torch.nn.Linear):
+        pass
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mixers = torch.nn.ModuleList([Mixer(2, 2), Mixer(2, 2)])
+
+    class Net(torch.nn.Module):
+        _no_split_modules = ["Block", "Mixer", "Embedding"]
+
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(4, 2)
+            self.stack = torch.nn.ModuleList([Block(), Block(), Block()])
+
+    net = Net()
+    assert decoder_blocks(net) == list(net.stack)
+    # no longer a stack of blocks: the first list made only of listed classes is the block's mixers
+    net.stack = torch.nn.ModuleList([Block(), torch.nn.Linear(2, 2)])
+    assert decoder_blocks(net) == list(net.stack[0].mixers)
+    Net._no_split_modules = ["Embedding"]
+    assert decoder_blocks(net) == []
+
+
+def test_stop_ids_include_a_generic_model_config_eos(tmp_path):
+    from spmd_rl.trainer.components import stop_token_ids
+
+    config = transformers.GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=16, eos_token_id=[7, 9])
+    model = GenericCausalLM(transformers.GPT2LMHeadModel(config))
+    tokenizer = type("Tok", (), {"eos_token_id": 3})()
+    assert stop_token_ids(tokenizer, model) == [3, 7, 9]
