@@ -154,9 +154,11 @@ def save_pretrained(
 def _tensors_to_save(
     source: nn.Module | dict[str, torch.Tensor], args: ModelArgs, dtype: torch.dtype | None
 ) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors by HF name, cast to ``dtype``, without the tied lm_head."""
+    """Contiguous CPU tensors by HF name, cast to ``dtype``, without the tied lm_head. Tensors
+    that still share memory (a tied head under another name) are copied: safetensors refuses
+    shared storage."""
     state = source.state_dict() if isinstance(source, nn.Module) else source
-    tensors = {}
+    tensors, storages = {}, set()
     for name, t in state.items():
         if args.tie_word_embeddings and name == "lm_head.weight":
             continue
@@ -165,7 +167,12 @@ def _tensors_to_save(
         t = t.detach().to("cpu")
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
-        tensors[name] = t.contiguous()
+        t = t.contiguous()
+        storage = t.untyped_storage().data_ptr()
+        if storage in storages:
+            t = t.clone()
+        storages.add(storage)
+        tensors[name] = t
     return tensors
 
 

@@ -354,3 +354,17 @@ def test_remote_code_goes_with_a_config_that_names_it(tmp_path):
     copy_remote_code(source, GenericExportArgs({"tie_word_embeddings": False,
                                                 "auto_map": {"AutoModelForCausalLM": "modeling_custom.M"}}), out)
     assert (out / "modeling_custom.py").read_text() == "# model code\n"
+
+
+def test_tensors_sharing_memory_are_written_as_copies(tmp_path):
+    # a tied head under a name other than lm_head.weight would reach safetensors as shared memory,
+    # which it refuses; each name gets its own copy instead
+    from safetensors.torch import load_file
+
+    from spmd_rl.models.generic import GenericExportArgs
+
+    embedding = torch.randn(5, 3)
+    state = {"model.embed.weight": embedding, "model.out.weight": embedding, "model.norm.weight": torch.ones(3)}
+    save_pretrained(state, GenericExportArgs({"tie_word_embeddings": True, "model_type": "x"}), tmp_path / "m")
+    written = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert written.keys() == state.keys() and torch.equal(written["model.out.weight"], embedding)
