@@ -223,10 +223,12 @@ def _read_moe(cfg: dict, model_type: str) -> dict:
                     num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 2),
                     moe_intermediate_size=int(cfg["intermediate_size"]), norm_topk_prob=True,
                     moe_layers=tuple(range(num_layers)))
-    experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 128)
+    # an explicit num_experts: 0 means dense MLPs (as transformers builds it), not the default 128
+    named = cfg.get("num_experts", cfg.get("num_local_experts"))
+    experts = 128 if named is None else int(named)
     step = int(cfg.get("decoder_sparse_step") or 1)
     dense = set(cfg.get("mlp_only_layers") or [])
-    sparse = tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
+    sparse = tuple(i for i in range(num_layers) if experts > 0 and i not in dense and (i + 1) % step == 0)
     return dict(num_experts=experts if sparse else 0, num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 8),
                 moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 768),
                 norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), moe_layers=sparse)

@@ -3,6 +3,8 @@ really saves, a hand-computed tiny plan, and the one-line errors of plans that d
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -222,3 +224,24 @@ def test_cpu_kv_cache_is_capped_by_the_engine_pool_budget():
                  "rollout.kv_cache_gb=0.25")
     plan = plan_memory(cfg, QWEN05, dims(), None, device_type="cpu")
     assert plan.item("KV cache").bytes == GIB // 4  # the full-length bound (1.5 GiB in fp32) is larger
+
+
+def test_the_readme_qwen3_30b_a3b_command_fits_an_80_gib_gpu():
+    # README's MoE command on 8 x 80 GiB (tp=4, dp_shard=2, both offloads, the gsm8k config):
+    # the plan the trainer prints at start. Without activation checkpointing and the smaller
+    # micro-batch its activations alone (174 GiB) would not fit.
+    qwen3_30b_a3b = ModelArgs.from_hf_config({
+        "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+        "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+        "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": True,
+        "tie_word_embeddings": False})
+    readme = ["parallel.tp=4", "actor.offload.params=true", "actor.offload.optimizer=true"]
+    fits = ["actor.activation_checkpointing=true", "actor.micro_batch_size_per_device=4"]
+
+    def peak(*extra):
+        cfg = load_config(Config, str(Path(__file__).resolve().parents[2] / "configs/grpo_gsm8k_qwen2.5_0.5b.yaml"),
+                          ["model.path=m", *readme, *extra])
+        return plan_memory(cfg, qwen3_30b_a3b, ParallelDims(1, 2, 1, 4, 1, 8), 80 * GIB).peak_bytes / GIB
+
+    assert peak(*fits) < 76  # 74.4 GiB, with room for the allocator
+    assert peak() > 200  # 246 GiB

@@ -192,6 +192,7 @@ def test_config_defaults_and_inconsistent_configs():
     mixtral = ModelArgs.from_hf_config({**base, "model_type": "mixtral"})
     assert (mixtral.num_experts, mixtral.num_experts_per_tok, mixtral.moe_intermediate_size) == (8, 2, 16)
     assert not ModelArgs.from_hf_config({**base, "mlp_only_layers": [0, 1]}).is_moe  # every layer dense
+    assert not ModelArgs.from_hf_config({**base, "num_experts": 0}).is_moe  # dense, as transformers builds it
     with pytest.raises(UserError, match=r"^num_experts_per_tok=5 must be in \[1, num_experts=4\]: fix config.json$"):
         ModelArgs.from_hf_config({**base, "num_experts": 4, "num_experts_per_tok": 5})
     with pytest.raises(UserError, match=r"^sparse layers \[2\] do not fit num_experts=4 and 2 layers"):
