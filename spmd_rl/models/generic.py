@@ -75,7 +75,7 @@ def expected_hf_shapes(path: str | os.PathLike, trust_remote_code: bool = False)
     describes (built on the meta device: no memory, no weights read)."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with torch.device("meta"):  # not GenericCausalLM.from_config: a model it refuses still has shapes
         model = AutoModelForCausalLM.from_config(_auto_config(path, trust_remote_code),
                                                  trust_remote_code=trust_remote_code)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -124,6 +124,20 @@ class GenericCausalLM(nn.Module):
             missing = sorted(info["missing_keys"])
             raise UserError(f"the weights in {path} do not match its config.json: {len(missing)} parameters missing "
                             f"(e.g. {missing[0]}); point model.path at a folder whose weights fit its config")
+        return cls(hf_model)
+
+    @classmethod
+    def from_config(
+        cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+        trust_remote_code: bool = False,
+    ) -> GenericCausalLM:
+        """The architecture of ``path``'s config.json with transformers' random init: no weights
+        are read (a folder may have none)."""
+        from transformers import AutoModelForCausalLM
+
+        with torch.device(device):
+            hf_model = AutoModelForCausalLM.from_config(_auto_config(path, trust_remote_code), dtype=dtype,
+                                                        trust_remote_code=trust_remote_code)
         return cls(hf_model)
 
     def forward(

@@ -327,15 +327,11 @@ def _engine_model(cfg: Config, decoder: torch.nn.Module, device: torch.device, d
 def _transformers_model(cfg: Config, device: torch.device, dtype: torch.dtype) -> GenericCausalLM:
     """``model.path``'s architecture as a transformers model: its weights, or with
     ``model.random_init`` (a folder without weights) a placeholder init the first sync replaces."""
-    if not cfg.model.random_init:
-        return build_model(cfg.model.path, device=device, dtype=dtype, prefer_native=False,
-                           trust_remote_code=cfg.model.trust_remote_code).eval()
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
-    return GenericCausalLM(model).eval()
+    if cfg.model.random_init:
+        return GenericCausalLM.from_config(cfg.model.path, dtype=dtype, device=device,
+                                           trust_remote_code=cfg.model.trust_remote_code).eval()
+    return build_model(cfg.model.path, device=device, dtype=dtype, prefer_native=False,
+                       trust_remote_code=cfg.model.trust_remote_code).eval()
 
 
 def _optimizer(model, optim: OptimConfig, megatron: MegatronOptions, mesh) -> torch.optim.Optimizer:

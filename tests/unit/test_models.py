@@ -427,3 +427,31 @@ def test_stop_ids_include_a_generic_model_config_eos(tmp_path):
     model = GenericCausalLM(transformers.GPT2LMHeadModel(config))
     tokenizer = type("Tok", (), {"eos_token_id": 3})()
     assert stop_token_ids(tokenizer, model) == [3, 7, 9]
+
+
+@pytest.mark.parametrize("random_init", [False, True])
+def test_hf_engine_gets_a_transformers_model_of_a_native_decoder(tmp_path, random_init):
+    # the trainer keeps the native decoder; the hf engine needs transformers' generate, so it gets
+    # the same architecture as a transformers model (random init: no weights in the folder yet;
+    # the first sync fills it), and the native weights load into it under their own names
+    from types import SimpleNamespace
+
+    from spmd_rl.rollout.hf import HFEngine
+    from spmd_rl.rollout.weight_sync import iter_full_tensors
+    from spmd_rl.trainer.components import _engine_model
+
+    make_hf_model("qwen3_untied").save_pretrained(tmp_path / "q3")
+    native = build_model(str(tmp_path / "q3"))
+    if random_init:
+        for weights in (tmp_path / "q3").glob("*.safetensors"):
+            weights.unlink()
+    cfg = SimpleNamespace(rollout=SimpleNamespace(engine="hf"),
+                          model=SimpleNamespace(random_init=random_init, path=str(tmp_path / "q3"), trust_remote_code=False))
+    engine_model = _engine_model(cfg, native, torch.device("cpu"), torch.float32)
+    assert isinstance(engine_model, GenericCausalLM) and type(engine_model.hf_model).__name__ == "Qwen3ForCausalLM"
+    engine = HFEngine(engine_model)
+    engine.update_weights(iter_full_tensors(native))
+    ids, pos = batch_inputs()
+    with torch.no_grad():
+        diff = engine.model(ids).logits - native.compute_logits(native(ids, pos))
+    assert diff.abs().max() < 1e-4
