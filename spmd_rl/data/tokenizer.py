@@ -47,8 +47,9 @@ def load_tokenizer(
 
     if not Path(path).is_dir():
         raise UserError(f"tokenizer folder {path} does not exist: set model.path (or the tokenizer path) to a local folder")
-    if training_checkpoint_hint(path):
-        raise UserError(f"cannot load a tokenizer from {path}{training_checkpoint_hint(path)}")
+    hint = training_checkpoint_hint(path)
+    if hint:
+        raise UserError(f"cannot load a tokenizer from {path}{hint}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

@@ -66,8 +66,12 @@ def _auto_config(path: str | os.PathLike, trust_remote_code: bool):
     try:
         return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
-        reason = " ".join(str(e).split()).split(". ")[0][:300] or type(e).__name__
-        raise UserError(f"transformers cannot read the model config in {path}: {reason}") from None
+        raise UserError(f"transformers cannot read the model config in {path}: {_first_sentence(e)}") from None
+
+
+def _first_sentence(error: Exception) -> str:
+    """A transformers error's first sentence on one line (its messages run on for paragraphs)."""
+    return " ".join(str(error).split()).split(". ")[0][:300] or type(error).__name__
 
 
 def expected_hf_shapes(path: str | os.PathLike, trust_remote_code: bool = False) -> dict[str, tuple[int, ...]]:
@@ -118,8 +122,7 @@ class GenericCausalLM(nn.Module):
             hf_model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, output_loading_info=True,
                                                                   trust_remote_code=trust_remote_code)
         except (OSError, ValueError, KeyError) as e:  # unknown architecture, no weights, unreadable files
-            reason = " ".join(str(e).split()).split(". ")[0][:300] or type(e).__name__  # first sentence only
-            raise UserError(f"transformers cannot load a causal LM from {path}: {reason}") from None
+            raise UserError(f"transformers cannot load a causal LM from {path}: {_first_sentence(e)}") from None
         if info.get("missing_keys"):  # weights of another architecture would leave a random model
             missing = sorted(info["missing_keys"])
             raise UserError(f"the weights in {path} do not match its config.json: {len(missing)} parameters missing "

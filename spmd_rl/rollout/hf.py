@@ -22,13 +22,13 @@ from transformers.generation import LogitsProcessor, LogitsProcessorList, Stoppi
 
 from spmd_rl.errors import UserError
 from spmd_rl.kernels.logprob import logprobs_from_logits
+from spmd_rl.models.generic import HF_MODEL_PREFIX
 from spmd_rl.rollout.engine import validate_prompts
 from spmd_rl.rollout.sampling import process_logits, resolve_prompt_seeds, token_counts
 from spmd_rl.rollout.stop import StopChecker
 from spmd_rl.rollout.types import Completion, SamplingParams
 
 # Prefix of the HF model's parameter names inside spmd_rl.models.GenericCausalLM.
-_WRAPPER_PREFIX = "hf_model."
 
 
 class HFEngine:
@@ -155,7 +155,7 @@ class HFEngine:
 
         Names may carry GenericCausalLM's ``hf_model.`` prefix (a policy of that type syncs as is).
         """
-        state = {name.removeprefix(_WRAPPER_PREFIX): tensor for name, tensor in named_tensors}
+        state = {name.removeprefix(HF_MODEL_PREFIX): tensor for name, tensor in named_tensors}
         result = self.model.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             raise ValueError(f"update_weights: the model has no parameter named {result.unexpected_keys[0]!r}")

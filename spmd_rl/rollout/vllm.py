@@ -36,6 +36,7 @@ from packaging.specifiers import SpecifierSet
 
 from spmd_rl.errors import UserError
 from spmd_rl.models.args import ModelArgs
+from spmd_rl.models.generic import HF_MODEL_PREFIX
 from spmd_rl.rollout.engine import validate_prompts
 from spmd_rl.rollout.sampling import resolve_prompt_seeds, sample_seed
 from spmd_rl.rollout.types import Completion, SamplingParams
@@ -44,7 +45,6 @@ from spmd_rl.rollout.weight_sync import clean_param_name, iter_full_tensors
 VLLM_VERSIONS = ">=0.10.2,<0.33"
 VLLM_INSTALL_MESSAGE = "rollout.engine=vllm needs vLLM: pip install -e '.[vllm]'"
 SLEEP_TAGS = ("weights", "kv_cache")
-_GENERIC_PREFIX = "hf_model."  # GenericCausalLM's wrapper around a transformers model
 _FINISH_REASONS = {"stop": "stop", "length": "length"}
 
 
@@ -88,7 +88,7 @@ def to_engine_names(
     ``lm_head.weight`` alias of the embedding.
     """
     for name, tensor in named_tensors:
-        name = clean_param_name(name).removeprefix(_GENERIC_PREFIX)
+        name = clean_param_name(name).removeprefix(HF_MODEL_PREFIX)
         if name.endswith("rotary_emb.inv_freq"):
             continue
         if tie_word_embeddings and name == "lm_head.weight":

@@ -31,7 +31,7 @@ from spmd_rl.models.megatron import grads
 from spmd_rl.models.megatron.backend import MegatronActor
 from spmd_rl.models.megatron.cpu import causal_mask
 from spmd_rl.models.megatron.schedule import StageLinks, run_pipeline, stage_links
-from spmd_rl.trainer.actor import update_metrics, micro_batch_loss
+from spmd_rl.trainer.actor import micro_batch_loss, update_metrics
 from spmd_rl.trainer.batch import RolloutBatch
 from spmd_rl.trainer.minibatch import global_counts, micro_batches, mini_batches, scatter_rows
 from spmd_rl.trainer.policy import ScoringInputs, build_scoring_inputs, pad_by_lengths
